@@ -1,0 +1,56 @@
+"""Using a run's result: find its adapter, generate text with it, export a merged model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from fedmoe.coordinator.db import RunStore
+from fedmoe.model.base import load_base, load_tokenizer
+from fedmoe.model.lora import load_adapter, merge_adapter
+
+
+def adapter_of_run(store: RunStore, run_id: int, round_number: int | None = None) -> tuple[Path, str]:
+    """(checkpoint dir, base model path) of a run's given round, or of its last completed round."""
+    run = store.run(run_id)
+    if run is None:
+        raise LookupError(f"run {run_id} not found; `fedmoe runs` lists the runs")
+    rounds = [r for r in store.rounds(run_id) if r.status == "completed" and r.checkpoint_path]
+    if round_number is not None:
+        rounds = [r for r in rounds if r.number == round_number]
+    if not rounds:
+        which = f"round {round_number}" if round_number is not None else "any round"
+        raise LookupError(f"run {run_id} has no completed checkpoint for {which}")
+    return Path(rounds[-1].checkpoint_path), run.config["model"]["path"]
+
+
+def load_adapted(model_path: str, adapter_dir: Path | None) -> torch.nn.Module:
+    base = load_base(model_path)
+    return base if adapter_dir is None else load_adapter(base, adapter_dir).eval()
+
+
+@torch.no_grad()
+def generate(model_path: str, adapter_dir: Path | None, prompt: str, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0) -> str:
+    tokenizer = load_tokenizer(model_path)
+    model = load_adapted(model_path, adapter_dir)
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling
+    )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def export(model_path: str, adapter_dir: Path, out_dir: Path, merge: bool) -> None:
+    """Merged: a standalone transformers checkpoint with the adapter folded in. Not merged: the adapter files."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"--out {out_dir} is not empty; choose a new folder")
+    if not merge:
+        shutil.copytree(adapter_dir, out_dir, dirs_exist_ok=True)
+        return
+    merged = merge_adapter(load_adapted(model_path, adapter_dir))
+    merged.save_pretrained(str(out_dir))
+    load_tokenizer(model_path).save_pretrained(str(out_dir))

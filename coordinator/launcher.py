@@ -1,0 +1,154 @@
+"""Start a run on Flower's simulation engine: our own SuperLink on a free loopback port, then
+`flwr run` against it, streaming the ServerApp's progress lines.
+
+We start the SuperLink ourselves (instead of `flwr run`'s managed local one) because the managed
+one outlives the CLI, is shared by everything on its fixed port, and only honours
+"no runtime dependency installation" if it happened to be started with it; without that, Flower
+builds a fresh environment per run and pulls gigabytes of CUDA wheels. `flwr run` exits 0 even
+when the ServerApp fails, so the outcome is read back with `flwr ls`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from fedmoe.coordinator.config import RunConfig
+
+APP_DIR = Path(__file__).resolve().parents[1]
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _executable(name: str) -> str:
+    # Prefer the scripts next to this interpreter, so a venv works without being activated.
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.is_file() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found; install fedmoe (pip install -e .) in this environment")
+    return found
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ, FLWR_HOME=str(home), **FLOWER_ENV)
+    # SuperLink spawns `flwr-simulation` by name: put this interpreter's scripts first on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@contextmanager
+def simulation_superlink(home: Path) -> Iterator[str]:
+    """A SuperLink with the simulation runtime on a free loopback port; yields its address."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "{address}"\ninsecure = true\n')
+    log = (home / "superlink.log").open("w")
+    cmd = [_executable("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+           "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")]
+    proc = subprocess.Popen(cmd, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{address}/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Flower SuperLink did not start; see {home / 'superlink.log'}") from None
+                time.sleep(0.2)
+        yield address
+    finally:
+        # The whole process group: SuperLink, its SuperExec and the simulation runtime.
+        try:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+        log.close()
+
+
+def write_flower_overrides(config: RunConfig, config_path: Path, path: Path) -> Path:
+    """The `[tool.flwr.app.config]` values of this run, as a TOML file for `flwr run --run-config`."""
+    enterprises = json.dumps([{"name": e.name, "data": e.data} for e in config.federation.enterprises])
+    values = {
+        "config-path": str(config_path),
+        "model-path": config.model.path,
+        "sim-enterprises": enterprises,
+        "threads-per-client": config.federation.threads_per_client,
+    }
+    # JSON string and integer literals are valid TOML.
+    path.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in values.items()))
+    return path
+
+
+def _flwr_json(args: list[str], env: dict) -> dict:
+    out = subprocess.run([_executable("flwr"), *args, "--format", "json"], env=env, capture_output=True, text=True, cwd=APP_DIR)
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"flwr {' '.join(args)} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}") from None
+
+
+def launch_simulation(config: RunConfig, verbose: bool = False) -> int:
+    """Run `config` on Flower's simulation engine; returns a process exit code (0 on success)."""
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise FileNotFoundError(f"the Flower app (pyproject.toml) is not in {APP_DIR}: install fedmoe from a checkout with `pip install -e .`")
+    output = Path(config.output.dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    home = output / "flower" / stamp
+    home.mkdir(parents=True, exist_ok=True)
+    config_path = home / "run_config.json"
+    config_path.write_text(config.model_dump_json(indent=2))
+    n = len(config.federation.enterprises)
+    federation = f"num-supernodes={n} client-resources-num-cpus={max(1, round(config.federation.cpus_per_client))}"
+    print(f"[fedmoe] starting Flower's simulation engine: {n} enterprises, {config.federation.rounds} rounds (logs in {home})", flush=True)
+    with simulation_superlink(home) as _address:
+        env = flower_env(home)
+        submitted = _flwr_json(["run", str(APP_DIR), "--federation-config", federation, "--run-config", str(write_flower_overrides(config, config_path, home / "flower_overrides.toml"))], env)
+        if not submitted.get("success", True) or "run-id" not in submitted:
+            print(f"[fedmoe] Flower refused the run: {submitted}", file=sys.stderr)
+            return 1
+        flower_run_id = submitted["run-id"]
+        tail: deque[str] = deque(maxlen=60)
+        with (home / "run.log").open("w") as log, subprocess.Popen(
+            [_executable("flwr"), "log", str(flower_run_id), "--stream"], env=env, cwd=APP_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as stream:
+            for line in stream.stdout:
+                log.write(line)
+                tail.append(line)
+                if verbose or "[fedmoe]" in line:
+                    print(line[line.find("[fedmoe]"):] if not verbose and "[fedmoe]" in line else line, end="", flush=True)
+        status = _flwr_json(["ls", "--run-id", str(flower_run_id)], env)
+    runs = status.get("runs") or [{}]
+    state = str(runs[0].get("status", "unknown"))
+    if state != "finished:completed":
+        if not verbose:
+            sys.stderr.write("".join(tail))
+        print(f"[fedmoe] run failed ({state}: {runs[0].get('status-details', '')}); full log: {home / 'run.log'}", file=sys.stderr)
+        return 1
+    return 0

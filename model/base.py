@@ -1,0 +1,87 @@
+"""The base MoE model: the embedded default's architecture, loading from a local path, fingerprint.
+
+Weights and tokenizer always come from a local directory (`local_files_only=True`): nothing is
+ever fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedmoe.model.expert_lora import is_fused_experts
+
+EMBEDDED_BASE_DIR = Path(__file__).parent / "assets" / "base"
+EMBEDDED = "embedded"
+
+# The embedded default: a ~2.2M-parameter DeepSeek-V3 (MLA attention, 1 dense layer then MoE
+# layers with 8 routed experts, top-2 sigmoid routing with group limits, 1 shared expert).
+EMBEDDED_ARCHITECTURE = dict(
+    vocab_size=2048,
+    hidden_size=128,
+    intermediate_size=256,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    q_lora_rank=64,
+    kv_lora_rank=32,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
+    v_head_dim=32,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    return EMBEDDED_BASE_DIR if str(path) == EMBEDDED else Path(path).expanduser().resolve()
+
+
+def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """A causal-LM MoE checkpoint from a local directory, frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    directory = resolve_model_path(path)
+    if not (directory / "config.json").is_file():
+        hint = " (run `fedmoe pretrain` to rebuild the embedded base)" if directory == EMBEDDED_BASE_DIR else ""
+        raise FileNotFoundError(f"model.path: no config.json in {directory}{hint}")
+    model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
+    if not any(is_fused_experts(m) for m in model.modules()):
+        raise ValueError(f"model.path: {directory} holds a {model.config.model_type} model without routed experts; fedmoe fine-tunes MoE models")
+    model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_path(path)), local_files_only=True)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the base weights (names, dtypes, shapes, bytes), independent of file layout."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -1,0 +1,107 @@
+"""An enterprise's local text data: reading, tokenizing into fixed-length blocks, batching, splitting.
+
+Accepted files: JSONL or CSV with either a `text` column or `instruction` + `response` columns;
+Parquet when pyarrow is installed. Records are tokenized, joined with EOS and cut into blocks of
+`seq_len` tokens, so no padding is needed and every example (block) has the same length.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n### Response:\n{response}"
+SUPPORTED_SUFFIXES = (".jsonl", ".csv", ".parquet")
+
+
+def record_text(record: dict, where: str) -> str:
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record.get("instruction"), str) and isinstance(record.get("response"), str):
+        return PROMPT_TEMPLATE.format(instruction=record["instruction"], response=record["response"])
+    raise ValueError(f"{where}: a record needs a 'text' field or 'instruction' and 'response' fields, got keys {sorted(record)}")
+
+
+def read_records(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":
+        records = []
+        with path.open() as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        return records
+    if path.suffix == ".csv":
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {SUPPORTED_SUFFIXES}")
+
+
+def find_split(directory: Path, split: str) -> Path:
+    """`<directory>/<split>.{jsonl,csv,parquet}`, the layout of an enterprise's data folder."""
+    for suffix in SUPPORTED_SUFFIXES:
+        candidate = Path(directory) / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no {split}{{{','.join(SUPPORTED_SUFFIXES)}}} in {directory}")
+
+
+def read_texts(path: Path) -> list[str]:
+    records = read_records(path)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return [record_text(r, f"{path} record {i}") for i, r in enumerate(records)]
+
+
+def tokenize_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """[num_blocks, seq_len] token ids; the tail shorter than a block is dropped."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+    num_blocks = len(ids) // seq_len
+    if num_blocks == 0:
+        raise ValueError(f"data too small: {len(ids)} tokens make no block of seq_len={seq_len}")
+    return torch.tensor(ids[: num_blocks * seq_len], dtype=torch.long).view(num_blocks, seq_len)
+
+
+def load_blocks(path: Path, tokenizer, seq_len: int) -> torch.Tensor:
+    return tokenize_blocks(read_texts(path), tokenizer, seq_len)
+
+
+def dirichlet_partition(labels: list[str], num_clients: int, alpha: float, seed: int = 0) -> list[list[int]]:
+    """Split record indices into `num_clients` non-IID parts: for each label value, its records are
+    shared out by proportions drawn from Dirichlet(alpha). Small alpha: each client sees few labels."""
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    for label in sorted(by_label):
+        idx = np.array(by_label[label])
+        rng.shuffle(idx)
+        proportions = rng.dirichlet([alpha] * num_clients)
+        cuts = (np.cumsum(proportions)[:-1] * len(idx)).astype(int)
+        for client, chunk in enumerate(np.split(idx, cuts)):
+            parts[client].extend(int(i) for i in chunk)
+    return [sorted(p) for p in parts]
