@@ -10,7 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Tables stay readable when piped (rich would wrap them at 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 200)
 DEFAULT_DB = "sqlite:///runs/fedmoe.db"
 
 

@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny random DeepSeek-V3, the embedded base, and database URLs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import torch
+
+POSTGRES_ADMIN_URL = os.environ.get("FEDMOE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+TINY_ARCH = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+    first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
+    n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=16, kv_lora_rank=8,
+    qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, max_position_embeddings=64,
+)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def tiny_model(seed: int = 0, dtype=torch.float32):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_ARCH)).to(dtype)
+    # Random router bias so that DeepSeek's biased expert choice is exercised.
+    for m in model.modules():
+        if hasattr(m, "e_score_correction_bias"):
+            m.e_score_correction_bias.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def embedded_base_path():
+    from fedmoe.model.base import EMBEDDED_BASE_DIR
+
+    return str(EMBEDDED_BASE_DIR)
+
+
+def _postgres_reachable() -> str | None:
+    from sqlalchemy import create_engine, text
+
+    try:
+        engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as c:
+            c.execute(text("select 1"))
+        engine.dispose()
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure means "not reachable"
+        return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards.
+
+    Skips (with the reason) only when no server is reachable and not under CI; in CI a missing
+    server is a failure."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    problem = _postgres_reachable()
+    if problem:
+        message = f"PostgreSQL at {POSTGRES_ADMIN_URL} is not reachable ({problem})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        print(f"SKIP: {message}")
+        pytest.skip(message)
+    name = f"fedmoe_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'runs.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -1,0 +1,65 @@
+"""The enterprise client: only adapter deltas leave, the base never drifts, mismatches stop it."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedmoe.client.client_app import EnterpriseClient, _adapted_model, workspace
+from fedmoe.client.settings import LocalTrainSettings, NodeSettings
+from fedmoe.model.base import fingerprint, load_base, parameter_bytes
+from fedmoe.model.corpus import DEMO_DATA_DIR
+from fedmoe.model.lora import LoraSettings, adapter_layout, adapter_parameters, get_adapter_tensors
+
+LORA = LoraSettings(r=4, alpha=8)
+TRAIN = LocalTrainSettings(local_steps=3, batch_size=4, seq_len=32)
+
+
+@pytest.fixture
+def client_and_round():
+    node = NodeSettings(enterprise="finance", data_dir=DEMO_DATA_DIR / "finance")
+    ws = workspace(node, LORA.model_dump_json(), TRAIN.seq_len)
+    config = {
+        "server_round": 1, "lora": LORA.model_dump_json(), "train": TRAIN.model_dump_json(),
+        "base_fingerprint": ws.base_fingerprint, "adapter_layout": ws.layout, "measure_baseline": True,
+    }
+    return EnterpriseClient(node, partition_seed=0), config, ws
+
+
+def test_only_adapter_deltas_travel_and_the_base_does_not_drift(client_and_round):
+    client, config, ws = client_and_round
+    base_state = {n: p.detach().clone() for n, p in ws.model.named_parameters() if not p.requires_grad}
+    global_adapter = [t.numpy() for t in get_adapter_tensors(ws.model)]
+    delta, num_examples, metrics = client.fit(global_adapter, config)
+    adapter = adapter_parameters(ws.model)
+    assert [d.shape for d in delta] == [tuple(p.shape) for p in adapter.values()]
+    sent = sum(d.nbytes for d in delta)
+    assert sent == sum(p.numel() * 4 for p in adapter.values())
+    assert sent < 0.25 * parameter_bytes(load_base("embedded"))
+    assert num_examples == ws.train_blocks.shape[0]
+    assert metrics["update_norm"] > 0 and np.isfinite(metrics["train_loss"]) and "heldout_loss_before" in metrics
+    # The model now holds global + delta; the frozen base weights are bit-identical.
+    for (name, p), g, d in zip(adapter.items(), global_adapter, delta):
+        torch.testing.assert_close(p.detach(), torch.from_numpy(g + d), atol=1e-6, rtol=0)
+    for n, p in ws.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base_state[n]), n
+
+
+def test_base_fingerprint_mismatch_stops_the_client(client_and_round):
+    client, config, ws = client_and_round
+    global_adapter = [t.numpy() for t in get_adapter_tensors(ws.model)]
+    with pytest.raises(RuntimeError, match="base model mismatch"):
+        client.fit(global_adapter, {**config, "base_fingerprint": "0" * 64})
+    with pytest.raises(RuntimeError, match="layout mismatch"):
+        client.evaluate(global_adapter, {**config, "adapter_layout": "other"})
+
+
+def test_evaluate_reports_heldout_loss(client_and_round):
+    client, config, ws = client_and_round
+    loss, n, metrics = client.evaluate([t.numpy() for t in get_adapter_tensors(ws.model)], config)
+    assert n == ws.heldout_blocks.shape[0] and 0 < loss < 20 and metrics["enterprise"] == "finance"
+
+
+def test_cached_workspace_matches_a_fresh_build():
+    model, fp, layout = _adapted_model("embedded", LORA.model_dump_json(), "cpu")
+    assert fp == fingerprint(load_base("embedded")) and layout == adapter_layout(model)

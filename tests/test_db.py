@@ -1,0 +1,58 @@
+"""The run database on SQLite and on a real PostgreSQL: schema, round writes, atomicity."""
+
+import datetime as dt
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from fedmoe.coordinator.db import Base, ParticipationRecord, RoundRecord, RunStore
+
+
+def _round(number, participations=None):
+    now = dt.datetime.now(dt.timezone.utc)
+    return RoundRecord(
+        number=number, started_at=now, ended_at=now, status="completed", bytes_up=10, bytes_down=20, train_loss=1.5,
+        eval_loss=1.25, expert_load={"1": [3, 1]}, checkpoint_path="/x", checkpoint_sha256="ab" * 32,
+        participations=participations
+        or [
+            ParticipationRecord(node_id="1", status="ok", enterprise="finance", num_examples=5, train_loss=1.0, eval_loss=0.5),
+            ParticipationRecord(node_id="2", status="failed", enterprise="clinical", error="boom"),
+        ],
+    )
+
+
+def test_runs_rounds_and_participations_round_trip(database_url):
+    store = RunStore(database_url)
+    run_id = store.create_run({"federation": {"rounds": 2}}, planned_rounds=2)
+    store.set_fingerprint(run_id, "f" * 64)
+    store.record_round(run_id, _round(1))
+    store.finish_run(run_id, "completed")
+    run = store.run(run_id)
+    assert run.status == "completed" and run.config == {"federation": {"rounds": 2}} and run.ended_at is not None
+    (r,) = store.rounds(run_id)
+    assert (r.number, r.participants, r.failures, r.expert_load) == (1, 1, 1, {"1": [3, 1]})
+    assert [(p.enterprise, p.status) for p in r.participations] == [("clinical", "failed"), ("finance", "ok")]
+    store.close()
+    # Reopening runs the migrations again (a no-op) and sees the same data.
+    assert RunStore(database_url).runs()[0].id == run_id
+
+
+def test_a_failed_round_write_leaves_nothing_behind(database_url):
+    store = RunStore(database_url)
+    run_id = store.create_run({}, planned_rounds=1)
+    store.record_round(run_id, _round(1))
+    bad = _round(1, [ParticipationRecord(node_id="9", status="ok", enterprise="x")])
+    with pytest.raises(IntegrityError):
+        store.record_round(run_id, bad)  # same round number twice
+    (r,) = store.rounds(run_id)
+    assert {p.node_id for p in r.participations} == {"1", "2"}
+
+
+def test_migrations_produce_the_models_schema(database_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    store = RunStore(database_url)
+    with store.engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert diff == []

@@ -1,0 +1,106 @@
+"""End to end: `fedmoe run` starts a real Flower SuperLink and the simulation engine, trains the
+demo federation, records every round, and the result generates text and exports."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedmoe.coordinator.db import RunStore
+
+pytestmark = pytest.mark.e2e
+FEDMOE = [sys.executable, "-m", "fedmoe.coordinator.cli"]
+
+
+def fedmoe(*args, cwd, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([*FEDMOE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _config(tmp_path, db_url, rounds=2, extra=""):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f"""
+[federation]
+rounds = {rounds}
+[train]
+local_steps = 8
+[lora]
+r = 8
+alpha = 16
+[database]
+url = "{db_url}"
+[output]
+dir = "out"
+{extra}
+"""
+    )
+    return path
+
+
+def _check_run(db_url, rounds):
+    store = RunStore(db_url)
+    (run,) = store.runs()
+    assert run.status == "completed" and run.base_fingerprint
+    records = store.rounds(run.id)
+    assert [r.number for r in records] == list(range(1, rounds + 1))
+    assert all(r.status == "completed" and r.participants == 3 and r.failures == 0 for r in records)
+    assert all(Path(r.checkpoint_path, "adapter_model.safetensors").is_file() for r in records)
+    assert all(r.bytes_up > 0 and r.expert_load for r in records)
+    before = {p.enterprise: p.heldout_loss_before for p in records[0].participations}
+    after = {p.enterprise: p.eval_loss for p in records[-1].participations}
+    assert set(before) == {"finance", "clinical", "manufacturing"}
+    for name in before:
+        assert after[name] < before[name], f"{name}: held-out loss {before[name]:.4f} -> {after[name]:.4f}"
+    return run.id
+
+
+def test_federated_fine_tune_on_sqlite_then_generate_and_export(tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'runs.db'}"
+    result = fedmoe("run", "--config", str(_config(tmp_path, db_url)), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "round 2/2 | clients 3/3" in result.stdout
+    run_id = _check_run(db_url, rounds=2)
+
+    listed = fedmoe("rounds", str(run_id), "--clients", "--database", db_url, cwd=tmp_path)
+    assert listed.returncode == 0 and "manufacturing" in listed.stdout
+
+    gen = fedmoe("generate", "--run", str(run_id), "--database", db_url, "--prompt", "QC log line 4", "--max-new-tokens", "12", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert len(gen.stdout.strip()) > len("QC log line 4")
+
+    out = tmp_path / "merged"
+    exp = fedmoe("export", "--run", str(run_id), "--database", db_url, "--merge", "--out", str(out), cwd=tmp_path)
+    assert exp.returncode == 0, exp.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "deepseek_v3"
+
+
+def test_federated_fine_tune_on_postgresql(tmp_path, postgres_url):
+    result = fedmoe("run", "--config", str(_config(tmp_path, postgres_url, rounds=1)), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _check_run(postgres_url, rounds=1)
+
+
+def test_a_run_whose_clients_cannot_train_fails_loudly(tmp_path):
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    for split in ("train", "heldout"):
+        (tiny / f"{split}.jsonl").write_text('{"text": "too short"}\n')
+    enterprises = "\n".join(f'[[federation.enterprises]]\nname = "e{i}"\ndata = "tiny"\n' for i in range(2))
+    db_url = f"sqlite:///{tmp_path / 'runs.db'}"
+    result = fedmoe("run", "--config", str(_config(tmp_path, db_url, rounds=2, extra=enterprises)), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "data too small" in result.stdout + result.stderr
+    (run,) = RunStore(db_url).runs()
+    assert run.status == "failed" and "usable update" in run.error
+
+
+def test_bad_cli_input_is_refused_before_anything_starts(tmp_path):
+    result = fedmoe("run", "--set", "federation.rounds=0", "--set", "database.url=sqlite:///x.db", cwd=tmp_path)
+    assert result.returncode == 2 and "federation.rounds" in result.stdout
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "runs").exists()
+    result = fedmoe("rounds", "0", cwd=tmp_path)
+    assert result.returncode == 2 and "must be >= 1" in result.stderr
