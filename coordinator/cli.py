@@ -63,6 +63,13 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def _load_imbalance(expert_load: dict | None) -> str:
+    """Per MoE layer, the busiest expert's token count over the mean: 1.0 is perfectly balanced."""
+    if not expert_load:
+        return "-"
+    return " ".join(f"L{layer}:{max(c) / (sum(c) / len(c)):.2f}" for layer, c in sorted(expert_load.items(), key=lambda kv: int(kv[0])) if sum(c))
+
+
 def cmd_rounds(args) -> int:
     store = _store(args)
     if store.run(args.run_id) is None:
@@ -72,7 +79,7 @@ def cmd_rounds(args) -> int:
         return "-" if x is None else f"{x:.4f}"
 
     table = Table(title=f"run {args.run_id}")
-    for col in ("round", "status", "clients", "train loss", "eval loss", "server eval", "update norm", "KiB up", "KiB down", "seconds"):
+    for col in ("round", "status", "clients", "train loss", "eval loss", "server eval", "update norm", "KiB up", "KiB down", "expert load max/mean", "seconds"):
         table.add_column(col)
     for r in store.rounds(args.run_id):
         table.add_row(
@@ -85,6 +92,7 @@ def cmd_rounds(args) -> int:
             fmt(r.update_norm),
             f"{r.bytes_up / 1024:.0f}",
             f"{r.bytes_down / 1024:.0f}",
+            _load_imbalance(r.expert_load),
             f"{(r.ended_at - r.started_at).total_seconds():.1f}",
         )
     console.print(table)

@@ -21,7 +21,7 @@ import urllib.request
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from fedmoe.coordinator.config import RunConfig
 
@@ -114,41 +114,54 @@ def _flwr_json(args: list[str], env: dict) -> dict:
         raise RuntimeError(f"flwr {' '.join(args)} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}") from None
 
 
+def run_flower_app(app_dir: Path, home: Path, federation: str, overrides: Path, on_line: Callable[[str], None]) -> tuple[str, str]:
+    """Submit the Flower app in `app_dir` to a fresh simulation SuperLink and stream its log to
+    `on_line` (and home/run.log) until it ends; returns Flower's final (status, details)."""
+    with simulation_superlink(home):
+        env = flower_env(home)
+        submitted = _flwr_json(["run", str(app_dir), "--federation-config", federation, "--run-config", str(overrides)], env)
+        if "run-id" not in submitted:
+            return "refused", str(submitted.get("error-message", submitted))
+        flower_run_id = str(submitted["run-id"])
+        with (home / "run.log").open("w") as log, subprocess.Popen(
+            [_executable("flwr"), "log", flower_run_id, "--stream"], env=env, cwd=APP_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as stream:
+            for line in stream.stdout:
+                log.write(line)
+                on_line(line)
+        runs = _flwr_json(["ls", "--run-id", flower_run_id], env).get("runs") or [{}]
+    return str(runs[0].get("status", "unknown")), str(runs[0].get("status-details", ""))
+
+
+def federation_config(config: RunConfig) -> str:
+    n = len(config.federation.enterprises)
+    return f"num-supernodes={n} client-resources-num-cpus={max(1, round(config.federation.cpus_per_client))}"
+
+
 def launch_simulation(config: RunConfig, verbose: bool = False) -> int:
     """Run `config` on Flower's simulation engine; returns a process exit code (0 on success)."""
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"the Flower app (pyproject.toml) is not in {APP_DIR}: install fedmoe from a checkout with `pip install -e .`")
-    output = Path(config.output.dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    home = output / "flower" / stamp
+    home = Path(config.output.dir) / "flower" / time.strftime("%Y%m%d-%H%M%S")
     home.mkdir(parents=True, exist_ok=True)
     config_path = home / "run_config.json"
     config_path.write_text(config.model_dump_json(indent=2))
-    n = len(config.federation.enterprises)
-    federation = f"num-supernodes={n} client-resources-num-cpus={max(1, round(config.federation.cpus_per_client))}"
-    print(f"[fedmoe] starting Flower's simulation engine: {n} enterprises, {config.federation.rounds} rounds (logs in {home})", flush=True)
-    with simulation_superlink(home) as _address:
-        env = flower_env(home)
-        submitted = _flwr_json(["run", str(APP_DIR), "--federation-config", federation, "--run-config", str(write_flower_overrides(config, config_path, home / "flower_overrides.toml"))], env)
-        if not submitted.get("success", True) or "run-id" not in submitted:
-            print(f"[fedmoe] Flower refused the run: {submitted}", file=sys.stderr)
-            return 1
-        flower_run_id = submitted["run-id"]
-        tail: deque[str] = deque(maxlen=60)
-        with (home / "run.log").open("w") as log, subprocess.Popen(
-            [_executable("flwr"), "log", str(flower_run_id), "--stream"], env=env, cwd=APP_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as stream:
-            for line in stream.stdout:
-                log.write(line)
-                tail.append(line)
-                if verbose or "[fedmoe]" in line:
-                    print(line[line.find("[fedmoe]"):] if not verbose and "[fedmoe]" in line else line, end="", flush=True)
-        status = _flwr_json(["ls", "--run-id", str(flower_run_id)], env)
-    runs = status.get("runs") or [{}]
-    state = str(runs[0].get("status", "unknown"))
+    overrides = write_flower_overrides(config, config_path, home / "flower_overrides.toml")
+    print(f"[fedmoe] starting Flower's simulation engine: {len(config.federation.enterprises)} enterprises, "
+          f"{config.federation.rounds} rounds (logs in {home})", flush=True)
+    tail: deque[str] = deque(maxlen=60)
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        if verbose:
+            print(line, end="", flush=True)
+        elif "[fedmoe]" in line:
+            print(line[line.find("[fedmoe]"):], end="", flush=True)
+
+    state, details = run_flower_app(APP_DIR, home, federation_config(config), overrides, on_line)
     if state != "finished:completed":
         if not verbose:
             sys.stderr.write("".join(tail))
-        print(f"[fedmoe] run failed ({state}: {runs[0].get('status-details', '')}); full log: {home / 'run.log'}", file=sys.stderr)
+        print(f"[fedmoe] run failed ({state}: {details}); full log: {home / 'run.log'}", file=sys.stderr)
         return 1
     return 0
