@@ -24,7 +24,7 @@ from rich.table import Table
 
 from fedmoe.coordinator.config import load_run_config
 from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.launcher import federation_config, launch_simulation, run_flower_app
+from fedmoe.coordinator.launcher import federation_config, launch, run_flower_app
 from fedmoe.model.base import EMBEDDED_BASE_DIR
 
 BASELINE_APP = Path(__file__).parent / "flower_baseline"
@@ -34,7 +34,7 @@ def run_fedmoe(workdir: Path, rounds: int, targets: list[str]) -> dict:
     db = f"sqlite:///{workdir / 'runs.db'}"
     config = load_run_config(None, {"federation.rounds": rounds, "lora.targets": targets, "database.url": db, "output.dir": str(workdir)})
     start = time.perf_counter()
-    if launch_simulation(config) != 0:
+    if launch(config) != 0:
         raise SystemExit(f"fedmoe run failed; see {workdir}")
     total = time.perf_counter() - start
     rounds_rows = RunStore(db).rounds(1)
@@ -45,6 +45,7 @@ def run_fedmoe(workdir: Path, rounds: int, targets: list[str]) -> dict:
 
 def run_baseline(workdir: Path, rounds: int) -> dict:
     config = load_run_config(None, {"federation.rounds": rounds})
+    workdir.mkdir(parents=True, exist_ok=True)
     timings = workdir / "timings.json"
     overrides = workdir / "overrides.toml"
     values = {

@@ -31,10 +31,10 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 def cmd_run(args) -> int:
     from fedmoe.coordinator.config import load_run_config
-    from fedmoe.coordinator.launcher import launch_simulation
+    from fedmoe.coordinator.launcher import launch
 
     config = load_run_config(args.config, _parse_overrides(args.set))
-    return launch_simulation(config, verbose=args.verbose)
+    return launch(config, verbose=args.verbose, superlink=args.superlink)
 
 
 def _store(args):
@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="run config TOML (see README); default: built-in defaults")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     p.add_argument("--verbose", action="store_true", help="show Flower's own log lines too")
+    p.add_argument(
+        "--superlink", metavar="HOST:PORT",
+        help="submit to this deployment-engine SuperLink (run on its host; enterprises = the SuperNodes) instead of simulating",
+    )
     p.set_defaults(func=cmd_run)
 
     def with_db(p):

@@ -1,5 +1,5 @@
-"""Start a run on Flower's simulation engine: our own SuperLink on a free loopback port, then
-`flwr run` against it, streaming the ServerApp's progress lines.
+"""Start a run: on Flower's simulation engine (our own SuperLink on a free loopback port) or on
+a deployment-engine SuperLink, then `flwr run` against it, streaming the ServerApp's progress.
 
 We start the SuperLink ourselves (instead of `flwr run`'s managed local one) because the managed
 one outlives the CLI, is shared by everything on its fixed port, and only honours
@@ -10,6 +10,7 @@ when the ServerApp fails, so the outcome is read back with `flwr ls`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,16 +58,34 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def simulation_superlink(home: Path) -> Iterator[str]:
-    """A SuperLink with the simulation runtime on a free loopback port; yields its address."""
+def write_connection(home: Path, address: str) -> None:
+    """$FLWR_HOME/config.toml naming the SuperLink that `flwr` talks to (plain HTTP on loopback)."""
     home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "fedmoe"\n\n[superlink.fedmoe]\naddress = "{address}"\ninsecure = true\n')
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def local_superlink(home: Path, simulation: bool) -> Iterator[str]:
+    """A SuperLink on a free loopback port, with the simulation runtime or waiting for SuperNodes
+    (deployment engine); yields its address and stops it, with everything it spawned, on exit."""
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "{address}"\ninsecure = true\n')
+    write_connection(home, address)
     log = (home / "superlink.log").open("w")
-    cmd = [_executable("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+    cmd = [_executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
            "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")]
+    cmd += ["--simulation"] if simulation else []
     proc = subprocess.Popen(cmd, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -80,15 +99,7 @@ def simulation_superlink(home: Path) -> Iterator[str]:
                 time.sleep(0.2)
         yield address
     finally:
-        # The whole process group: SuperLink, its SuperExec and the simulation runtime.
-        try:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
+        stop_process_group(proc)
         log.close()
 
 
@@ -114,12 +125,20 @@ def _flwr_json(args: list[str], env: dict) -> dict:
         raise RuntimeError(f"flwr {' '.join(args)} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}") from None
 
 
-def run_flower_app(app_dir: Path, home: Path, federation: str, overrides: Path, on_line: Callable[[str], None]) -> tuple[str, str]:
-    """Submit the Flower app in `app_dir` to a fresh simulation SuperLink and stream its log to
-    `on_line` (and home/run.log) until it ends; returns Flower's final (status, details)."""
-    with simulation_superlink(home):
+def run_flower_app(
+    app_dir: Path, home: Path, federation: str | None, overrides: Path, on_line: Callable[[str], None], superlink: str | None = None
+) -> tuple[str, str]:
+    """Submit the Flower app in `app_dir` and stream its log to `on_line` (and home/run.log) until
+    it ends; returns Flower's final (status, details). Without `superlink`, a fresh simulation
+    SuperLink runs the app; with it, the app goes to that (deployment engine) SuperLink."""
+    with contextlib.ExitStack() as stack:
+        if superlink is None:
+            stack.enter_context(local_superlink(home, simulation=True))
+        else:
+            write_connection(home, superlink)
         env = flower_env(home)
-        submitted = _flwr_json(["run", str(app_dir), "--federation-config", federation, "--run-config", str(overrides)], env)
+        args = ["run", str(app_dir), "--run-config", str(overrides)] + (["--federation-config", federation] if federation else [])
+        submitted = _flwr_json(args, env)
         if "run-id" not in submitted:
             return "refused", str(submitted.get("error-message", submitted))
         flower_run_id = str(submitted["run-id"])
@@ -138,8 +157,9 @@ def federation_config(config: RunConfig) -> str:
     return f"num-supernodes={n} client-resources-num-cpus={max(1, round(config.federation.cpus_per_client))}"
 
 
-def launch_simulation(config: RunConfig, verbose: bool = False) -> int:
-    """Run `config` on Flower's simulation engine; returns a process exit code (0 on success)."""
+def launch(config: RunConfig, verbose: bool = False, superlink: str | None = None) -> int:
+    """Run `config` on Flower's simulation engine, or on the deployment engine behind `superlink`
+    (SuperNodes connected to it); returns a process exit code (0 on success)."""
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"the Flower app (pyproject.toml) is not in {APP_DIR}: install fedmoe from a checkout with `pip install -e .`")
     home = Path(config.output.dir) / "flower" / time.strftime("%Y%m%d-%H%M%S")
@@ -147,8 +167,8 @@ def launch_simulation(config: RunConfig, verbose: bool = False) -> int:
     config_path = home / "run_config.json"
     config_path.write_text(config.model_dump_json(indent=2))
     overrides = write_flower_overrides(config, config_path, home / "flower_overrides.toml")
-    print(f"[fedmoe] starting Flower's simulation engine: {len(config.federation.enterprises)} enterprises, "
-          f"{config.federation.rounds} rounds (logs in {home})", flush=True)
+    engine = f"the deployment engine at {superlink}" if superlink else "Flower's simulation engine"
+    print(f"[fedmoe] starting {engine}: {len(config.federation.enterprises)} enterprises, {config.federation.rounds} rounds (logs in {home})", flush=True)
     tail: deque[str] = deque(maxlen=60)
 
     def on_line(line: str) -> None:
@@ -158,7 +178,8 @@ def launch_simulation(config: RunConfig, verbose: bool = False) -> int:
         elif "[fedmoe]" in line:
             print(line[line.find("[fedmoe]"):], end="", flush=True)
 
-    state, details = run_flower_app(APP_DIR, home, federation_config(config), overrides, on_line)
+    federation = None if superlink else federation_config(config)
+    state, details = run_flower_app(APP_DIR, home, federation, overrides, on_line, superlink)
     if state != "finished:completed":
         if not verbose:
             sys.stderr.write("".join(tail))
