@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,8 +83,6 @@ def _adapted_model(model_path: str, lora_json: str, device: str) -> tuple[torch.
 
 @lru_cache(maxsize=8)
 def _blocks(data_dir: str, split: str, model_path: str, seq_len: int) -> torch.Tensor:
-    from pathlib import Path
-
     return load_blocks(find_split(Path(data_dir), split), load_tokenizer(model_path), seq_len)
 
 

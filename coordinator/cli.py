@@ -197,7 +197,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmoe", description="Federated, private LoRA fine-tuning of DeepSeek-style MoE models.")
+    parser = argparse.ArgumentParser(prog="fedmoe", description="Federated LoRA fine-tuning of DeepSeek-style MoE models (differential privacy: see privacy/README.md).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run a federated fine-tune (default: embedded base + demo federation)")

@@ -168,7 +168,7 @@ class FederatedLoRA(FedAvg):
         average = weighted_average(deltas, weights)
         self.global_adapter = apply_update(self.global_adapter, average)
         pending.update_norm = l2_norm(average)
-        pending.train_loss = float(np.average([l for l in losses], weights=weights)) if None not in losses else None
+        pending.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
         pending.expert_load = sum_expert_load(loads) if loads else None
         pending.checkpoint = self.ctx.save_checkpoint(server_round, self.global_adapter)
         return ndarrays_to_parameters(self.global_adapter), {"train_loss": pending.train_loss or float("nan")}
