@@ -1,0 +1,117 @@
+"""Noise mechanisms and clipping, as pure functions over lists of arrays.
+
+Noise comes from the operating system's CSPRNG (`os.urandom`) unless a seeded generator is passed
+explicitly (tests only): a predictable PRNG would let anyone who learns its state subtract the noise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import numpy as np
+from scipy.special import log_ndtr, ndtr
+
+UniformSource = Callable[[int], np.ndarray]  # n -> n floats uniform in the open interval (0, 1)
+
+
+def secure_uniform(n: int) -> np.ndarray:
+    """n floats uniform in (0, 1) from os.urandom, 53 random bits each, never exactly 0 or 1."""
+    words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+    return (words.astype(np.float64) + 0.5) / float(1 << 53)
+
+
+def seeded_uniform(seed: int) -> UniformSource:
+    """A reproducible uniform source, for tests and audits only: never for real updates."""
+    rng = np.random.default_rng(seed)
+    return lambda n: rng.uniform(np.nextafter(0.0, 1.0), 1.0, size=n)
+
+
+def gaussian_noise(n: int, std: float, uniform: UniformSource = secure_uniform) -> np.ndarray:
+    """n samples of N(0, std^2), Box-Muller over the uniform source."""
+    m = (n + 1) // 2
+    u1, u2 = uniform(m), uniform(m)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:n]
+    return std * z
+
+
+def laplace_noise(n: int, scale: float, uniform: UniformSource = secure_uniform) -> np.ndarray:
+    """n samples of Laplace(0, scale) by inverting the CDF."""
+    u = uniform(n) - 0.5
+    return -scale * np.sign(u) * np.log1p(-2.0 * np.abs(u))
+
+
+def l2_norm(tensors: list[np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(t, dtype=np.float64))) for t in tensors))
+
+
+def l1_norm(tensors: list[np.ndarray]) -> float:
+    return sum(float(np.sum(np.abs(t), dtype=np.float64)) for t in tensors)
+
+
+def _scale_to(tensors: list[np.ndarray], norm: float, bound: float) -> list[np.ndarray]:
+    factor = min(1.0, bound / norm) if norm > 0 else 1.0
+    return [(t * factor).astype(t.dtype) for t in tensors]
+
+
+def clip_l2(tensors: list[np.ndarray], bound: float) -> tuple[list[np.ndarray], float]:
+    """Scale all tensors together so their joint L2 norm is at most `bound`; returns (clipped, norm before)."""
+    if not bound > 0:
+        raise ValueError(f"clipping bound must be > 0, got {bound}")
+    norm = l2_norm(tensors)
+    return _scale_to(tensors, norm, bound), norm
+
+
+def clip_l1(tensors: list[np.ndarray], bound: float) -> tuple[list[np.ndarray], float]:
+    """Scale all tensors together so their joint L1 norm is at most `bound`; returns (clipped, norm before)."""
+    if not bound > 0:
+        raise ValueError(f"clipping bound must be > 0, got {bound}")
+    norm = l1_norm(tensors)
+    return _scale_to(tensors, norm, bound), norm
+
+
+def add_noise(tensors: list[np.ndarray], sample: Callable[[int], np.ndarray]) -> list[np.ndarray]:
+    """tensors + independent noise from `sample(n)` for every entry."""
+    flat = sample(sum(t.size for t in tensors))
+    out, offset = [], 0
+    for t in tensors:
+        out.append((t + flat[offset : offset + t.size].reshape(t.shape)).astype(t.dtype))
+        offset += t.size
+    return out
+
+
+def gaussian_delta(sigma: float, epsilon: float, sensitivity: float = 1.0) -> float:
+    """Exact delta of the Gaussian mechanism at `epsilon` (Balle & Wang 2018, Theorem 8)."""
+    a = sensitivity / (2 * sigma)
+    b = epsilon * sigma / sensitivity
+    # e^eps * Phi(-a - b) computed in log space so large epsilon does not overflow.
+    return float(ndtr(a - b) - math.exp(epsilon + log_ndtr(-a - b)))
+
+
+def gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
+    """Smallest noise std giving (epsilon, delta)-DP for one Gaussian release (analytic
+    calibration, Balle & Wang 2018); valid for every epsilon > 0, unlike the classic
+    sqrt(2 ln(1.25/delta)) / epsilon, which holds only for epsilon < 1."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    lo, hi = 1e-6 * sensitivity, sensitivity
+    while gaussian_delta(hi, epsilon, sensitivity) > delta:
+        hi *= 2
+    for _ in range(200):  # bisection to float precision; delta(sigma) decreases in sigma
+        mid = (lo + hi) / 2
+        if gaussian_delta(mid, epsilon, sensitivity) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def laplace_scale(epsilon: float, sensitivity: float = 1.0) -> float:
+    """Laplace mechanism scale b = L1 sensitivity / epsilon (pure epsilon-DP)."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    return sensitivity / epsilon
