@@ -1,0 +1,44 @@
+"""One DP-SGD gradient from per-example gradients (Abadi et al. 2016), as a pure function.
+
+Each example's gradient (all adapter tensors together) is clipped to L2 norm `clip`, the clipped
+gradients are summed, Gaussian noise with std `noise_multiplier * clip` is added, and the sum is
+divided by the EXPECTED batch size (Poisson sampling: dividing by the realised size would leak it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedmoe.privacy.mechanisms import UniformSource, gaussian_noise, secure_uniform
+
+
+def per_example_norms(per_example: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B] joint L2 norm of each example's gradient over all tensors."""
+    squares = [g.reshape(g.shape[0], -1).double().pow(2).sum(dim=1) for g in per_example.values()]
+    return torch.stack(squares).sum(dim=0).sqrt()
+
+
+def private_gradient(
+    per_example: dict[str, torch.Tensor],
+    clip: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    uniform: UniformSource = secure_uniform,
+) -> dict[str, torch.Tensor]:
+    """Clip per example, sum, add N(0, (noise_multiplier * clip)^2), divide by the expected batch size."""
+    if not clip > 0:
+        raise ValueError(f"clipping bound must be > 0, got {clip}")
+    if noise_multiplier < 0:
+        raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")
+    if not expected_batch_size > 0:
+        raise ValueError(f"expected batch size must be > 0, got {expected_batch_size}")
+    norms = per_example_norms(per_example)
+    factors = (clip / (norms + 1e-12)).clamp(max=1.0)
+    out = {}
+    for name, g in per_example.items():
+        summed = torch.einsum("b,b...->...", factors.to(g.dtype), g)
+        if noise_multiplier > 0:
+            noise = gaussian_noise(summed.numel(), noise_multiplier * clip, uniform)
+            summed = summed + torch.from_numpy(noise).to(summed.dtype).view(summed.shape)
+        out[name] = summed / expected_batch_size
+    return out
