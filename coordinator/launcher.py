@@ -185,4 +185,6 @@ def launch(config: RunConfig, verbose: bool = False, superlink: str | None = Non
             sys.stderr.write("".join(tail))
         print(f"[fedmoe] run failed ({state}: {details}); full log: {home / 'run.log'}", file=sys.stderr)
         return 1
+    db = config.database.url
+    print(f"[fedmoe] next: `fedmoe rounds RUN_ID --clients --database {db}`, `fedmoe generate --run RUN_ID --database {db} --prompt TEXT`", flush=True)
     return 0
