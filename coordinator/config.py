@@ -44,7 +44,7 @@ class FederationSection(_Section):
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0, description="share of enterprises sampled per round")
     min_fit_clients: int = Field(1, ge=1, description="fewest successful clients a round needs")
     threads_per_client: int = Field(1, ge=1, le=512, description="torch threads of each simulated client")
-    cpus_per_client: float = Field(1.0, gt=0.0, le=512, description="CPU share Flower's simulation engine reserves per client")
+    cpus_per_client: int = Field(1, ge=1, le=512, description="whole CPUs Flower's simulation engine reserves per client")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "FederationSection":

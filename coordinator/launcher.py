@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections import deque
@@ -154,7 +155,7 @@ def run_flower_app(
 
 def federation_config(config: RunConfig) -> str:
     n = len(config.federation.enterprises)
-    return f"num-supernodes={n} client-resources-num-cpus={max(1, round(config.federation.cpus_per_client))}"
+    return f"num-supernodes={n} client-resources-num-cpus={config.federation.cpus_per_client}"
 
 
 def launch(config: RunConfig, verbose: bool = False, superlink: str | None = None) -> int:
@@ -162,8 +163,8 @@ def launch(config: RunConfig, verbose: bool = False, superlink: str | None = Non
     (SuperNodes connected to it); returns a process exit code (0 on success)."""
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"the Flower app (pyproject.toml) is not in {APP_DIR}: install fedmoe from a checkout with `pip install -e .`")
-    home = Path(config.output.dir) / "flower" / time.strftime("%Y%m%d-%H%M%S")
-    home.mkdir(parents=True, exist_ok=True)
+    (Path(config.output.dir) / "flower").mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=Path(config.output.dir) / "flower"))
     config_path = home / "run_config.json"
     config_path.write_text(config.model_dump_json(indent=2))
     overrides = write_flower_overrides(config, config_path, home / "flower_overrides.toml")
