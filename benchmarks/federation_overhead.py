@@ -24,7 +24,7 @@ from rich.table import Table
 
 from fedmoe.coordinator.config import load_run_config
 from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.launcher import federation_config, launch, run_flower_app
+from fedmoe.coordinator.launcher import federation_config, launch, run_flower_app, write_toml_values
 from fedmoe.model.base import EMBEDDED_BASE_DIR
 
 BASELINE_APP = Path(__file__).parent / "flower_baseline"
@@ -58,7 +58,7 @@ def run_baseline(workdir: Path, rounds: int) -> dict:
         "lr": config.train.lr,
         "timings-path": str(timings),
     }
-    overrides.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in values.items()))
+    write_toml_values(overrides, values)
     start = time.perf_counter()
     state, details = run_flower_app(BASELINE_APP, workdir / "flower", federation_config(config), overrides, lambda line: None)
     total = time.perf_counter() - start

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedmoe.privacy.mechanisms import l2_norm  # noqa: F401 - the one joint-norm helper, re-exported
+
 
 class MalformedUpdate(ValueError):
     """A client update that must not be aggregated (wrong shapes, NaN/inf, bad weight)."""
@@ -42,7 +44,3 @@ def weighted_average(updates: list[list[np.ndarray]], weights: list[float]) -> l
 
 def apply_update(global_tensors: list[np.ndarray], delta: list[np.ndarray]) -> list[np.ndarray]:
     return [(g + d.astype(g.dtype)) for g, d in zip(global_tensors, delta)]
-
-
-def l2_norm(tensors: list[np.ndarray]) -> float:
-    return float(np.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in tensors)))

@@ -21,7 +21,6 @@ import tempfile
 import time
 import urllib.request
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -76,7 +75,7 @@ def stop_process_group(proc: subprocess.Popen) -> None:
             pass
 
 
-@contextmanager
+@contextlib.contextmanager
 def local_superlink(home: Path, simulation: bool) -> Iterator[str]:
     """A SuperLink on a free loopback port, with the simulation runtime or waiting for SuperNodes
     (deployment engine); yields its address and stops it, with everything it spawned, on exit."""
@@ -113,7 +112,12 @@ def write_flower_overrides(config: RunConfig, config_path: Path, path: Path) -> 
         "sim-enterprises": enterprises,
         "threads-per-client": config.federation.threads_per_client,
     }
-    # JSON string and integer literals are valid TOML.
+    return write_toml_values(path, values)
+
+
+def write_toml_values(path: Path, values: dict) -> Path:
+    """A flat TOML file of string/number values, the form `flwr run --run-config FILE` takes."""
+    # JSON string and number literals are valid TOML.
     path.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in values.items()))
     return path
 

@@ -109,3 +109,12 @@ def test_calibration_meets_the_target_and_is_tight():
 def test_bad_privacy_parameters_are_refused_with_the_allowed_range(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_noise_comes_from_the_os_csprng_by_default(monkeypatch):
+    """Replacing os.urandom makes the default noise fixed: the default source is the OS CSPRNG."""
+    import fedmoe.privacy.mechanisms as mechanisms
+
+    monkeypatch.setattr(mechanisms.os, "urandom", lambda n: bytes(range(256)) * (n // 256) + bytes(range(n % 256)))
+    np.testing.assert_array_equal(gaussian_noise(64, 1.0), gaussian_noise(64, 1.0))
+    np.testing.assert_array_equal(laplace_noise(64, 1.0), laplace_noise(64, 1.0))
