@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedmoe.privacy.settings import NodeBudget
+
 
 class LocalTrainSettings(BaseModel):
     """Local training hyperparameters; the coordinator sends them in every round's config."""
@@ -34,3 +36,9 @@ class NodeSettings(BaseModel):
     model_path: str = "embedded"
     threads: int = Field(1, ge=1, le=512, description="torch CPU threads for this client")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    budget: NodeBudget = NodeBudget()
+    ledger: Path | None = Field(None, description="the node's privacy ledger (SQLite); default ~/.fedmoe/ledger-<enterprise>.sqlite")
+
+    @property
+    def ledger_path(self) -> Path:
+        return (self.ledger or Path("~/.fedmoe") / f"ledger-{self.enterprise}.sqlite").expanduser()

@@ -10,16 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoe.client.settings import LocalTrainSettings
+from fedmoe.model.data import PADDING
 from fedmoe.model.lora import adapter_parameters, expert_lora_modules
 
 
 def per_sequence_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sequence: [B]. Unlike HF's `labels=` loss it does not
-    average over the whole batch's tokens, so one example's loss never depends on another's."""
-    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    """Mean next-token cross-entropy of each sequence over its non-PADDING targets: [B]. Unlike
+    HF's `labels=` loss it does not average over the whole batch's tokens, so one example's loss
+    never depends on another's."""
+    logits = model(input_ids=input_ids.clamp(min=0)).logits[:, :-1].float()
     targets = input_ids[:, 1:]
-    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return token_loss.view(targets.shape).mean(dim=1)
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none", ignore_index=PADDING)
+    real = (targets != PADDING).sum(dim=1).clamp(min=1)
+    return token_loss.view(targets.shape).sum(dim=1) / real
 
 
 def autocast_context(device: torch.device):
@@ -57,7 +60,7 @@ class ExpertLoadCounter:
 
 @dataclass
 class LocalTrainResult:
-    mean_loss: float
+    mean_loss: float | None  # None under DP-SGD: the loss of the data is not released
     steps: int
     sequences_seen: int
     expert_load: dict[str, list[int]]

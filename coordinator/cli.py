@@ -110,6 +110,69 @@ def cmd_rounds(args) -> int:
     return 0
 
 
+def _eps(x) -> str:
+    return "off" if x is None else f"{x:.3f}"
+
+
+def cmd_privacy(args) -> int:
+    """The privacy ledger: the coordinator's record per run, or a node's own ledger file."""
+    if args.node_ledger:
+        from fedmoe.client.ledger import PrivacyLedger
+
+        if not args.node_ledger.is_file():
+            raise SystemExit(f"error: no node ledger at {args.node_ledger}")
+        ledger = PrivacyLedger(args.node_ledger)
+        table = Table(title=f"node ledger {args.node_ledger}")
+        for col in ("run", "round", "level", "run epsilon after", "delta", "recorded"):
+            table.add_column(col)
+        for run, number, level, eps, delta, at in ledger.entries():
+            table.add_row(run, str(number), level, "inf (no guarantee)" if eps == float("inf") else f"{eps:.3f}", f"{delta:g}", at[:19])
+        console.print(table)
+        console.print(f"lifetime epsilon: record {ledger.lifetime('record'):.3f}, enterprise {ledger.lifetime('enterprise'):.3f}")
+        return 0
+    store = _store(args)
+    if args.run_id is not None and store.run(args.run_id) is None:
+        raise SystemExit(f"error: run {args.run_id} not found in {args.database}; `fedmoe runs` lists the runs")
+    rows = store.privacy_ledger(args.run_id)
+    runs = Table(title="privacy per run (epsilon per enterprise: spent / target)")
+    for col in ("run", "status", "record level", "enterprise level", "secure agg", "enterprise", "record eps", "enterprise eps", "rounds in"):
+        runs.add_column(col)
+    spent: dict[tuple[int, str], dict] = {}
+    plans = {}
+    for run, _, p in rows:
+        plans[run.id] = (run.status, run.privacy_plan or {})
+        entry = spent.setdefault((run.id, p.enterprise or p.node_id), {"record": None, "enterprise": None, "rounds": 0})
+        if p.status == "refused":
+            continue
+        entry["rounds"] += 1  # charged: it accepted the round, so its update may have been released
+        for level in ("record", "enterprise"):
+            eps = getattr(p, f"epsilon_{level}")
+            if eps is not None:
+                entry[level] = max(entry[level] or 0.0, eps)
+    for (run_id, enterprise), entry in spent.items():
+        status, plan = plans[run_id]
+        record, entp = plan.get("record"), plan.get("enterprise")
+        runs.add_row(
+            str(run_id), status,
+            f"eps {record['epsilon']:g} delta {record['delta']:g}" if record else "off",
+            f"{entp['mechanism']} eps {entp['epsilon']:g}" if entp else "off",
+            "on" if plan.get("secure_aggregation") else "off",
+            enterprise,
+            f"{_eps(entry['record'])} / {record['epsilon']:g}" if record else "off",
+            f"{_eps(entry['enterprise'])} / {entp['epsilon']:g}" if entp else "off",
+            str(entry["rounds"]),
+        )
+    console.print(runs)
+    if args.rounds:
+        table = Table(title="privacy per round (the run's epsilon after the round)")
+        for col in ("run", "round", "enterprise", "status", "record eps", "enterprise eps", "note"):
+            table.add_column(col)
+        for run, rnd, p in rows:
+            table.add_row(str(run.id), str(rnd.number), p.enterprise or p.node_id, p.status, _eps(p.epsilon_record), _eps(p.epsilon_enterprise), (p.error or "")[:80])
+        console.print(table)
+    return 0
+
+
 def _resolve_adapter(args) -> tuple[Path | None, str]:
     from fedmoe.coordinator.artifacts import adapter_of_run
 
@@ -229,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--round", type=_positive_int, help="round of --run")
         p.add_argument("--adapter", help="adapter directory (instead of --run)")
         p.add_argument("--model", default="embedded", help='base model with --adapter: "embedded" or a local checkpoint dir')
+
+    p = sub.add_parser("privacy", help="the privacy ledger: epsilon spent per run, enterprise and round")
+    p.add_argument("run_id", type=int, nargs="?", help="one run (default: all)")
+    p.add_argument("--rounds", action="store_true", help="also list every round of every enterprise")
+    p.add_argument("--node-ledger", type=Path, metavar="FILE", help="show a node's own ledger (the agent's SQLite file) instead")
+    with_db(p)
+    p.set_defaults(func=cmd_privacy)
 
     p = sub.add_parser("generate", help="sample text from base + adapter")
     with_adapter(p)

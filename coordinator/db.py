@@ -28,8 +28,9 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))  # running | completed | failed
+    status: Mapped[str] = mapped_column(String(16))  # running | completed | failed | budget_spent
     config: Mapped[dict] = mapped_column(JSON)
+    privacy_plan: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # targets and calibrated noise
     base_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     planned_rounds: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
@@ -70,7 +71,10 @@ class Participation(Base):
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
     node_id: Mapped[str] = mapped_column(String(64))
     enterprise: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    status: Mapped[str] = mapped_column(String(16))  # ok | failed | rejected
+    status: Mapped[str] = mapped_column(String(16))  # ok | failed | rejected | refused
+    # The run's epsilon for this enterprise after this round (None: level off, no guarantee).
+    epsilon_record: Mapped[float | None] = mapped_column(Float, nullable=True)
+    epsilon_enterprise: Mapped[float | None] = mapped_column(Float, nullable=True)
     num_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     heldout_loss_before: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -86,6 +90,8 @@ class ParticipationRecord:
     node_id: str
     status: str
     enterprise: str | None = None
+    epsilon_record: float | None = None
+    epsilon_enterprise: float | None = None
     num_examples: int | None = None
     train_loss: float | None = None
     heldout_loss_before: float | None = None
@@ -152,6 +158,10 @@ class RunStore:
         with self._session.begin() as s:
             s.get(Run, run_id).base_fingerprint = base_fingerprint
 
+    def set_privacy_plan(self, run_id: int, plan: dict) -> None:
+        with self._session.begin() as s:
+            s.get(Run, run_id).privacy_plan = plan
+
     def record_round(self, run_id: int, record: RoundRecord) -> None:
         with self._session.begin() as s:
             row = Round(
@@ -175,6 +185,14 @@ class RunStore:
     def run(self, run_id: int) -> Run | None:
         with self._session() as s:
             return s.get(Run, run_id)
+
+    def privacy_ledger(self, run_id: int | None = None) -> list[tuple[Run, Round, Participation]]:
+        """Every participation with its round and run, oldest first (one run, or all)."""
+        with self._session() as s:
+            query = select(Run, Round, Participation).join(Round, Round.run_id == Run.id).join(Participation, Participation.round_id == Round.id)
+            if run_id is not None:
+                query = query.where(Run.id == run_id)
+            return list(s.execute(query.order_by(Run.id, Round.number, Participation.enterprise)).tuples())
 
     def rounds(self, run_id: int) -> list[Round]:
         with self._session() as s:

@@ -105,7 +105,9 @@ def local_superlink(home: Path, simulation: bool) -> Iterator[str]:
 
 def write_flower_overrides(config: RunConfig, config_path: Path, path: Path) -> Path:
     """The `[tool.flwr.app.config]` values of this run, as a TOML file for `flwr run --run-config`."""
-    enterprises = json.dumps([{"name": e.name, "data": e.data} for e in config.federation.enterprises])
+    enterprises = json.dumps(
+        [{"name": e.name, "data": e.data, "budget": e.budget.model_dump(exclude_none=True), "ledger": e.ledger} for e in config.federation.enterprises]
+    )
     values = {
         "config-path": str(config_path),
         "model-path": config.model.path,

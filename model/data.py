@@ -85,6 +85,27 @@ def load_blocks(path: Path, tokenizer, seq_len: int) -> torch.Tensor:
     return tokenize_blocks(read_texts(path), tokenizer, seq_len)
 
 
+# Padding in record rows. Negative so it can never be a real token: models read it as token 0
+# (after the text, so causal attention never lets a real position see it) and losses skip it,
+# as PyTorch's cross-entropy skips targets equal to -100 by default.
+PADDING = -100
+
+
+def tokenize_records(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """[num_records, seq_len] token ids, ONE record per row (text + EOS, cut at seq_len, padded with
+    PADDING). Record-level DP needs this: packed blocks spread a record over two examples, so
+    clipping one example would not bound that record's influence."""
+    rows = torch.full((len(texts), seq_len), PADDING, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:seq_len]
+        rows[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return rows
+
+
+def load_records(path: Path, tokenizer, seq_len: int) -> torch.Tensor:
+    return tokenize_records(read_texts(path), tokenizer, seq_len)
+
+
 def dirichlet_partition(labels: list[str], num_clients: int, alpha: float, seed: int = 0) -> list[list[int]]:
     """Split record indices into `num_clients` non-IID parts: for each label value, its records are
     shared out by proportions drawn from Dirichlet(alpha). Small alpha: each client sees few labels."""

@@ -13,11 +13,16 @@ Python loop over experts, no `nonzero`) so that per-example gradients can be tak
 `torch.func.vmap(grad(...))` over a batch. The price is that the base experts are evaluated for
 all E experts and the routing selects (E/k more expert FLOPs than a grouped GEMM); the math is
 kept in one function, `routed_experts_forward`, so a grouped kernel can replace it later.
+
+Each LoRA factor enters through exactly one einsum whose first operand is indexed by token
+(`n`). privacy/per_example.py relies on that: it records these einsums through `ExpertLoRA.factor_hook`
+and gets every example's gradient of a factor from the einsum's input and output gradient.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,10 +38,12 @@ def routed_experts_forward(
     lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     scaling: float = 1.0,
     dropout: nn.Module | None = None,
+    apply_factor: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] = torch.einsum,
 ) -> torch.Tensor:
     """Output of the routed experts for tokens `x` [N, H] routed to `top_k_index` [N, k].
 
     `lora` is (A_gu [E,r,H], B_gu [E,2I,r], A_d [E,r,I], B_d [E,H,r]) or None for the base experts.
+    `apply_factor(equation, tokens, factor)` computes each LoRA factor's einsum.
     """
     n_tokens, hidden = x.shape
     num_experts, two_inter, _ = gate_up_proj.shape
@@ -50,11 +57,10 @@ def routed_experts_forward(
     h = torch.einsum("nke,nef->nkf", onehot, h_all)
     if lora is not None:
         a_gu, b_gu, a_d, b_d = lora
-        rank = a_gu.shape[1]
         x_in = dropout(x) if dropout is not None else x
-        xa = torch.einsum("nh,erh->ner", x_in, a_gu)  # [N, E, r]
-        z = (onehot.unsqueeze(-1) * xa.unsqueeze(1)).reshape(n_tokens, -1, num_experts * rank)
-        h = h + scaling * (z @ b_gu.permute(0, 2, 1).reshape(num_experts * rank, two_inter))
+        xa = apply_factor("nh,erh->ner", x_in, a_gu)  # [N, E, r]
+        z = onehot.unsqueeze(-1) * xa.unsqueeze(1)  # [N, k, E, r]: zero outside each slot's expert
+        h = h + scaling * apply_factor("nker,efr->nkf", z, b_gu)
 
     gate, up = h.split(inter, dim=-1)
     act = act_fn(gate) * up  # [N, k, I]
@@ -63,8 +69,8 @@ def routed_experts_forward(
     out = act_e.reshape(n_tokens, num_experts * inter) @ down_proj.permute(0, 2, 1).reshape(num_experts * inter, hidden)
     if lora is not None:
         act_in = dropout(act_e) if dropout is not None else act_e
-        aa = torch.einsum("nei,eri->ner", act_in, a_d)  # [N, E, r]
-        out = out + scaling * (aa.reshape(n_tokens, num_experts * rank) @ b_d.permute(0, 2, 1).reshape(num_experts * rank, hidden))
+        aa = apply_factor("nei,eri->ner", act_in, a_d)  # [N, E, r]
+        out = out + scaling * apply_factor("ner,ehr->nh", aa, b_d)
     return out
 
 
@@ -99,6 +105,9 @@ class ExpertLoRA(nn.Module):
         self.down_A = nn.Parameter(torch.empty(num_experts, r, inter, dtype=dtype, device=device))
         self.down_B = nn.Parameter(torch.zeros(num_experts, hidden, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        # Called as factor_hook(factor, equation, tokens, output) after each factor's einsum;
+        # privacy/per_example.py sets it for the duration of one forward pass.
+        self.factor_hook: Callable[[torch.Tensor, str, torch.Tensor, torch.Tensor], None] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -113,6 +122,12 @@ class ExpertLoRA(nn.Module):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gate_up_A, self.gate_up_B, self.down_A, self.down_B
 
+    def _apply_factor(self, equation: str, tokens: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        out = torch.einsum(equation, tokens, factor)
+        if self.factor_hook is not None:
+            self.factor_hook(factor, equation, tokens, out)
+        return out
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return routed_experts_forward(
             hidden_states,
@@ -124,6 +139,7 @@ class ExpertLoRA(nn.Module):
             lora=self.factors(),
             scaling=self.scaling,
             dropout=self.dropout,
+            apply_factor=self._apply_factor,
         )
 
     @torch.no_grad()

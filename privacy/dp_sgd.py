@@ -7,7 +7,10 @@ divided by the EXPECTED batch size (Poisson sampling: dividing by the realised s
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from fedmoe.privacy.mechanisms import UniformSource, gaussian_noise, secure_uniform
 
@@ -42,3 +45,21 @@ def private_gradient(
             summed = summed + torch.from_numpy(noise).to(summed.dtype).view(summed.shape)
         out[name] = summed / expected_batch_size
     return out
+
+
+class SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer (per-example clipping over `p.grad_sample`, accumulation over physical
+    batches, scaling by the expected batch size), with its Gaussian noise drawn from the OS CSPRNG
+    instead of torch's generator, whose state an attacker could recover."""
+
+    def __init__(self, *args, uniform: UniformSource = secure_uniform, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.uniform = uniform
+
+    def add_noise(self):
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = gaussian_noise(p.summed_grad.numel(), std, self.uniform) if std > 0 else np.zeros(p.summed_grad.numel())
+            p.grad = (p.summed_grad + torch.from_numpy(noise).to(p.summed_grad).view_as(p.summed_grad)).view_as(p)
+            _mark_as_processed(p.summed_grad)

@@ -115,3 +115,57 @@ def laplace_scale(epsilon: float, sensitivity: float = 1.0) -> float:
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     return sensitivity / epsilon
+
+
+def gaussian_epsilon_analytic(sigma: float, delta: float, sensitivity: float = 1.0) -> float:
+    """Smallest epsilon at which one Gaussian release with std `sigma` is (epsilon, delta)-DP
+    (the inverse of `gaussian_sigma`). k releases with std sigma compose exactly to one release
+    with sensitivity sqrt(k) * sensitivity, so this is also the exact epsilon of k rounds."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if gaussian_delta(sigma, 0.0, sensitivity) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while gaussian_delta(sigma, hi, sensitivity) > delta:
+        lo, hi = hi, hi * 2
+    for _ in range(200):  # delta(epsilon) decreases in epsilon
+        mid = (lo + hi) / 2
+        if gaussian_delta(sigma, mid, sensitivity) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def gamma_noise(n: int, shape: float, scale: float, uniform: UniformSource = secure_uniform) -> np.ndarray:
+    """n samples of Gamma(shape, scale) from the uniform source (Marsaglia & Tsang 2000; for
+    shape < 1, Gamma(shape) = Gamma(shape + 1) * U^(1/shape))."""
+    if not shape > 0 or not scale > 0:
+        raise ValueError(f"gamma shape and scale must be > 0, got {shape}, {scale}")
+    boost = shape < 1
+    d = (shape + 1 if boost else shape) - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = np.empty(n)
+    todo = np.arange(n)
+    while todo.size:
+        x = gaussian_noise(todo.size, 1.0, uniform)
+        v = (1.0 + c * x) ** 3
+        u = uniform(todo.size)
+        ok = (v > 0) & (np.log(u) < 0.5 * x * x + d - d * v + d * np.log(np.where(v > 0, v, 1.0)))
+        out[todo[ok]] = d * v[ok]
+        todo = todo[~ok]
+    if boost:
+        out *= uniform(n) ** (1.0 / shape)
+    return scale * out
+
+
+def laplace_share_noise(n: int, scale: float, shares: int, uniform: UniformSource = secure_uniform) -> np.ndarray:
+    """One of `shares` independent noise shares whose SUM is exactly Laplace(0, scale): Laplace is
+    infinitely divisible, Laplace(b) = sum of `shares` copies of Gamma(1/shares, b) - Gamma(1/shares, b)."""
+    if shares < 1:
+        raise ValueError(f"shares must be >= 1, got {shares}")
+    if shares == 1:
+        return laplace_noise(n, scale, uniform)
+    return gamma_noise(n, 1.0 / shares, scale, uniform) - gamma_noise(n, 1.0 / shares, scale, uniform)

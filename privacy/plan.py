@@ -1,0 +1,171 @@
+"""Privacy plans: the noise a run needs to meet its epsilon targets, and what each round spends.
+
+Pure functions of the settings and the run's shape (rounds, local steps, batch size, records),
+computed before round 1 by the coordinator (to refuse infeasible runs) and by each node (to
+calibrate its own noise and check its own budget). Both sides compute the same numbers.
+
+Accounting assumes the worst case for every enterprise: it takes part in every round (no
+amplification by the coordinator's client sampling, which a curious coordinator could bias), and
+under secure aggregation only the fewest clients a round accepts contribute noise shares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmoe.privacy.accounting import gaussian_epsilon, noise_multiplier_for
+from fedmoe.privacy.mechanisms import (
+    UniformSource,
+    add_noise,
+    clip_l1,
+    clip_l2,
+    gaussian_epsilon_analytic,
+    gaussian_noise,
+    gaussian_sigma,
+    laplace_share_noise,
+    secure_uniform,
+)
+from fedmoe.privacy.settings import EnterpriseLevel, PrivacySettings, RecordLevel
+
+
+class InfeasiblePlan(ValueError):
+    """The targets cannot be met with this run's shape; the message gives values that would work."""
+
+
+@dataclass(frozen=True)
+class RecordPlan:
+    """DP-SGD in one enterprise: `steps_per_round` Poisson-sampled steps per round it takes part in."""
+
+    noise_multiplier: float
+    sample_rate: float
+    expected_batch_size: float
+    steps_per_round: int
+    rounds: int
+    delta: float
+    accountant: str
+
+    def epsilon_after(self, participations: int) -> float:
+        return gaussian_epsilon(self.noise_multiplier, self.sample_rate, participations * self.steps_per_round, self.delta, self.accountant)
+
+
+@dataclass(frozen=True)
+class EnterprisePlan:
+    """Noise on each enterprise's clipped update; `noise_multiplier` is the noise std (Gaussian) or
+    scale (Laplace) of one round's release in units of the clipping bound."""
+
+    mechanism: str
+    clip: float
+    noise_multiplier: float
+    rounds: int
+    delta: float  # 0 for Laplace (pure epsilon-DP)
+
+    @property
+    def noise_scale(self) -> float:
+        return self.noise_multiplier * self.clip
+
+    def epsilon_after(self, participations: int) -> float:
+        if participations == 0:
+            return 0.0
+        if self.mechanism == "laplace":
+            return participations / self.noise_multiplier  # basic composition of epsilon = clip / scale
+        # k Gaussian releases compose exactly to one with sensitivity sqrt(k) (Balle & Wang's analytic bound).
+        return gaussian_epsilon_analytic(self.noise_multiplier, self.delta, sensitivity=math.sqrt(participations))
+
+
+def plan_record_level(settings: RecordLevel, records: int, batch_size: int, steps_per_round: int, rounds: int) -> RecordPlan:
+    """Calibrate DP-SGD noise so `rounds` rounds of `steps_per_round` steps spend at most the target."""
+    if not settings.delta < 1.0 / records:
+        raise InfeasiblePlan(
+            f"privacy.record.delta must be < 1/records = {1.0 / records:.3g} for an enterprise with {records} records (got {settings.delta:g})"
+        )
+    q = min(1.0, batch_size / records)
+    cap = settings.max_noise_multiplier
+
+    def epsilon(noise: float, rounds_: int) -> float:
+        return gaussian_epsilon(noise, q, rounds_ * steps_per_round, settings.delta, settings.accountant)
+
+    best = epsilon(cap, rounds)
+    if best > settings.epsilon:
+        max_rounds = 0
+        while max_rounds < rounds and epsilon(cap, max_rounds + 1) <= settings.epsilon:
+            max_rounds += 1
+        raise InfeasiblePlan(
+            f"privacy.record.epsilon={settings.epsilon:g} over {rounds} rounds x {steps_per_round} steps at sampling rate {q:.3g} "
+            f"({batch_size} of {records} records) needs a noise multiplier above max_noise_multiplier={cap:g}. "
+            f"This plan works with privacy.record.epsilon >= {math.ceil(best * 100) / 100:g}"
+            + (f", or with federation.rounds <= {max_rounds}" if max_rounds else "")
+            + ", or with fewer train.local_steps or a smaller train.batch_size"
+        )
+    noise = noise_multiplier_for(settings.epsilon, q, rounds * steps_per_round, settings.delta, settings.accountant)
+    return RecordPlan(noise, q, q * records, steps_per_round, rounds, settings.delta, settings.accountant)
+
+
+def plan_enterprise_level(settings: EnterpriseLevel, rounds: int) -> EnterprisePlan:
+    """Calibrate the update noise so `rounds` releases spend at most the target."""
+    cap = settings.max_noise_multiplier
+    if settings.mechanism == "laplace":
+        noise = rounds / settings.epsilon  # each round spends epsilon / rounds: scale = clip * rounds / epsilon
+        if noise > cap:
+            raise InfeasiblePlan(
+                f"privacy.enterprise.epsilon={settings.epsilon:g} over {rounds} rounds needs Laplace scale {noise:.3g} x clip, "
+                f"above max_noise_multiplier={cap:g}. This plan works with privacy.enterprise.epsilon >= {rounds / cap:.3g}"
+                + (f", or with federation.rounds <= {math.floor(settings.epsilon * cap)}" if settings.epsilon * cap >= 1 else "")
+            )
+        return EnterprisePlan("laplace", settings.clip, noise, rounds, 0.0)
+    single = gaussian_sigma(settings.epsilon, settings.delta)
+    noise = single * math.sqrt(rounds)
+    if noise > cap:
+        raise InfeasiblePlan(
+            f"privacy.enterprise.epsilon={settings.epsilon:g} over {rounds} rounds needs noise multiplier {noise:.3g}, "
+            f"above max_noise_multiplier={cap:g}. This plan works with privacy.enterprise.epsilon >= "
+            f"{math.ceil(gaussian_epsilon_analytic(cap, settings.delta, math.sqrt(rounds)) * 100) / 100:g}"
+            + (f", or with federation.rounds <= {math.floor((cap / single) ** 2)}" if cap >= single else "")
+        )
+    return EnterprisePlan("gaussian", settings.clip, noise, rounds, settings.delta)
+
+
+def privatize_update(
+    update: list[np.ndarray], plan: EnterprisePlan, shares: int = 1, uniform: UniformSource = secure_uniform
+) -> tuple[list[np.ndarray], float]:
+    """Clip an enterprise's update (L2 for Gaussian, L1 for Laplace) and add its noise.
+
+    `shares` is how many clients' noise ends up in the sum the coordinator sees: 1 without secure
+    aggregation (every update carries the full noise), and the fewest contributors a round
+    accepts with it (each adds one share; the shares of any `shares` clients sum to the full noise,
+    more clients only add more). Returns (noised update, norm before clipping)."""
+    if shares < 1:
+        raise ValueError(f"shares must be >= 1, got {shares}")
+    n = sum(t.size for t in update)
+    if plan.mechanism == "laplace":
+        clipped, norm = clip_l1(update, plan.clip)
+        noise = laplace_share_noise(n, plan.noise_scale, shares, uniform)
+    else:
+        clipped, norm = clip_l2(update, plan.clip)
+        noise = gaussian_noise(n, plan.noise_scale / math.sqrt(shares), uniform)
+    return add_noise(clipped, lambda _: noise), norm
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """Both levels of one run as seen by one enterprise; a level that is off gives no guarantee."""
+
+    record: RecordPlan | None
+    enterprise: EnterprisePlan | None
+
+    def epsilon_after(self, level: str, participations: int) -> tuple[float, float]:
+        """(epsilon, delta) of the run at `level` after this many releases (infinite epsilon when off)."""
+        plan = {"record": self.record, "enterprise": self.enterprise}[level]
+        if plan is None:
+            return math.inf, 0.0
+        return plan.epsilon_after(participations), plan.delta
+
+
+def plan_run(settings: PrivacySettings, records: int, batch_size: int, steps_per_round: int, rounds: int) -> PrivacyPlan:
+    """The privacy plan of a run for an enterprise with `records` records; raises InfeasiblePlan."""
+    return PrivacyPlan(
+        record=plan_record_level(settings.record, records, batch_size, steps_per_round, rounds) if settings.record else None,
+        enterprise=plan_enterprise_level(settings.enterprise, rounds) if settings.enterprise else None,
+    )
