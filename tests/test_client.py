@@ -15,11 +15,11 @@ TRAIN = LocalTrainSettings(local_steps=3, batch_size=4, seq_len=32)
 
 
 @pytest.fixture
-def client_and_round():
-    node = NodeSettings(enterprise="finance", data_dir=DEMO_DATA_DIR / "finance")
+def client_and_round(tmp_path):
+    node = NodeSettings(enterprise="finance", data_dir=DEMO_DATA_DIR / "finance", ledger=tmp_path / "ledger.sqlite")
     ws = workspace(node, LORA.model_dump_json(), TRAIN.seq_len)
     config = {
-        "server_round": 1, "lora": LORA.model_dump_json(), "train": TRAIN.model_dump_json(),
+        "server_round": 1, "rounds": 3, "lora": LORA.model_dump_json(), "train": TRAIN.model_dump_json(),
         "base_fingerprint": ws.base_fingerprint, "adapter_layout": ws.layout, "measure_baseline": True,
     }
     return EnterpriseClient(node, partition_seed=0), config, ws

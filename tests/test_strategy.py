@@ -9,26 +9,40 @@ from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameter
 
 from fedmoe.coordinator.config import load_run_config
 from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.strategy import FederatedLoRA, RoundAborted, RoundContext, _PendingRound, sum_expert_load
+from fedmoe.coordinator.strategy import BudgetExhausted, FederatedLoRA, RoundAborted, RoundContext, _PendingRound, sum_expert_load
 
 
 def _fit(delta, n, **metrics):
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), n, {"enterprise": metrics.pop("name", "e"), "train_loss": 1.0, **metrics})
 
 
-@pytest.fixture
-def setup(tmp_path):
-    config = load_run_config(None, {"database.url": f"sqlite:///{tmp_path}/db.sqlite", "federation.min_fit_clients": 2})
+def _accept(name, eps_record=float("inf"), eps_enterprise=float("inf")):
+    return {"enterprise": name, "accept": True, "reason": "", "epsilon_record": eps_record, "epsilon_enterprise": eps_enterprise}
+
+
+def _make(tmp_path, answers, **overrides):
+    config = load_run_config(None, {"database.url": f"sqlite:///{tmp_path}/db.sqlite", "federation.min_fit_clients": 2, **overrides})
     store = RunStore(config.database.url)
     run_id = store.create_run({}, planned_rounds=3)
-    saved = []
+    saved, asked = [], []
     ctx = RoundContext(
         base_fingerprint="fp",
         adapter_layout="layout",
         initial_adapter=[np.zeros(2, dtype=np.float32), np.ones((1, 2), dtype=np.float32)],
         save_checkpoint=lambda r, a: saved.append((r, a)) or (f"/ckpt/{r}", "sha"),
+        ask_nodes=lambda nodes, config: asked.append((nodes, config)) or {n: answers[n] for n in nodes if n in answers},
     )
-    strategy = FederatedLoRA(config, ctx, store, run_id)
+    return FederatedLoRA(config, ctx, store, run_id), store, run_id, saved, asked
+
+
+def _manager(node_ids):
+    proxies = [SimpleNamespace(node_id=n, cid=str(n)) for n in node_ids]
+    return SimpleNamespace(num_available=lambda: len(proxies), sample=lambda num_clients, min_num_clients, criterion=None: proxies)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    strategy, store, run_id, saved, _ = _make(tmp_path, {})
     strategy.pending = _PendingRound(number=1, started_at=dt.datetime.now(dt.timezone.utc))
     return strategy, store, run_id, saved
 
@@ -87,3 +101,61 @@ def test_round_config_carries_everything_a_client_checks(setup):
 
 def test_expert_load_sums_per_layer():
     assert sum_expert_load([{"1": [1, 2]}, {"1": [3, 0], "2": [5]}]) == {"1": [4, 2], "2": [5]}
+
+
+def test_budget_handshake_records_refusals_and_epsilon_and_only_asks_acceptors_to_train(tmp_path):
+    answers = {
+        1: _accept("a", 0.5, 1.0),
+        2: _accept("b", 0.5, 1.0),
+        3: {"enterprise": "c", "accept": False, "reason": "record-level epsilon would reach 9 above this node's lifetime budget of 8"},
+    }
+    strategy, store, run_id, _, asked = _make(tmp_path, answers, **{"federation.min_fit_clients": 1})
+    params = ndarrays_to_parameters(strategy.global_adapter)
+    instructions = strategy.configure_fit(1, params, _manager([1, 2, 3]))
+    assert [p.node_id for p, _ in instructions] == [1, 2]
+    assert asked[0][0] == [1, 2, 3] and asked[0][1]["query"] == "budget"
+    good = [np.array([1.0, 1.0], np.float32), np.zeros((1, 2), np.float32)]
+    strategy.aggregate_fit(1, [(SimpleNamespace(node_id=1), _fit(good, 1, name="a"))], [RuntimeError("b crashed after training")])
+    strategy.flush()
+    (r,) = store.rounds(run_id)
+    by_name = {p.enterprise: p for p in r.participations}
+    assert by_name["c"].status == "refused" and "lifetime budget" in by_name["c"].error and by_name["c"].epsilon_record is None
+    # b accepted and may have released its update before crashing: it is charged too.
+    assert (by_name["a"].epsilon_record, by_name["b"].epsilon_record, by_name["b"].status) == (0.5, 0.5, "failed")
+    assert by_name["a"].epsilon_enterprise == 1.0
+
+
+def test_run_stops_cleanly_when_too_few_enterprises_have_budget(tmp_path):
+    refuse = {"accept": False, "reason": "budget spent"}
+    strategy, store, run_id, saved, _ = _make(tmp_path, {1: _accept("a"), 2: {**refuse, "enterprise": "b"}, 3: {**refuse, "enterprise": "c"}})
+    with pytest.raises(BudgetExhausted, match="1 of 3 sampled enterprises can take part, 2 needed"):
+        strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3]))
+    (r,) = store.rounds(run_id)
+    assert r.status == "failed" and {p.status for p in r.participations} == {"refused", "failed"} and not saved
+
+
+def test_handshake_failures_are_not_budget_stops(tmp_path):
+    strategy, *_ = _make(tmp_path, {1: _accept("a")})  # node 2 never answers
+    with pytest.raises(RoundAborted, match="no answer"):
+        strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2]))
+
+
+def test_a_round_without_an_aggregate_is_an_error_not_a_silent_skip(tmp_path):
+    # SecAgg+ halts without calling aggregate_fit when too few clients finish.
+    strategy, store, run_id, *_ = _make(tmp_path, {1: _accept("a"), 2: _accept("b")})
+    strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2]))
+    with pytest.raises(RoundAborted, match="no aggregate"):
+        strategy.evaluate(1, ndarrays_to_parameters(strategy.global_adapter))
+    assert store.rounds(run_id)[0].status == "failed"
+
+
+def test_private_runs_ask_for_no_held_out_metrics_and_send_the_noise_shares(tmp_path):
+    strategy, *_ = _make(
+        tmp_path, {n: _accept(str(n), 1.0, 1.0) for n in (1, 2, 3)},
+        **{"privacy.enterprise.epsilon": 4.0, "privacy.enterprise.delta": 1e-3, "federation.secure_aggregation.enabled": True},
+    )
+    instructions = strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3]))
+    config = instructions[0][1].config
+    assert config["noise_shares"] == 2  # SecAgg+ unmasks sums of >= round(0.67 * 3) = 2 clients
+    assert config["secagg_range"] > strategy.config.privacy.enterprise.clip
+    assert strategy.configure_evaluate(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3])) == []
