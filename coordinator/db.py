@@ -57,6 +57,8 @@ class Round(Base):
     update_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
     bytes_up: Mapped[int] = mapped_column(BigInteger)
     bytes_down: Mapped[int] = mapped_column(BigInteger)
+    # Distinct update vectors the coordinator received: 1 under secure aggregation (only the aggregate).
+    updates_seen: Mapped[int | None] = mapped_column(Integer, nullable=True)
     expert_load: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     checkpoint_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -109,6 +111,7 @@ class RoundRecord:
     status: str
     bytes_up: int = 0
     bytes_down: int = 0
+    updates_seen: int | None = None
     train_loss: float | None = None
     eval_loss: float | None = None
     server_eval_loss: float | None = None

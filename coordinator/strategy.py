@@ -15,6 +15,7 @@ it may have been released.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Callable
@@ -220,6 +221,7 @@ class FederatedLoRA(FedAvg):
             problems = [f"{r.enterprise or r.node_id}: {r.error}" for r in pending.participations.values() if r.status != "ok"]
             self._record_failed_round(server_round)
             raise RoundAborted(f"round {server_round}: {len(deltas)} usable update(s), federation.min_fit_clients={needed}; " + "; ".join(problems)[:2000])
+        pending.updates_seen = len({hashlib.sha256(b"".join(res.parameters.tensors)).digest() for _, res in results})
         average = weighted_average(deltas, weights)
         self.global_adapter = apply_update(self.global_adapter, average)
         pending.update_norm = l2_norm(average)
@@ -276,6 +278,7 @@ class FederatedLoRA(FedAvg):
             status="completed",
             bytes_up=pending.bytes_up,
             bytes_down=pending.bytes_down,
+            updates_seen=pending.updates_seen,
             train_loss=pending.train_loss,
             eval_loss=eval_loss,
             server_eval_loss=pending.server_eval_loss,

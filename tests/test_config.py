@@ -3,6 +3,7 @@
 import pytest
 
 from fedmoe.coordinator.config import ConfigError, load_run_config
+from fedmoe.model.corpus import DEMO_DATA_DIR
 
 
 def _write(tmp_path, text):
@@ -57,3 +58,43 @@ def test_overrides_are_validated_too(tmp_path):
         load_run_config(None, {"federation.rounds": 0})
     with pytest.raises(ConfigError, match="section.key"):
         load_run_config(None, {"rounds": 1})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"privacy.record.epsilon": 0}, r"privacy\.record\.epsilon: Input should be greater than 0"),
+        ({"privacy.enterprise.epsilon": -1}, r"privacy\.enterprise\.epsilon: Input should be greater than 0"),
+        ({"privacy.record.epsilon": 1, "privacy.record.delta": 0.01}, r"privacy\.record\.delta must be < 1/records = 0\.0025"),
+        ({"privacy.enterprise.epsilon": 1, "privacy.enterprise.delta": 0.5}, r"privacy\.enterprise\.delta: must be < 1/enterprises = 0\.333"),
+        ({"privacy.record.epsilon": 1, "privacy.record.clip": 0}, r"privacy\.record\.clip: Input should be greater than 0"),
+        ({"privacy.enterprise.epsilon": 1, "privacy.enterprise.clip": -2}, r"privacy\.enterprise\.clip: Input should be greater than 0"),
+        ({"privacy.enterprise.epsilon": 1, "privacy.enterprise.mechanism": "exponential"}, r"privacy\.enterprise\.mechanism: Input should be 'gaussian' or 'laplace'"),
+        ({"privacy.record.epsilon": 1, "privacy.record.accountant": "gdp"}, r"privacy\.record\.accountant: Input should be 'rdp', 'prv' or 'pld'"),
+        ({"privacy.record.epsilon": 1e-3}, r"privacy\.record\.epsilon >= "),
+        ({"privacy.enterprise.epsilon": 0.01}, r"privacy\.enterprise\.epsilon >= "),
+        ({"privacy.record.eps": 1}, r"privacy\.record\.eps: unknown key"),
+        ({"federation.secure_aggregation.enabled": True, "federation.secure_aggregation.reconstruction_threshold": 0}, "reconstruction_threshold"),
+    ],
+)
+def test_bad_privacy_settings_are_refused_before_anything_starts(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, overrides)
+
+
+def test_a_node_budget_smaller_than_one_round_is_refused(tmp_path):
+    text = (
+        "[privacy.record]\nepsilon = 4.0\n"
+        '[[federation.enterprises]]\nname = "acme"\ndata = "DATA"\nbudget = { record_epsilon = 0.5 }\n'
+        '[[federation.enterprises]]\nname = "beta"\ndata = "DATA"\nbudget = { enterprise_epsilon = 10.0 }\n'
+    ).replace("DATA", str(DEMO_DATA_DIR / "finance"))
+    with pytest.raises(ConfigError) as err:
+        load_run_config(_write(tmp_path, text))
+    assert "federation.enterprises.0.budget.record_epsilon: 0.5 is too small: one round spends" in str(err.value)
+    assert "federation.enterprises.1.budget.enterprise_epsilon: 10 is too small: the run gives no enterprise-level guarantee" in str(err.value)
+
+
+def test_a_private_config_resolves_with_node_ledgers_under_the_output_dir(tmp_path):
+    config = load_run_config(None, {"privacy.record.epsilon": 4.0, "output.dir": str(tmp_path)})
+    assert config.privacy.record.epsilon == 4.0 and config.privacy.enterprise is None
+    assert config.federation.enterprises[0].ledger == str(tmp_path / "ledgers" / "finance.sqlite")

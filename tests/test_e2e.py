@@ -50,6 +50,7 @@ def _check_run(db_url, rounds):
     assert all(r.status == "completed" and r.participants == 3 and r.failures == 0 for r in records)
     assert all(Path(r.checkpoint_path, "adapter_model.safetensors").is_file() for r in records)
     assert all(r.bytes_up > 0 and r.expert_load for r in records)
+    assert all(r.updates_seen == 3 for r in records)  # no secure aggregation: one update per client
     before = {p.enterprise: p.heldout_loss_before for p in records[0].participations}
     after = {p.enterprise: p.eval_loss for p in records[-1].participations}
     assert set(before) == {"finance", "clinical", "manufacturing"}

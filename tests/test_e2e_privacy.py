@@ -1,0 +1,94 @@
+"""End to end, privately: DP-SGD + enterprise-level noise under SecAgg+ on Flower's simulation
+engine, node budgets enforced by each node's own ledger, across a coordinator restart."""
+
+import pytest
+
+from fedmoe.client.ledger import PrivacyLedger
+from fedmoe.coordinator.db import RunStore
+from fedmoe.model.corpus import DEMO_DATA_DIR
+from fedmoe.privacy.plan import plan_record_level
+from fedmoe.privacy.settings import RecordLevel
+from test_e2e import fedmoe
+
+pytestmark = pytest.mark.e2e
+ROUNDS, STEPS, BATCH, RECORDS = 3, 4, 8, 400  # RECORDS: rows in each demo enterprise's train split
+
+
+def _config(tmp_path, db_url, finance_budget, min_fit_clients):
+    path = tmp_path / "private.toml"
+    path.write_text(
+        f"""
+[federation]
+rounds = {ROUNDS}
+min_fit_clients = {min_fit_clients}
+secure_aggregation = {{ enabled = true }}
+[[federation.enterprises]]
+name = "finance"
+data = "DEMO/finance"
+budget = {{ record_epsilon = {finance_budget} }}
+[[federation.enterprises]]
+name = "clinical"
+data = "DEMO/clinical"
+[[federation.enterprises]]
+name = "manufacturing"
+data = "DEMO/manufacturing"
+[train]
+local_steps = {STEPS}
+batch_size = {BATCH}
+[lora]
+r = 4
+alpha = 8
+[privacy.record]
+epsilon = 8.0
+[privacy.enterprise]
+epsilon = 8.0
+clip = 0.05
+[database]
+url = "{db_url}"
+[output]
+dir = "out"
+""".replace("DEMO", str(DEMO_DATA_DIR)))
+    )
+    return path
+
+
+def test_private_secure_run_enforces_node_budgets_across_restarts(tmp_path):
+    plan = plan_record_level(RecordLevel(epsilon=8.0), RECORDS, BATCH, STEPS, ROUNDS)
+    # finance can pay for two rounds of this run, not three.
+    budget = round((plan.epsilon_after(2) + plan.epsilon_after(3)) / 2, 4)
+    db_url = f"sqlite:///{tmp_path / 'runs.db'}"
+
+    first = fedmoe("run", "--config", str(_config(tmp_path, db_url, budget, min_fit_clients=2)), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "privacy: record-level DP-SGD eps 8" in first.stdout and "secure aggregation on" in first.stdout
+    assert f"round 3/{ROUNDS} | clients 2/3" in first.stdout and "| eps record" in first.stdout and "refused 1" in first.stdout
+
+    store = RunStore(db_url)
+    (run,) = store.runs()
+    rounds = store.rounds(run.id)
+    assert run.status == "completed" and [r.status for r in rounds] == ["completed"] * 3
+    # Under SecAgg+ the coordinator only ever saw one vector per round: the aggregate.
+    assert all(r.updates_seen == 1 for r in rounds)
+    finance = [next(p for p in r.participations if p.enterprise == "finance") for r in rounds]
+    assert [p.status for p in finance] == ["ok", "ok", "refused"] and "lifetime budget" in finance[2].error
+    assert max(p.epsilon_record for p in finance if p.epsilon_record is not None) <= budget
+    for r in rounds:
+        for p in r.participations:
+            if p.status == "ok":
+                assert p.epsilon_record <= 8.0 + 1e-9 and p.epsilon_enterprise <= 8.0 + 1e-9 and p.train_loss is None
+
+    ledger = tmp_path / "out" / "ledgers" / "finance.sqlite"
+    assert PrivacyLedger(ledger).lifetime("record") <= budget
+
+    # A new run on the same nodes: finance's own ledger remembers; with all three needed the run
+    # ends cleanly once finance's budget is spent, and nothing is ever recorded past it.
+    second = fedmoe("run", "--config", str(_config(tmp_path, db_url, budget, min_fit_clients=3)), cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "stopped: privacy budgets are spent" in second.stdout
+    assert store.runs()[-1].status == "budget_spent"
+    assert PrivacyLedger(ledger).lifetime("record") <= budget
+
+    table = fedmoe("privacy", "--rounds", "--database", db_url, cwd=tmp_path)
+    assert table.returncode == 0 and "finance" in table.stdout and "refused" in table.stdout
+    node = fedmoe("privacy", "--node-ledger", str(ledger), cwd=tmp_path)
+    assert node.returncode == 0 and "lifetime epsilon: record" in node.stdout
