@@ -1,5 +1,7 @@
 """Run config validation: every bad value is refused before work starts, naming the field."""
 
+from pathlib import Path
+
 import pytest
 
 from fedmoe.coordinator.config import ConfigError, load_run_config
@@ -98,3 +100,8 @@ def test_a_private_config_resolves_with_node_ledgers_under_the_output_dir(tmp_pa
     config = load_run_config(None, {"privacy.record.epsilon": 4.0, "output.dir": str(tmp_path)})
     assert config.privacy.record.epsilon == 4.0 and config.privacy.enterprise is None
     assert config.federation.enterprises[0].ledger == str(tmp_path / "ledgers" / "finance.sqlite")
+
+
+def test_the_shipped_private_demo_config_is_valid():
+    config = load_run_config(Path(__file__).parents[1] / "configs" / "private-demo.toml")
+    assert config.privacy.record and config.privacy.enterprise and config.federation.secure_aggregation.enabled
