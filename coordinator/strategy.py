@@ -137,8 +137,12 @@ class FederatedLoRA(FedAvg):
                 self.pending.participations[node] = ParticipationRecord(node_id=node, status="failed", error=f"budget handshake: {answer}"[:2000])
                 continue
             record = ParticipationRecord(node_id=node, status="failed", enterprise=str(answer.get("enterprise", "")) or None, error="no reply")
+            unguarded = [level for level in ("record", "enterprise") if getattr(self.config.privacy, level) and _finite(answer.get(f"epsilon_{level}")) is None]
             if not answer.get("accept"):
                 record.status, record.error = "refused", str(answer.get("reason", "refused"))[:2000]
+            elif unguarded:
+                # Fail loudly rather than let a node train without the privacy the run promises.
+                record.error = f"node reports no {' or '.join(unguarded)}-level privacy for this private run (a different fedmoe version?)"
             else:
                 record.epsilon_record = _finite(answer.get("epsilon_record"))
                 record.epsilon_enterprise = _finite(answer.get("epsilon_enterprise"))

@@ -1,8 +1,12 @@
-"""One DP-SGD gradient from per-example gradients (Abadi et al. 2016), as a pure function.
+"""One DP-SGD gradient from per-example gradients (Abadi et al. 2016).
 
 Each example's gradient (all adapter tensors together) is clipped to L2 norm `clip`, the clipped
 gradients are summed, Gaussian noise with std `noise_multiplier * clip` is added, and the sum is
 divided by the EXPECTED batch size (Poisson sampling: dividing by the realised size would leak it).
+
+`private_gradient` is that, as a pure reference function; training uses Opacus's `DPOptimizer`
+(which also accumulates physical batches), with its noise drawn from the OS CSPRNG, and the tests
+hold the two equal.
 """
 
 from __future__ import annotations

@@ -159,3 +159,11 @@ def test_private_runs_ask_for_no_held_out_metrics_and_send_the_noise_shares(tmp_
     assert config["noise_shares"] == 2  # SecAgg+ unmasks sums of >= round(0.67 * 3) = 2 clients
     assert config["secagg_range"] > strategy.config.privacy.enterprise.clip
     assert strategy.configure_evaluate(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3])) == []
+
+
+def test_a_node_that_would_train_without_the_runs_privacy_is_not_asked_to_train(tmp_path):
+    answers = {1: _accept("a", 1.0, 1.0), 2: _accept("b", 1.0, 1.0), 3: _accept("old-version")}
+    strategy, store, run_id, *_ = _make(tmp_path, answers, **{"privacy.record.epsilon": 4.0, "privacy.enterprise.epsilon": 4.0})
+    instructions = strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3]))
+    assert [p.node_id for p, _ in instructions] == [1, 2]
+    assert "no record or enterprise-level privacy" in strategy.pending.participations["3"].error
