@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import json
 from dataclasses import dataclass, field
 from typing import Callable
@@ -134,7 +135,7 @@ class FederatedLoRA(FedAvg):
         for proxy in proxies:
             node, answer = str(proxy.node_id), answers.get(proxy.node_id, "no answer")
             if isinstance(answer, str):
-                self.pending.participations[node] = ParticipationRecord(node_id=node, status="failed", error=f"budget handshake: {answer}"[:2000])
+                self.pending.participations[node] = ParticipationRecord(node_id=node, status="failed", error=f"budget handshake: {_exception_line(answer)}")
                 continue
             record = ParticipationRecord(node_id=node, status="failed", enterprise=str(answer.get("enterprise", "")) or None, error="no reply")
             unguarded = [level for level in ("record", "enterprise") if getattr(self.config.privacy, level) and _finite(answer.get(f"epsilon_{level}")) is None]
@@ -298,6 +299,14 @@ class FederatedLoRA(FedAvg):
 
 def _float(value) -> float | None:
     return None if value is None else float(value)
+
+
+def _exception_line(reason: str) -> str:
+    """The line of a remote traceback that says what went wrong (the last `SomethingError: ...`)."""
+    lines = [line.strip(" '>") for line in reason.replace("\\n", "\n").splitlines() if line.strip(" '>")]
+    # Ray wraps the client's own exception: skip its wrapper lines.
+    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Exceeded)\b.*:", line) and not line.startswith("ray.")]
+    return (errors or lines or ["(no reason given)"])[-1][:500]
 
 
 def _finite(value) -> float | None:
