@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
@@ -187,8 +187,9 @@ def _to_tensors(parameters: list[np.ndarray]) -> list[torch.Tensor]:
 class EnterpriseClient(NumPyClient):
     """One enterprise's agent: checks its own privacy budget, trains, privatizes, releases a delta."""
 
-    def __init__(self, node: NodeSettings, partition_seed: int, run_id: int = 0):
+    def __init__(self, node: NodeSettings, partition_seed: int, run_id: int = 0, under_secure_aggregation: bool = False):
         self.node = node
+        self.under_secure_aggregation = under_secure_aggregation
         self.partition_seed = partition_seed
         self.run_id = run_id
         self.ledger = PrivacyLedger(node.ledger_path)
@@ -218,6 +219,9 @@ class EnterpriseClient(NumPyClient):
     def fit(self, parameters, config):
         started = time.perf_counter()
         spec, ws, plan = self._prepare(config)
+        if spec.noise_shares > 1 and not self.under_secure_aggregation:
+            # Only a sum hides a share-sized noise: never send one in the clear.
+            raise RuntimeError(f"asked to add 1/{spec.noise_shares} of the noise, but this update is not under secure aggregation")
         # Write-ahead: the spend is on the node's ledger before any training (raises BudgetExceeded).
         spends = self.ledger.charge(spec.ledger_key(self.run_id), spec.number, plan.epsilon_after, self.budgets, spec.rounds)
         global_tensors = _to_tensors(parameters)
@@ -268,17 +272,27 @@ class EnterpriseClient(NumPyClient):
         return loss, int(ws.heldout_blocks.shape[0]), {"enterprise": self.node.enterprise}
 
 
+SECAGG_FLAG = "fedmoe.secure-aggregation"
+
+
 def optional_secaggplus_mod(msg, context, call_next):
     """Flower's SecAgg+ client mod, only for runs whose coordinator uses secure aggregation
-    (the bare mod fails every fit of a run without it)."""
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        return call_next(msg, context)
-    return secaggplus_mod(msg, context, call_next)
+    (the bare mod fails every fit of a run without it). It also tells the client whether THIS
+    message is under SecAgg+, so a node adds only a share of the noise when it really is."""
+    active = RECORD_KEY_CONFIGS in msg.content.config_records
+    context.state.config_records[SECAGG_FLAG] = ConfigRecord({"active": active})
+    return secaggplus_mod(msg, context, call_next) if active else call_next(msg, context)
 
 
 def client_fn(context: Context):
     node = node_settings(context)
-    return EnterpriseClient(node, partition_seed=int(context.node_config.get("partition-id", 0)), run_id=context.run_id).to_client()
+    flag = context.state.config_records.get(SECAGG_FLAG)
+    return EnterpriseClient(
+        node,
+        partition_seed=int(context.node_config.get("partition-id", 0)),
+        run_id=context.run_id,
+        under_secure_aggregation=bool(flag and flag["active"]),
+    ).to_client()
 
 
 app = ClientApp(client_fn=client_fn, mods=[optional_secaggplus_mod])

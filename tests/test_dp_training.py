@@ -147,3 +147,11 @@ def test_no_held_out_metrics_are_released_in_a_private_run(tmp_path):
     client, ws = _client(tmp_path)
     with pytest.raises(PermissionError, match="no held-out metrics"):
         client.evaluate([t.numpy() for t in get_adapter_tensors(ws.model)], _config(ws, BOTH))
+
+
+def test_a_noise_share_is_never_sent_outside_secure_aggregation(tmp_path):
+    client, ws = _client(tmp_path)
+    config = {**_config(ws, BOTH), "noise_shares": 3}
+    with pytest.raises(RuntimeError, match="not under secure aggregation"):
+        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], config)
+    assert client.ledger.entries() == []

@@ -47,7 +47,7 @@ clip = 0.05
 url = "{db_url}"
 [output]
 dir = "out"
-""".replace("DEMO", str(DEMO_DATA_DIR)))
+""".replace("DEMO", str(DEMO_DATA_DIR))
     )
     return path
 
