@@ -1,9 +1,10 @@
 """Record-level DP-SGD on one enterprise's records: Opacus does Poisson sampling, per-example
 clipping, noise and the accumulation of physical batches; we supply exact per-example gradients.
 
-Opacus's own per-sample hooks treat routed tokens as samples on MoE experts, so the model is
-differentiated per example with `torch.func` (privacy/per_example.py) and the gradients are handed
-to Opacus's optimizer as `p.grad_sample` (its `no_op` grad-sample mode). Each example's loss is
+Opacus's own per-sample hooks treat routed tokens as samples on MoE experts, so exact per-example
+gradients come from privacy/per_example.py (one batched backward pass; tested against `torch.func`
+vmap and batch-size-1 references) and are handed to Opacus's optimizer as `p.grad_sample` (its
+`no_op` grad-sample mode). Each example's loss is
 its own per-sequence mean; DeepSeek-V3 has no router auxiliary loss, and we never add one, so no
 example's gradient depends on another's.
 """

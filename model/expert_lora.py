@@ -15,8 +15,8 @@ all E experts and the routing selects (E/k more expert FLOPs than a grouped GEMM
 kept in one function, `routed_experts_forward`, so a grouped kernel can replace it later.
 
 Each LoRA factor enters through exactly one einsum whose first operand is indexed by token
-(`n`). privacy/per_example.py relies on that: it records these einsums through `ExpertLoRA.factor_hook`
-and gets every example's gradient of a factor from the einsum's input and output gradient.
+(`n`), computed by `ExpertLoRA.factor_einsum`. privacy/per_example.py swaps in an einsum whose
+backward pass yields every example's gradient of the factor.
 """
 
 from __future__ import annotations
@@ -48,24 +48,26 @@ def routed_experts_forward(
     n_tokens, hidden = x.shape
     num_experts, two_inter, _ = gate_up_proj.shape
     inter = two_inter // 2
-    # [N, k, E] routing one-hot; comparison instead of F.one_hot keeps it vmap-friendly.
+    # [N, k, E] routing one-hot; comparison instead of F.one_hot keeps it vmap-friendly. In the
+    # einsums `s` indexes the k slots: a letter after `n`, because torch.einsum orders summed
+    # indices alphabetically and per-example gradients then sum over (n, s) without a copy.
     experts = torch.arange(num_experts, device=x.device)
     onehot = (top_k_index.unsqueeze(-1) == experts).to(x.dtype)
 
     # Gate/up projection of every expert, then pick each slot's expert: [N, k, 2I].
     h_all = (x @ gate_up_proj.reshape(num_experts * two_inter, hidden).T).view(n_tokens, num_experts, two_inter)
-    h = torch.einsum("nke,nef->nkf", onehot, h_all)
+    h = torch.einsum("nse,nef->nsf", onehot, h_all)
     if lora is not None:
         a_gu, b_gu, a_d, b_d = lora
         x_in = dropout(x) if dropout is not None else x
         xa = apply_factor("nh,erh->ner", x_in, a_gu)  # [N, E, r]
         z = onehot.unsqueeze(-1) * xa.unsqueeze(1)  # [N, k, E, r]: zero outside each slot's expert
-        h = h + scaling * apply_factor("nker,efr->nkf", z, b_gu)
+        h = h + scaling * apply_factor("nser,efr->nsf", z, b_gu)
 
     gate, up = h.split(inter, dim=-1)
     act = act_fn(gate) * up  # [N, k, I]
     # Place each slot's activation at its expert, weighted by the router: [N, E, I].
-    act_e = torch.einsum("nke,nk,nki->nei", onehot, top_k_weights.to(x.dtype), act)
+    act_e = torch.einsum("nse,ns,nsi->nei", onehot, top_k_weights.to(x.dtype), act)
     out = act_e.reshape(n_tokens, num_experts * inter) @ down_proj.permute(0, 2, 1).reshape(num_experts * inter, hidden)
     if lora is not None:
         act_in = dropout(act_e) if dropout is not None else act_e
@@ -105,9 +107,9 @@ class ExpertLoRA(nn.Module):
         self.down_A = nn.Parameter(torch.empty(num_experts, r, inter, dtype=dtype, device=device))
         self.down_B = nn.Parameter(torch.zeros(num_experts, hidden, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        # Called as factor_hook(factor, equation, tokens, output) after each factor's einsum;
-        # privacy/per_example.py sets it for the duration of one forward pass.
-        self.factor_hook: Callable[[torch.Tensor, str, torch.Tensor, torch.Tensor], None] | None = None
+        # einsum(equation, tokens, factor) for every use of a factor; privacy/per_example.py replaces
+        # it for one forward pass to get per-example gradients.
+        self.factor_einsum: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] = torch.einsum
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,12 +124,6 @@ class ExpertLoRA(nn.Module):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gate_up_A, self.gate_up_B, self.down_A, self.down_B
 
-    def _apply_factor(self, equation: str, tokens: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        out = torch.einsum(equation, tokens, factor)
-        if self.factor_hook is not None:
-            self.factor_hook(factor, equation, tokens, out)
-        return out
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return routed_experts_forward(
             hidden_states,
@@ -139,7 +135,7 @@ class ExpertLoRA(nn.Module):
             lora=self.factors(),
             scaling=self.scaling,
             dropout=self.dropout,
-            apply_factor=self._apply_factor,
+            apply_factor=self.factor_einsum,
         )
 
     @torch.no_grad()

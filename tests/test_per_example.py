@@ -4,6 +4,7 @@ import torch
 from conftest import tiny_model
 
 from fedmoe.client.trainer import per_sequence_loss
+from fedmoe.model.data import PADDING
 from fedmoe.model.lora import LoraSettings, adapter_parameters, attach_lora
 from fedmoe.privacy.per_example import per_example_gradients
 
@@ -25,3 +26,28 @@ def test_per_example_gradients_equal_batch_size_one_backward():
         for name, p in params.items():
             assert per_example[name].shape == (4, *p.shape)
             torch.testing.assert_close(per_example[name][i], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _vmap_reference(model, ids):
+    """The torch.func way (vmap of grad over the batch): slower, kept as an independent check."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in adapter_parameters(model).items()}
+
+    def loss(p, row):
+        return per_sequence_loss(lambda **kw: functional_call(model, p, args=(), kwargs=kw), row.unsqueeze(0))[0]
+
+    return vmap(grad(loss), in_dims=(None, 0))(params, ids)
+
+
+def test_per_example_gradients_equal_torch_func_vmap_with_padded_records():
+    model = attach_lora(tiny_model(), LoraSettings(r=2, alpha=4, init_seed=3))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in adapter_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=g)
+    ids[0, 6:] = PADDING
+    ours, reference = per_example_gradients(model, ids), _vmap_reference(model, ids)
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], atol=1e-6, rtol=1e-4, msg=name)
