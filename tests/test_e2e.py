@@ -108,19 +108,21 @@ def test_bad_cli_input_is_refused_before_anything_starts(tmp_path):
 
 
 def test_deployment_engine_with_real_supernodes_on_loopback(tmp_path):
-    """A SuperLink and two SuperNodes as separate processes; each node names its own data."""
+    """A SuperLink and three SuperNodes as separate processes; each node names its own data, ledger
+    and budget. manufacturing budgets record-level epsilon, so it refuses this non-private run."""
     from fedmoe.coordinator.launcher import _executable, _free_port, flower_env, local_superlink, stop_process_group
     from fedmoe.model.corpus import DEMO_DATA_DIR
 
     db_url = f"sqlite:///{tmp_path / 'runs.db'}"
-    enterprises = "\n".join(f'[[federation.enterprises]]\nname = "{n}"\ndata = "{DEMO_DATA_DIR / n}"\n' for n in ("finance", "clinical"))
+    enterprises = "\n".join(f'[[federation.enterprises]]\nname = "{n}"\ndata = "{DEMO_DATA_DIR / n}"\n' for n in ("finance", "clinical", "manufacturing"))
     config = _config(tmp_path, db_url, rounds=1, extra=enterprises)
     home = tmp_path / "superlink"
     nodes = []
     with local_superlink(home, simulation=False) as address:
         try:
-            for name in ("finance", "clinical"):
-                node_config = f'enterprise="{name}" data-path="{DEMO_DATA_DIR / name}" model-path="embedded"'
+            for name in ("finance", "clinical", "manufacturing"):
+                budget = ' budget-record-epsilon="100"' if name == "manufacturing" else ""
+                node_config = f'enterprise="{name}" data-path="{DEMO_DATA_DIR / name}" model-path="embedded" ledger-path="{tmp_path / name}.sqlite"{budget}'
                 cmd = [_executable("flower-supernode"), "--insecure", "--superlink", address, "--port", str(_free_port()), "--node-config", node_config]
                 log = (tmp_path / f"{name}.log").open("w")
                 nodes.append(subprocess.Popen(cmd, env=flower_env(tmp_path / name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
@@ -133,5 +135,6 @@ def test_deployment_engine_with_real_supernodes_on_loopback(tmp_path):
     (run,) = store.runs()
     (r,) = store.rounds(run.id)
     assert run.status == "completed" and r.participants == 2
-    assert {p.enterprise for p in r.participations} == {"finance", "clinical"}
-    assert all(p.eval_loss < p.heldout_loss_before for p in r.participations)
+    by_name = {p.enterprise: p for p in r.participations}
+    assert by_name["manufacturing"].status == "refused" and "gives no record-level privacy guarantee" in by_name["manufacturing"].error
+    assert all(by_name[n].eval_loss < by_name[n].heldout_loss_before for n in ("finance", "clinical"))
