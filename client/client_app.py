@@ -199,7 +199,7 @@ class EnterpriseClient(NumPyClient):
         spec = RoundSpec.from_config(config)
         ws = workspace(self.node, str(config["lora"]), spec.train.seq_len)
         _check_round_config(ws, config)
-        records = ws.train_records.shape[0] if spec.privacy.record else ws.train_blocks.shape[0]
+        records = ws.train_records.shape[0] if spec.privacy.record else 0  # only record-level DP needs it
         plan = _privacy_plan(spec.privacy.model_dump_json(), records, spec.train.batch_size, spec.train.local_steps, spec.rounds)
         return spec, ws, plan
 

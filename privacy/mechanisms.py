@@ -98,16 +98,7 @@ def gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> fl
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    lo, hi = 1e-6 * sensitivity, sensitivity
-    while gaussian_delta(hi, epsilon, sensitivity) > delta:
-        hi *= 2
-    for _ in range(200):  # bisection to float precision; delta(sigma) decreases in sigma
-        mid = (lo + hi) / 2
-        if gaussian_delta(mid, epsilon, sensitivity) > delta:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return _smallest_meeting_delta(lambda sigma: gaussian_delta(sigma, epsilon, sensitivity), delta, 1e-6 * sensitivity, sensitivity)
 
 
 def laplace_scale(epsilon: float, sensitivity: float = 1.0) -> float:
@@ -127,12 +118,16 @@ def gaussian_epsilon_analytic(sigma: float, delta: float, sensitivity: float = 1
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if gaussian_delta(sigma, 0.0, sensitivity) <= delta:
         return 0.0
-    lo, hi = 0.0, 1.0
-    while gaussian_delta(sigma, hi, sensitivity) > delta:
+    return _smallest_meeting_delta(lambda epsilon: gaussian_delta(sigma, epsilon, sensitivity), delta, 0.0, 1.0)
+
+
+def _smallest_meeting_delta(delta_of, delta: float, lo: float, hi: float) -> float:
+    """Smallest x with delta_of(x) <= delta, for delta_of decreasing in x (bisection to float precision)."""
+    while delta_of(hi) > delta:
         lo, hi = hi, hi * 2
-    for _ in range(200):  # delta(epsilon) decreases in epsilon
+    for _ in range(200):
         mid = (lo + hi) / 2
-        if gaussian_delta(sigma, mid, sensitivity) > delta:
+        if delta_of(mid) > delta:
             lo = mid
         else:
             hi = mid

@@ -155,3 +155,10 @@ def test_a_noise_share_is_never_sent_outside_secure_aggregation(tmp_path):
     with pytest.raises(RuntimeError, match="not under secure aggregation"):
         client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], config)
     assert client.ledger.entries() == []
+
+
+def test_an_update_secure_aggregation_would_clip_is_refused_not_sent(tmp_path):
+    client, ws = _client(tmp_path)
+    config = {**_config(ws, {"record": {"epsilon": 8.0}}), "secagg_range": 1e-9}
+    with pytest.raises(ValueError, match="exceeds the secure-aggregation range"):
+        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], config)
