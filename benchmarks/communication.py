@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmoe.model.base import load_base
-from fedmoe.model.lora import LoraSettings, adapter_parameters, attach_lora
+from fedmoe.model.lora import adapter_parameters, attach_lora
+from fedmoe.model.settings import LoraSettings
 
 # DeepSeek-V2-Lite's published architecture (15.7B parameters, 64 routed experts, top-6).
 DEEPSEEK_V2_LITE = dict(

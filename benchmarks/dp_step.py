@@ -25,9 +25,10 @@ import time
 def measure(mode: str, batch: int, seq_len: int, steps: int) -> dict:
     import torch
 
-    from fedmoe.client.trainer import per_sequence_loss
+    from fedmoe.model.loss import per_sequence_loss
     from fedmoe.model.base import load_base
-    from fedmoe.model.lora import LoraSettings, adapter_parameters, attach_lora
+    from fedmoe.model.lora import adapter_parameters, attach_lora
+    from fedmoe.model.settings import LoraSettings
     from fedmoe.privacy.dp_sgd import private_gradient
     from fedmoe.privacy.per_example import per_example_gradients
 

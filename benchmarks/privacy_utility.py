@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from fedmoe.client.client_app import EnterpriseClient, workspace
-from fedmoe.client.settings import LocalTrainSettings, NodeSettings
-from fedmoe.client.trainer import evaluate_loss
+from fedmoe.client.settings import NodeSettings
+from fedmoe.contract.round import LocalTrainSettings
+from fedmoe.model.loss import evaluate_loss
 from fedmoe.coordinator.aggregation import apply_update, weighted_average
 from fedmoe.model.base import load_base
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES
-from fedmoe.model.lora import LoraSettings, attach_lora, get_adapter_tensors, set_adapter_tensors
+from fedmoe.model.lora import attach_lora, get_adapter_tensors, set_adapter_tensors
+from fedmoe.model.settings import LoraSettings
 from fedmoe.privacy.settings import PrivacySettings
 
 EPSILONS = (1.0, 4.0, 8.0)

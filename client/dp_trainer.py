@@ -19,7 +19,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedmoe.client.settings import LocalTrainSettings
+from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.client.trainer import LocalTrainResult
 from fedmoe.model.lora import adapter_parameters
 from fedmoe.privacy.dp_sgd import SecureNoiseDPOptimizer

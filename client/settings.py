@@ -1,5 +1,5 @@
-"""Settings of one client: how it trains (sent by the coordinator each round) and where its node's
-data and model live (the enterprise's own node config)."""
+"""Settings of one enterprise node: where its data and model live, its budget and ledger (the
+enterprise's own, never the coordinator's)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedmoe.privacy.settings import NodeBudget
-
-
-class LocalTrainSettings(BaseModel):
-    """Local training hyperparameters; the coordinator sends them in every round's config."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    local_steps: int = Field(12, ge=1, le=100_000, description="optimizer steps per client per round")
-    batch_size: int = Field(8, ge=1, le=4096, description="sequences per step")
-    seq_len: int = Field(64, ge=8, le=32_768, description="tokens per training sequence")
-    lr: float = Field(3e-3, gt=0.0, le=1.0, description="AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient-norm clip for stability (not a privacy bound)")
-    eval_batch_size: int = Field(16, ge=1, le=4096)
-    seed: int = Field(0, ge=0)
 
 
 class NodeSettings(BaseModel):

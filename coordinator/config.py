@@ -1,55 +1,83 @@
 """The run config: one TOML file, validated once into typed sections before any work starts.
 
-Relative paths are resolved against the config file's folder. Two sentinel values point at what
-ships in the repo: `model.path = "embedded"` (the bundled base) and a federation with no
+Strict: a value of the wrong type is an error, never a coercion (`rounds = true` is not 1 round,
+`alpha = "2"` is not 2.0), and infinities and NaN are refused. Relative paths are resolved
+against the config file's folder. Two sentinel values point at what ships in the repo:
+`model.path = "embedded"` (the bundled base) and, on the simulation engine, a federation with no
 `enterprises` (the bundled demo federation: finance, clinical, manufacturing).
+
+The same config serves both engines. On the simulation engine (`fedmoe run`) the coordinator
+simulates each enterprise, so each names its `data` (and optionally a simulated node's budget and
+ledger). On the deployment engine (`fedmoe admin start`) enterprises are registered nodes: the run
+names them, and their data, budgets and ledgers stay on their own machines.
 """
 
 from __future__ import annotations
 
 import json
-import tomllib
+import math
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedmoe.client.settings import LocalTrainSettings
-from fedmoe.model.base import EMBEDDED, load_tokenizer, resolve_model_path
+from fedmoe.support.files import (
+    ConfigError,
+    describe_validation_error,
+    parse_toml,
+    read_toml_file,
+    resolve_path,
+)
+from fedmoe.contract.round import LocalTrainSettings
+from fedmoe.model.base import EMBEDDED, check_model_dir, load_tokenizer, resolve_model_path
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES
 from fedmoe.model.data import find_split, load_records
-from fedmoe.model.lora import LoraSettings
+from fedmoe.model.settings import LoraSettings
 from fedmoe.privacy.plan import InfeasiblePlan, plan_enterprise_level, plan_run
 from fedmoe.privacy.settings import NodeBudget, PrivacySettings
 
-
-class ConfigError(ValueError):
-    """A config value outside its allowed range; the message names each field."""
+ENTERPRISE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
-    path: str = Field(EMBEDDED, description='"embedded" or a local Hugging Face checkpoint directory')
+    path: str = Field(
+        EMBEDDED, min_length=1, max_length=4096, description='"embedded" or a local Hugging Face checkpoint directory'
+    )
 
 
 class Enterprise(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    data: str = Field(description="folder with train.{jsonl,csv,parquet} and heldout.{jsonl,csv,parquet}")
-    # A simulated node's own settings (in deployment they live in each node's --node-config).
+    name: str = Field(pattern=ENTERPRISE_NAME)
+    data: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="simulation only: folder with train.{jsonl,csv,parquet} and heldout.{jsonl,csv,parquet}",
+    )
+    # A simulated node's own settings (a deployed node keeps them in its agent config).
     budget: NodeBudget = NodeBudget()
-    ledger: str | None = Field(None, description="the simulated node's privacy ledger; default <output.dir>/ledgers/<name>.sqlite")
+    ledger: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="the simulated node's privacy ledger; default <output.dir>/ledgers/<name>.sqlite",
+    )
 
 
 class SecureAggregation(_Section):
     """Flower's SecAgg+: the coordinator sees only the average of a round's updates."""
 
     enabled: bool = False
-    reconstruction_threshold: float = Field(0.67, gt=0.0, le=1.0, description="share of a round's clients that must finish for it to be unmasked")
+    reconstruction_threshold: float = Field(
+        0.67, gt=0.0, le=1.0, description="share of a round's clients that must finish for it to be unmasked"
+    )
     value_range: float | None = Field(
-        None, gt=0.0, le=1e6, description="largest |value| of an update; default: clip + noise tails under enterprise-level DP, else 8"
+        None,
+        gt=0.0,
+        le=1e6,
+        description="largest |value| of an update; default: clip + noise tails under enterprise-level DP, else 8",
     )
     quantization_bits: int = Field(22, ge=8, le=30, description="bits per value; clients x 2^bits must stay below 2^32")
     timeout_s: float = Field(600.0, gt=0.0, le=86_400.0, description="how long a stage waits for clients")
@@ -70,35 +98,52 @@ class SecureAggregation(_Section):
 
 class FederationSection(_Section):
     rounds: int = Field(3, ge=1, le=100_000)
-    enterprises: tuple[Enterprise, ...] = ()
+    enterprises: tuple[Enterprise, ...] = Field((), max_length=10_000, strict=False)
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0, description="share of enterprises sampled per round")
-    min_fit_clients: int = Field(1, ge=1, description="fewest successful clients a round needs")
+    min_fit_clients: int = Field(1, ge=1, le=10_000, description="fewest successful clients a round needs")
     threads_per_client: int = Field(1, ge=1, le=512, description="torch threads of each simulated client")
-    cpus_per_client: int = Field(1, ge=1, le=512, description="whole CPUs Flower's simulation engine reserves per client")
+    cpus_per_client: int = Field(
+        1, ge=1, le=512, description="whole CPUs Flower's simulation engine reserves per client"
+    )
+    connect_timeout_s: float = Field(
+        600.0, gt=0.0, le=86_400.0, description="how long a round waits for enterprises to connect"
+    )
+    round_timeout_s: float = Field(
+        3600.0, gt=0.0, le=604_800.0, description="how long a round waits for training and evaluation replies"
+    )
     secure_aggregation: SecureAggregation = SecureAggregation()
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "FederationSection":
+    def _consistent(self) -> FederationSection:
         names = [e.name for e in self.enterprises]
         if len(set(names)) != len(names):
             raise ValueError(f"enterprise names must be unique, got {names}")
         if self.enterprises and self.min_fit_clients > len(self.enterprises):
-            raise ValueError(f"min_fit_clients={self.min_fit_clients} exceeds the {len(self.enterprises)} enterprises")
-        if self.secure_aggregation.enabled and self.enterprises and len(self.enterprises) << self.secure_aggregation.quantization_bits >= 1 << 32:
-            raise ValueError("secure_aggregation.quantization_bits: enterprises x 2^bits must stay below 2^32; use fewer bits")
+            raise ValueError(
+                f"min_fit_clients={self.min_fit_clients} exceeds the {len(self.enterprises)} enterprises"
+            )
+        bits = self.secure_aggregation.quantization_bits
+        if self.secure_aggregation.enabled and self.enterprises and len(self.enterprises) << bits >= 1 << 32:
+            raise ValueError(
+                "secure_aggregation.quantization_bits: enterprises x 2^bits must stay below 2^32; use fewer bits"
+            )
         return self
 
 
 class EvaluationSection(_Section):
-    server_data: str | None = Field("demo", description='held-out file the coordinator evaluates on; "demo" or a path; empty to skip')
+    server_data: str | None = Field(
+        "demo",
+        max_length=4096,
+        description='held-out file the coordinator evaluates on; "demo" or a path; empty to skip',
+    )
 
 
 class DatabaseSection(_Section):
-    url: str = Field("sqlite:///runs/fedmoe.db", min_length=1, description="any SQLAlchemy URL")
+    url: str = Field("sqlite:///runs/fedmoe.db", min_length=1, max_length=4096, description="any SQLAlchemy URL")
 
 
 class OutputSection(_Section):
-    dir: str = Field("runs", min_length=1, description="where adapter checkpoints are written")
+    dir: str = Field("runs", min_length=1, max_length=4096, description="where adapter checkpoints are written")
 
 
 class RunConfig(_Section):
@@ -115,19 +160,8 @@ class RunConfig(_Section):
         return json.loads(self.model_dump_json(exclude_none=True))
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid run config ({source}):"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else ""
-        msg = "unknown key; remove it or check its spelling" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {field}: {msg}{got}")
-    return "\n".join(lines)
-
-
 def _resolve(path: str, base: Path) -> str:
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return str(resolve_path(path, base))
 
 
 def _resolve_sqlite_url(url: str, base: Path) -> str:
@@ -137,28 +171,80 @@ def _resolve_sqlite_url(url: str, base: Path) -> str:
     return url
 
 
+def _resolve_server_data(config: RunConfig, base: Path) -> str | None:
+    server_data = config.evaluation.server_data
+    if server_data == "demo":
+        return str(DEMO_DATA_DIR / "public_eval.jsonl")
+    return _resolve(server_data, base) if server_data else None
+
+
 def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
-    """Absolute paths everywhere, the demo federation filled in, and every data file checked."""
+    """A simulation run: absolute paths everywhere, the demo federation filled in, and every data
+    file and privacy plan checked."""
     model_path = config.model.path if config.model.path == EMBEDDED else _resolve(config.model.path, base)
     enterprises = config.federation.enterprises or tuple(
         Enterprise(name=d, data=str(DEMO_DATA_DIR / d)) for d in DEMO_ENTERPRISES
     )
+    missing = [f"  federation.enterprises.{i}.data: required on the simulation engine" for i, e in enumerate(enterprises) if not e.data]
+    if missing:
+        raise ConfigError("invalid run config:\n" + "\n".join(missing))
     output_dir = _resolve(config.output.dir, base)
     enterprises = tuple(
-        e.model_copy(update=dict(data=_resolve(e.data, base), ledger=_resolve(e.ledger or f"{output_dir}/ledgers/{e.name}.sqlite", base)))
+        e.model_copy(
+            update=dict(
+                data=_resolve(e.data, base),
+                ledger=_resolve(e.ledger or f"{output_dir}/ledgers/{e.name}.sqlite", base),
+            )
+        )
         for e in enterprises
     )
-    server_data = config.evaluation.server_data
-    if server_data == "demo":
-        server_data = str(DEMO_DATA_DIR / "public_eval.jsonl")
-    elif server_data:
-        server_data = _resolve(server_data, base)
     resolved = config.model_copy(
         update=dict(
             model=ModelSection(path=model_path),
             federation=config.federation.model_copy(update=dict(enterprises=enterprises)),
-            evaluation=EvaluationSection(server_data=server_data or None),
+            evaluation=EvaluationSection(server_data=_resolve_server_data(config, base)),
             database=DatabaseSection(url=_resolve_sqlite_url(config.database.url, base)),
+            output=OutputSection(dir=output_dir),
+        )
+    )
+    check_files(resolved)
+    check_privacy(resolved)
+    return resolved
+
+
+def resolve_for_deployment(
+    config: RunConfig, registered: list[str], database_url: str, output_dir: str
+) -> RunConfig:
+    """A deployment run: enterprises are registered nodes (all of them when the run names none),
+    the coordinator's database and storage, and the plans the coordinator can check without any
+    enterprise's data (each node checks its own record-level plan in the budget handshake)."""
+    problems = []
+    if not config.federation.enterprises and not registered:
+        problems.append("  federation.enterprises: no enterprise is registered; `fedmoe admin nodes register` first")
+    for i, e in enumerate(config.federation.enterprises):
+        where = f"  federation.enterprises.{i}"
+        if e.name not in registered:
+            problems.append(f"{where}.name: {e.name!r} is not a registered enterprise (registered: {', '.join(registered) or 'none'})")
+        for key in ("data", "ledger"):
+            if getattr(e, key) is not None:
+                problems.append(f"{where}.{key}: set on the enterprise's agent, not in a deployment run")
+        if e.budget.limited:
+            problems.append(f"{where}.budget: set on the enterprise's agent, not in a deployment run")
+    if problems:
+        raise ConfigError("invalid run config:\n" + "\n".join(problems))
+    enterprises = config.federation.enterprises or tuple(Enterprise(name=name) for name in registered)
+    federation = config.federation.model_copy(update=dict(enterprises=enterprises))
+    try:  # re-check what depends on the number of enterprises
+        FederationSection.model_validate(federation.model_dump())
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, "run config")) from None
+    if config.model.path != EMBEDDED and not Path(config.model.path).is_absolute():
+        raise ConfigError("invalid run config:\n  model.path: use an absolute path on the coordinator's host")
+    resolved = config.model_copy(
+        update=dict(
+            federation=federation,
+            evaluation=EvaluationSection(server_data=_resolve_server_data(config, Path("/"))),
+            database=DatabaseSection(url=database_url),
             output=OutputSection(dir=output_dir),
         )
     )
@@ -169,41 +255,65 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
 
 def check_files(config: RunConfig) -> None:
     problems = []
-    model_dir = resolve_model_path(config.model.path)
-    if not (model_dir / "config.json").is_file():
-        problems.append(f"  model.path: no config.json in {model_dir}")
+    try:
+        max_pos = check_model_dir(resolve_model_path(config.model.path)).get("max_position_embeddings")
+    except (FileNotFoundError, ValueError) as err:
+        problems.append(f"  model.path: {err}")
     else:
-        max_pos = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
-        if max_pos and config.train.seq_len > max_pos:
-            problems.append(f"  train.seq_len: must be <= {max_pos}, the model's max_position_embeddings (got {config.train.seq_len})")
+        if isinstance(max_pos, int) and config.train.seq_len > max_pos:
+            problems.append(
+                f"  train.seq_len: must be <= {max_pos}, the model's max_position_embeddings (got {config.train.seq_len})"
+            )
     for i, e in enumerate(config.federation.enterprises):
+        if e.data is None:
+            continue
         for split in ("train", "heldout"):
             try:
                 find_split(Path(e.data), split)
-            except FileNotFoundError as err:
+            except (FileNotFoundError, OSError) as err:
                 problems.append(f"  federation.enterprises.{i}.data: {err}")
-    if config.evaluation.server_data and not Path(config.evaluation.server_data).is_file():
-        problems.append(f"  evaluation.server_data: file {config.evaluation.server_data} does not exist")
+    server_data = config.evaluation.server_data
+    if server_data and not _is_file(server_data):
+        problems.append(f"  evaluation.server_data: file {server_data} does not exist")
     if problems:
-        raise ConfigError("invalid run config:\n" + "\n".join(problems))
+        raise ConfigError("invalid run config:\n" + "\n".join(dict.fromkeys(problems)))
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # e.g. a name too long for the file system
+        return False
 
 
 def check_privacy(config: RunConfig) -> None:
     """Refuse, before anything starts, a privacy plan that cannot be met or a simulated node whose
     budget cannot pay for even one round, with the values that would work."""
     privacy, fed, train = config.privacy, config.federation, config.train
+    n = len(fed.enterprises)
     problems = []
-    if privacy.enterprise and privacy.enterprise.mechanism == "gaussian" and not privacy.enterprise.delta < 1 / len(fed.enterprises):
+    if privacy.enterprise and privacy.enterprise.mechanism == "gaussian" and not privacy.enterprise.delta < 1 / n:
         problems.append(
-            f"  privacy.enterprise.delta: must be < 1/enterprises = {1 / len(fed.enterprises):.3g} (got {privacy.enterprise.delta:g})"
+            f"  privacy.enterprise.delta: must be < 1/enterprises = {1 / n:.3g} (got {privacy.enterprise.delta:g})"
         )
-    if fed.secure_aggregation.enabled and len(fed.enterprises) < 2:
+    if fed.secure_aggregation.enabled and n < 2:
         problems.append("  federation.secure_aggregation.enabled: needs at least 2 enterprises")
-    tokenizer = load_tokenizer(config.model.path) if privacy.record else None
+    simulated = [e for e in fed.enterprises if e.data is not None]
+    tokenizer = load_tokenizer(config.model.path) if privacy.record and simulated else None
     for i, e in enumerate(fed.enterprises):
-        records = load_records(find_split(Path(e.data), "train"), tokenizer, train.seq_len).shape[0] if tokenizer else 1
+        if e.data is None:  # a deployed node checks its own record-level plan
+            records = 1
+            settings = privacy.model_copy(update=dict(record=None))
+        else:
+            try:
+                train_file = find_split(Path(e.data), "train")
+                records = load_records(train_file, tokenizer, train.seq_len).shape[0] if tokenizer else 1
+            except (OSError, ValueError, UnicodeDecodeError) as err:
+                problems.append(f"  federation.enterprises.{i}.data: {err}")
+                continue
+            settings = privacy
         try:
-            plan = plan_run(privacy, records, train.batch_size, train.local_steps, fed.rounds)
+            plan = plan_run(settings, records, train.batch_size, train.local_steps, fed.rounds)
         except InfeasiblePlan as err:
             problems.append(f"  {err}" + (f" (enterprise {e.name})" if str(err).startswith("privacy.record") else ""))
             continue
@@ -211,8 +321,14 @@ def check_privacy(config: RunConfig) -> None:
             budget = getattr(e.budget, f"{level}_epsilon")
             one_round = plan.epsilon_after(level, 1)[0]
             if budget is not None and one_round > budget:
-                what = f"one round spends {one_round:.3g}" if one_round < float("inf") else f"the run gives no {level}-level guarantee"
-                problems.append(f"  federation.enterprises.{i}.budget.{level}_epsilon: {budget:g} is too small: {what} (enterprise {e.name})")
+                what = (
+                    f"one round spends {one_round:.3g}"
+                    if one_round < math.inf
+                    else f"the run gives no {level}-level guarantee"
+                )
+                problems.append(
+                    f"  federation.enterprises.{i}.budget.{level}_epsilon: {budget:g} is too small: {what} (enterprise {e.name})"
+                )
     if problems:
         raise ConfigError("invalid privacy settings:\n" + "\n".join(dict.fromkeys(problems)))
 
@@ -221,35 +337,50 @@ def parse_run_config(data: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(describe_validation_error(err, f"run config ({source})")) from None
+    except RecursionError:
+        raise ConfigError(f"invalid run config ({source}): nested too deeply") from None
 
 
-def load_run_config(path: Path | None = None, overrides: dict | None = None) -> RunConfig:
-    """Read, merge CLI overrides into, validate and resolve a run config (None: all defaults)."""
-    data: dict = {}
-    base = Path.cwd()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+def parse_overrides(pairs: list[str]) -> dict:
+    """`section.key=value` pairs (`fedmoe run --set`, StartRun's overrides); values are TOML
+    literals, bare words are strings."""
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip() or "\x00" in pair or len(pair) > 10_000:
+            raise ConfigError(f"override {pair[:80]!r}: use section.key=value, e.g. federation.rounds=5")
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML ({err})") from None
-        base = path.resolve().parent
-    for dotted, value in (overrides or {}).items():
+            out[key.strip()] = parse_toml(f"v = {raw}", "override")["v"]
+        except ConfigError:
+            out[key.strip()] = raw
+    return out
+
+
+def apply_overrides(data: dict, overrides: dict) -> dict:
+    """`section.key` = value pairs merged into the parsed config."""
+    for dotted, value in overrides.items():
         *sections, key = dotted.split(".")
-        if not sections or not all(sections) or not key:
-            raise ConfigError(f"override {dotted!r}: use section.key=value, e.g. federation.rounds=5 or privacy.record.epsilon=4")
+        if not sections or not all(sections) or not key or len(sections) > 4:
+            raise ConfigError(
+                f"override {dotted!r}: use section.key=value, e.g. federation.rounds=5 or privacy.record.epsilon=4"
+            )
         target = data
         for section in sections:
             target = target.setdefault(section, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"override {dotted!r}: {section} is not a section")
         target[key] = value
+    return data
+
+
+def load_run_config(path: Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Read, merge CLI overrides into, validate and resolve a simulation run config (None: all defaults)."""
+    data: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        data = read_toml_file(path)
+        base = Path(path).resolve().parent
+    apply_overrides(data, overrides or {})
     return resolve_paths(parse_run_config(data, str(path or "defaults")), base)
 
-
-def run_config_from_json(text: str) -> RunConfig:
-    """The already-resolved config the launcher hands to the ServerApp."""
-    return parse_run_config(json.loads(text), "launcher")

@@ -1,23 +1,52 @@
-"""The run database: runs, rounds and per-client participation (SQLAlchemy 2.x).
+"""The run database: runs, rounds, per-client participation and the node registry (SQLAlchemy 2.x).
 
 SQLite by default, any SQLAlchemy URL (PostgreSQL in production). The schema is created and
-upgraded by alembic (coordinator/migrations); `RunStore` is the only writer. A round and all of
-its participations are written in one transaction, so a crash never leaves half a round.
+upgraded by alembic (coordinator/migrations) under a lock, so two processes opening a fresh
+database do not race; read-only commands open it without migrating and never create one.
+`RunStore` is the only writer. A round and all of its participations are written in one
+transaction, so a crash never leaves half a round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
+FINAL_STATUSES = ("completed", "failed", "budget_spent", "stopped")
+RUN_STATUSES = ("queued", "running", *FINAL_STATUSES)
+
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
+
+
+class DatabaseMissing(LookupError):
+    """A read-only command found no fedmoe database at the URL."""
 
 
 class Base(DeclarativeBase):
@@ -26,17 +55,27 @@ class Base(DeclarativeBase):
 
 class Run(Base):
     __tablename__ = "runs"
+    __table_args__ = (UniqueConstraint("uid", name="uq_runs_uid"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))  # running | completed | failed | budget_spent
+    # The run's identity on every node's ledger: stable across resumes, unique across databases.
+    uid: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # one of RUN_STATUSES
+    engine: Mapped[str] = mapped_column(String(16))  # simulation | deployment
     config: Mapped[dict] = mapped_column(JSON)
-    privacy_plan: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # targets and calibrated noise
+    privacy_plan: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # targets and noise
     base_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     planned_rounds: Mapped[int] = mapped_column(Integer)
+    enterprises: Mapped[list | None] = mapped_column(JSON, nullable=True)
     started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    rounds: Mapped[list["Round"]] = relationship(back_populates="run", order_by="Round.number")
+    started_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The Flower run currently carrying it; a resume starts a new one.
+    flower_run_id: Mapped[str | None] = mapped_column(String(24), nullable=True)
+    resumes: Mapped[int] = mapped_column(Integer, default=0)
+    stop_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    rounds: Mapped[list[Round]] = relationship(back_populates="run", order_by="Round.number")
 
 
 class Round(Base):
@@ -57,13 +96,15 @@ class Round(Base):
     update_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
     bytes_up: Mapped[int] = mapped_column(BigInteger)
     bytes_down: Mapped[int] = mapped_column(BigInteger)
-    # Distinct update vectors the coordinator received: 1 under secure aggregation (only the aggregate).
+    # Distinct update vectors the coordinator received: 1 under secure aggregation.
     updates_seen: Mapped[int | None] = mapped_column(Integer, nullable=True)
     expert_load: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     checkpoint_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     run: Mapped[Run] = relationship(back_populates="rounds")
-    participations: Mapped[list["Participation"]] = relationship(back_populates="round", order_by="Participation.enterprise")
+    participations: Mapped[list[Participation]] = relationship(
+        back_populates="round", order_by="Participation.enterprise"
+    )
 
 
 class Participation(Base):
@@ -85,6 +126,34 @@ class Participation(Base):
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     round: Mapped[Round] = relationship(back_populates="participations")
+
+
+class Node(Base):
+    """An enterprise bound to a node public key. Only registered keys reach the SuperLink; a
+    participation's enterprise comes from here, never from what a node says about itself."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (
+        # A key, once registered, is never registered again; one active key per enterprise.
+        UniqueConstraint("fingerprint", name="uq_nodes_fingerprint"),
+        Index(
+            "ux_nodes_active_enterprise",
+            "enterprise",
+            unique=True,
+            sqlite_where=text("revoked_at IS NULL"),
+            postgresql_where=text("revoked_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    enterprise: Mapped[str] = mapped_column(String(64))
+    public_key: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(80))
+    flower_node_id: Mapped[str] = mapped_column(String(24))
+    registered_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    registered_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 @dataclass
@@ -122,6 +191,33 @@ class RoundRecord:
     participations: list[ParticipationRecord] = field(default_factory=list)
 
 
+def _sqlite_path(engine: Engine) -> Path | None:
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return Path(url.database)
+    return None
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine, connection) -> Iterator[None]:
+    """Serialize schema upgrades across processes: a PostgreSQL advisory lock held for the
+    transaction, or a file lock beside a SQLite database."""
+    if engine.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(4242564901)"))
+        yield
+        return
+    path = _sqlite_path(engine)
+    if path is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".migrate-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def upgrade_schema(engine: Engine) -> None:
     """Bring the database to the newest schema with alembic."""
     from alembic import command
@@ -129,33 +225,77 @@ def upgrade_schema(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as connection:
+    with engine.begin() as connection, _migration_lock(engine, connection):
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
 
 
-def make_engine(url: str) -> Engine:
-    parsed = make_url(url)
+def make_engine(url: str, create: bool = True) -> Engine:
+    try:
+        parsed = make_url(url)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy raises several kinds for a bad URL
+        raise ValueError(f"database.url: not a SQLAlchemy URL ({err})") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(parsed.database)
+        if not create and not path.is_file():
+            raise DatabaseMissing(f"no run database at {path}; start a run first or pass --database")
+        path.parent.mkdir(parents=True, exist_ok=True)
     return create_engine(url, pool_pre_ping=True)
 
 
 class RunStore:
-    """All reads and writes of the run database."""
+    """All reads and writes of the run database.
+
+    `migrate=False` opens an existing database as it is: read-only commands use it, so that
+    looking at runs never creates a database (`DatabaseMissing` instead)."""
 
     def __init__(self, url: str, migrate: bool = True):
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, create=migrate)
         if migrate:
             upgrade_schema(self.engine)
+        elif not inspect(self.engine).has_table("runs"):
+            self.engine.dispose()
+            raise DatabaseMissing(f"{self.engine.url!r} holds no fedmoe runs")
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
-    def create_run(self, config: dict, planned_rounds: int) -> int:
+    # --- runs -------------------------------------------------------------------------------
+    def create_run(
+        self,
+        config: dict,
+        planned_rounds: int,
+        engine: str = "simulation",
+        enterprises: list[str] | None = None,
+        started_by: str | None = None,
+    ) -> int:
         with self._session.begin() as s:
-            run = Run(status="running", config=config, planned_rounds=planned_rounds, started_at=utcnow())
+            run = Run(
+                uid=uuid.uuid4().hex,
+                status="queued",
+                engine=engine,
+                config=config,
+                planned_rounds=planned_rounds,
+                enterprises=enterprises,
+                started_at=utcnow(),
+                started_by=started_by,
+                resumes=0,
+                stop_requested=False,
+            )
             s.add(run)
             s.flush()
             return run.id
+
+    def start_attempt(self, run_id: int, flower_run_id: str, resume: bool) -> None:
+        """The run is now carried by this Flower run (a resume counts one more)."""
+        with self._session.begin() as s:
+            run = s.get(Run, run_id)
+            run.flower_run_id = flower_run_id
+            run.resumes += int(resume)
+
+    def mark_running(self, run_id: int) -> None:
+        with self._session.begin() as s:
+            run = s.get(Run, run_id)
+            if run.status == "queued":
+                run.status = "running"
 
     def set_fingerprint(self, run_id: int, base_fingerprint: str) -> None:
         with self._session.begin() as s:
@@ -165,6 +305,33 @@ class RunStore:
         with self._session.begin() as s:
             s.get(Run, run_id).privacy_plan = plan
 
+    def request_stop(self, run_id: int) -> None:
+        with self._session.begin() as s:
+            s.get(Run, run_id).stop_requested = True
+
+    def finish_run(self, run_id: int, status: str, error: str | None = None) -> bool:
+        """Record the run's final status; False (and no change) if it already had one."""
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"not a final run status: {status}")
+        with self._session.begin() as s:
+            run = s.get(Run, run_id, with_for_update=True)
+            if run.status in FINAL_STATUSES:
+                return False
+            run.status, run.error, run.ended_at = status, error, utcnow()
+            return True
+
+    def runs(self, statuses: tuple[str, ...] | None = None) -> list[Run]:
+        with self._session() as s:
+            query = select(Run).order_by(Run.id)
+            if statuses:
+                query = query.where(Run.status.in_(statuses))
+            return list(s.scalars(query))
+
+    def run(self, run_id: int) -> Run | None:
+        with self._session() as s:
+            return s.get(Run, run_id)
+
+    # --- rounds -----------------------------------------------------------------------------
     def record_round(self, run_id: int, record: RoundRecord) -> None:
         with self._session.begin() as s:
             row = Round(
@@ -176,33 +343,81 @@ class RunStore:
             row.participations = [Participation(**p.__dict__) for p in record.participations]
             s.add(row)
 
-    def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
-        with self._session.begin() as s:
-            run = s.get(Run, run_id)
-            run.status, run.error, run.ended_at = status, error, utcnow()
-
-    def runs(self) -> list[Run]:
+    def rounds(self, run_id: int, after: int = 0) -> list[Round]:
         with self._session() as s:
-            return list(s.scalars(select(Run).order_by(Run.id)))
+            query = select(Round).where(Round.run_id == run_id, Round.number > after)
+            rounds = list(s.scalars(query.order_by(Round.number)))
+            for r in rounds:
+                r.participations  # noqa: B018 - load while the session is open
+            return rounds
 
-    def run(self, run_id: int) -> Run | None:
+    def last_round(self, run_id: int) -> Round | None:
+        """The last round the run recorded (completed or failed), or None."""
         with self._session() as s:
-            return s.get(Run, run_id)
+            query = select(Round).where(Round.run_id == run_id).order_by(Round.number.desc())
+            return s.scalars(query.limit(1)).first()
+
+    def last_checkpoint(self, run_id: int) -> Round | None:
+        """The last completed round with a checkpoint: where a resumed run starts from."""
+        with self._session() as s:
+            query = select(Round).where(
+                Round.run_id == run_id, Round.status == "completed", Round.checkpoint_path.is_not(None)
+            )
+            return s.scalars(query.order_by(Round.number.desc()).limit(1)).first()
+
+    def completed_rounds(self, run_id: int) -> int:
+        with self._session() as s:
+            query = select(Round.id).where(Round.run_id == run_id, Round.status == "completed")
+            return len(s.scalars(query).all())
 
     def privacy_ledger(self, run_id: int | None = None) -> list[tuple[Run, Round, Participation]]:
         """Every participation with its round and run, oldest first (one run, or all)."""
         with self._session() as s:
-            query = select(Run, Round, Participation).join(Round, Round.run_id == Run.id).join(Participation, Participation.round_id == Round.id)
+            query = (
+                select(Run, Round, Participation)
+                .join(Round, Round.run_id == Run.id)
+                .join(Participation, Participation.round_id == Round.id)
+            )
             if run_id is not None:
                 query = query.where(Run.id == run_id)
-            return list(s.execute(query.order_by(Run.id, Round.number, Participation.enterprise)).tuples())
+            order = (Run.id, Round.number, Participation.enterprise)
+            return list(s.execute(query.order_by(*order)).tuples())
 
-    def rounds(self, run_id: int) -> list[Round]:
+    # --- node registry ----------------------------------------------------------------------
+    def register_node(
+        self, enterprise: str, public_key: str, fingerprint: str, flower_node_id: str, by: str | None
+    ) -> Node:
+        with self._session.begin() as s:
+            node = Node(
+                enterprise=enterprise,
+                public_key=public_key,
+                fingerprint=fingerprint,
+                flower_node_id=flower_node_id,
+                registered_at=utcnow(),
+                registered_by=by,
+            )
+            s.add(node)
+            return node
+
+    def revoke_node(self, enterprise: str, by: str | None) -> Node | None:
+        with self._session.begin() as s:
+            node = s.scalars(
+                select(Node).where(Node.enterprise == enterprise, Node.revoked_at.is_(None))
+            ).first()
+            if node is not None:
+                node.revoked_at, node.revoked_by = utcnow(), by
+            return node
+
+    def nodes(self, include_revoked: bool = False) -> list[Node]:
         with self._session() as s:
-            rounds = list(s.scalars(select(Round).where(Round.run_id == run_id).order_by(Round.number)))
-            for r in rounds:
-                r.participations  # load while the session is open
-            return rounds
+            query = select(Node).order_by(Node.enterprise, Node.id)
+            if not include_revoked:
+                query = query.where(Node.revoked_at.is_(None))
+            return list(s.scalars(query))
+
+    def node_by_key(self, fingerprint: str) -> Node | None:
+        with self._session() as s:
+            return s.scalars(select(Node).where(Node.fingerprint == fingerprint)).first()
 
     def close(self) -> None:
         self.engine.dispose()

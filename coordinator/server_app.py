@@ -4,12 +4,21 @@ Runs the legacy `DefaultWorkflow` (the path that SecAgg+ plugs into) with the `F
 strategy. The coordinator holds its own copy of the public base model to build the initial
 adapter, evaluate on a held-out set and write checkpoints; it never receives base weights or
 records from a node, only adapter deltas.
+
+The run row exists before the ServerApp starts (the launcher or the coordinator service made it).
+A ServerApp that finds rounds already committed resumes after the last one, from its checkpoint.
+Every way out of `run_federation` writes a final status, except a kill: then the supervisor that
+started this Flower run sees it end with the row still `running` and resumes or fails it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +30,24 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedmoe.client.trainer import evaluate_loss
-from fedmoe.coordinator.config import RunConfig, run_config_from_json
-from fedmoe.coordinator.db import RoundRecord, RunStore
+from fedmoe.coordinator.config import RunConfig
+from fedmoe.coordinator.db import FINAL_STATUSES, RoundRecord, RunStore
+from fedmoe.coordinator.flower_run import FlowerRun
+from fedmoe.coordinator.grid import FleetGrid
 from fedmoe.coordinator.strategy import AskNodes, BudgetExhausted, FederatedLoRA, RoundContext
+from fedmoe.coordinator.views import describe_privacy
 from fedmoe.model.base import fingerprint, load_base, load_tokenizer
 from fedmoe.model.data import load_blocks
-from fedmoe.model.lora import adapter_layout, attach_lora, get_adapter_tensors, save_adapter, set_adapter_tensors
+from fedmoe.model.lora import (
+    adapter_layout,
+    attach_lora,
+    get_adapter_tensors,
+    get_adapter_vector,
+    load_adapter_weights,
+    save_adapter,
+    set_adapter_vector,
+)
+from fedmoe.model.loss import evaluate_loss
 from fedmoe.privacy.plan import plan_enterprise_level
 
 log = logging.getLogger("fedmoe")
@@ -45,12 +65,34 @@ def run_dir(config: RunConfig, run_id: int) -> Path:
     return Path(config.output.dir) / f"run-{run_id:04d}"
 
 
+def write_atomically(directory: Path, write) -> None:
+    """Write a checkpoint folder in a temporary sibling, fsync it, then rename it into place: a
+    crash or a full disk never leaves a half-written folder under the final name."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(staging)
+        for path in staging.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        if directory.exists():  # a round an earlier attempt wrote but never committed
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def grid_asker(grid: Grid, timeout: float) -> AskNodes:
     """The budget handshake over Flower: one legacy get_properties message to every node at once."""
 
     def ask(node_ids: list[int], config: dict) -> dict[int, dict | str]:
         content = recorddict_compat.getpropertiesins_to_recorddict(GetPropertiesIns(config))
-        messages = [Message(content=content, message_type=MessageTypeLegacy.GET_PROPERTIES, dst_node_id=n, ttl=timeout) for n in node_ids]
+        messages = [
+            Message(content=content, message_type=MessageTypeLegacy.GET_PROPERTIES, dst_node_id=n, ttl=timeout)
+            for n in node_ids
+        ]
         answers: dict[int, dict | str] = {}
         for reply in grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
@@ -63,34 +105,59 @@ def grid_asker(grid: Grid, timeout: float) -> AskNodes:
     return ask
 
 
-def build_round_context(config: RunConfig, checkpoint_root: Path, ask_nodes: AskNodes) -> RoundContext:
-    """Base model, initial adapter, checkpoint writer and server-side evaluation."""
+def build_round_context(
+    config: RunConfig, store: RunStore, run_id: int, run_uid: str, ask_nodes: AskNodes
+) -> RoundContext:
+    """Base model, initial adapter (or the last checkpoint of a resumed run), checkpoint writer
+    and server-side evaluation."""
     base = load_base(config.model.path)
     base_fp = fingerprint(base)
     model = attach_lora(base, config.lora)
+    checkpoint_root = run_dir(config, run_id)
+    first_round = 1
+    if (last := store.last_round(run_id)) is not None:
+        first_round = last.number + 1
+        resume_from = store.last_checkpoint(run_id)
+        if resume_from is not None:
+            load_checkpoint(model, Path(resume_from.checkpoint_path), resume_from.checkpoint_sha256)
 
-    def save_checkpoint(server_round: int, adapter: list[np.ndarray]) -> tuple[str, str]:
-        set_adapter_tensors(model, [torch.from_numpy(a) for a in adapter])
-        directory = checkpoint_root / f"round-{server_round:03d}"
-        save_adapter(model, config.lora, directory)
+    def save_checkpoint(number: int, adapter: list[np.ndarray]) -> tuple[str, str]:
+        set_adapter_vector(model, adapter[0])
+        directory = checkpoint_root / f"round-{number:03d}"
+        write_atomically(directory, lambda staging: save_adapter(model, config.lora, staging))
         return str(directory), directory_sha256(directory)
 
     server_eval = None
     if config.evaluation.server_data:
-        blocks = load_blocks(Path(config.evaluation.server_data), load_tokenizer(config.model.path), config.train.seq_len)
+        tokenizer = load_tokenizer(config.model.path)
+        blocks = load_blocks(Path(config.evaluation.server_data), tokenizer, config.train.seq_len)
 
         def server_eval(adapter: list[np.ndarray]) -> float:
-            set_adapter_tensors(model, [torch.from_numpy(a) for a in adapter])
+            set_adapter_vector(model, adapter[0])
             return evaluate_loss(model, blocks, config.train.eval_batch_size, torch.device("cpu"))
 
     return RoundContext(
+        run_uid=run_uid,
         base_fingerprint=base_fp,
         adapter_layout=adapter_layout(model),
-        initial_adapter=[t.numpy() for t in get_adapter_tensors(model)],
+        initial_adapter=[get_adapter_vector(model)],
         save_checkpoint=save_checkpoint,
         ask_nodes=ask_nodes,
         server_eval=server_eval,
+        first_round=first_round,
+        connect_timeout_s=config.federation.connect_timeout_s,
     )
+
+
+def load_checkpoint(model: torch.nn.Module, directory: Path, sha256: str | None) -> None:
+    """The adapter of a committed round, checked against the digest the database recorded."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"cannot resume: the checkpoint {directory} is gone")
+    if sha256 and directory_sha256(directory) != sha256:
+        raise ValueError(f"cannot resume: the checkpoint {directory} changed since its round committed")
+    load_adapter_weights(model, directory)
+    if not all(torch.isfinite(t).all() for t in get_adapter_tensors(model)):
+        raise ValueError(f"cannot resume: the checkpoint {directory} holds NaN or infinite values")
 
 
 def privacy_plan_summary(config: RunConfig) -> dict:
@@ -103,22 +170,6 @@ def privacy_plan_summary(config: RunConfig) -> dict:
         plan = plan_enterprise_level(privacy.enterprise, config.federation.rounds)
         summary["enterprise"] = {**privacy.enterprise.model_dump(), "noise_multiplier": plan.noise_multiplier}
     return summary
-
-
-def describe_privacy(config: RunConfig) -> str:
-    privacy, parts = config.privacy, []
-    if privacy.record:
-        r = privacy.record
-        parts.append(f"record-level DP-SGD eps {r.epsilon:g} delta {r.delta:g} clip {r.clip:g} ({r.accountant})")
-    if privacy.enterprise:
-        e = privacy.enterprise
-        plan = plan_enterprise_level(e, config.federation.rounds)
-        delta = f" delta {e.delta:g}" if e.mechanism == "gaussian" else ""
-        parts.append(f"enterprise-level {e.mechanism} eps {e.epsilon:g}{delta} clip {e.clip:g} noise x{plan.noise_multiplier:.3g}")
-    if not parts:
-        return "privacy OFF: this run makes no differential-privacy claim"
-    secagg = "on" if config.federation.secure_aggregation.enabled else "off"
-    return "privacy: " + "; ".join(parts) + f"; secure aggregation {secagg}"
 
 
 def format_round(record: RoundRecord, config: RunConfig) -> str:
@@ -140,24 +191,64 @@ def format_round(record: RoundRecord, config: RunConfig) -> str:
     return line + (f" | refused {refused}" if refused else "") + f" | {seconds:.1f}s"
 
 
-def run_federation(grid: Grid, context: Context, config: RunConfig) -> int:
-    """Run all rounds; returns the run id. The run row ends as completed or failed, never running."""
+def registry(store: RunStore, enterprises: list[str]):
+    """Flower node id -> enterprise, for the run's enterprises, from the node registry (re-read
+    every few seconds so a revoked key drops out of a running run)."""
+    cache: dict = {"at": -1e9, "nodes": {}}
+
+    def nodes() -> dict[int, str]:
+        if time.monotonic() - cache["at"] > 2.0:
+            wanted = set(enterprises)
+            cache["nodes"] = {int(n.flower_node_id): n.enterprise for n in store.nodes() if n.enterprise in wanted}
+            cache["at"] = time.monotonic()
+        return cache["nodes"]
+
+    return nodes
+
+
+def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
+    """Run (or resume) all rounds; returns the run id. The run row ends in a final status unless
+    this process is killed (see the module docstring)."""
+    config, run_id = launch.config, launch.run_id
     torch.set_num_threads(max(1, config.federation.threads_per_client))
-    store = RunStore(config.database.url)
-    # The run row exists before the model loads so that a failure there is recorded too.
-    run_id = store.create_run(config.to_toml_dict(), planned_rounds=config.federation.rounds)
+    store = RunStore(launch.database_url)
+    run = store.run(run_id)
+    if run is None or run.status in FINAL_STATUSES:
+        raise RuntimeError(f"run {run_id} is {'missing' if run is None else run.status}: nothing to do")
     n = len(config.federation.enterprises)
     secagg = config.federation.secure_aggregation
     try:
+        store.mark_running(run_id)
         store.set_privacy_plan(run_id, privacy_plan_summary(config))
-        ctx = build_round_context(config, run_dir(config, run_id), grid_asker(grid, secagg.timeout_s))
+        allowed = None
+        enterprise_of = lambda node_id: None  # noqa: E731 - simulation: nodes name themselves
+        if launch.engine == "deployment":
+            nodes = registry(store, [e.name for e in config.federation.enterprises])
+            allowed = lambda: set(nodes())  # noqa: E731
+            enterprise_of = lambda node_id: nodes().get(node_id)  # noqa: E731
+        fleet = FleetGrid(grid, allowed, default_timeout=config.federation.round_timeout_s)
+        ctx = build_round_context(config, store, run_id, run.uid, grid_asker(fleet, secagg.timeout_s))
+        ctx.enterprise_of = enterprise_of
+        ctx.node_errors = lambda: fleet.last_errors
         store.set_fingerprint(run_id, ctx.base_fingerprint)
-        print(f"[fedmoe] run {run_id}: {n} enterprises, {config.federation.rounds} rounds, base {ctx.base_fingerprint[:12]}", flush=True)
-        print(f"[fedmoe] {describe_privacy(config)}", flush=True)
+        remaining = config.federation.rounds - (ctx.first_round - 1)
+        resumed = f", resumed after round {ctx.first_round - 1}" if ctx.first_round > 1 else ""
+        print(
+            f"[fedmoe] run {run_id}: {n} enterprises, {config.federation.rounds} rounds, "
+            f"base {ctx.base_fingerprint[:12]}{resumed}",
+            flush=True,
+        )
+        print(f"[fedmoe] {describe_privacy(privacy_plan_summary(config))}", flush=True)
+        if remaining <= 0:
+            store.finish_run(run_id, "completed")
+            print(f"[fedmoe] run {run_id} completed (every round had committed)", flush=True)
+            return run_id
         if ctx.server_eval is not None:
-            print(f"[fedmoe] base model server eval loss {ctx.server_eval(ctx.initial_adapter):.4f}", flush=True)
+            what = "base model" if ctx.first_round == 1 else f"round {ctx.first_round - 1} adapter"
+            print(f"[fedmoe] {what} server eval loss {ctx.server_eval(ctx.initial_adapter):.4f}", flush=True)
         strategy = FederatedLoRA(config, ctx, store, run_id, on_round=lambda r: print(format_round(r, config), flush=True))
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.federation.rounds), strategy=strategy)
+        server_config = ServerConfig(num_rounds=remaining, round_timeout=config.federation.round_timeout_s)
+        legacy = LegacyContext(context=context, config=server_config, strategy=strategy)
         fit_workflow = None
         if secagg.enabled:
             fit_workflow = SecAggPlusWorkflow(
@@ -170,14 +261,14 @@ def run_federation(grid: Grid, context: Context, config: RunConfig) -> int:
                 timeout=secagg.timeout_s,
             )
         try:
-            DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+            DefaultWorkflow(fit_workflow=fit_workflow)(fleet, legacy)
         except BudgetExhausted as spent:
             store.finish_run(run_id, "budget_spent", str(spent))
             print(f"[fedmoe] run {run_id} stopped: privacy budgets are spent ({spent})", flush=True)
             return run_id
         strategy.flush()
     except BaseException as err:
-        store.finish_run(run_id, "failed", f"{type(err).__name__}: {err}")
+        _record_failure(store, run_id, err)
         print(f"[fedmoe] run {run_id} failed: {err}", flush=True)
         raise
     else:
@@ -188,12 +279,17 @@ def run_federation(grid: Grid, context: Context, config: RunConfig) -> int:
     return run_id
 
 
+def _record_failure(store: RunStore, run_id: int, err: BaseException) -> None:
+    """Write `failed`; if the database itself is what failed, the supervisor records it later."""
+    try:
+        store.finish_run(run_id, "failed", f"{type(err).__name__}: {err}"[:4000])
+    except Exception as db_err:  # noqa: BLE001 - the original error is what gets raised
+        print(f"[fedmoe] could not record the failure of run {run_id}: {db_err}", flush=True)
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config_path = str(context.run_config.get("config-path", ""))
-    if not config_path:
-        raise ValueError("run config key 'config-path' is empty: start runs with `fedmoe run`")
-    run_federation(grid, context, run_config_from_json(Path(config_path).read_text()))
+    run_federation(grid, context, FlowerRun.from_run_config(context.run_config))

@@ -1,8 +1,9 @@
 """The coordinator's legacy Flower strategy: FedAvg of adapter deltas.
 
 A legacy `Strategy` because Flower's SecAgg+ workflow only drives legacy strategies. Each round:
-1. the budget handshake: every sampled node says whether the round fits its own privacy budget
-   (and what it would spend); refusals are recorded and those nodes are not asked to train;
+1. in private runs and under secure aggregation, the budget handshake: every sampled node says
+   whether the round fits its own privacy budget (and what it would spend); refusals are recorded
+   and those nodes are not asked to train (in a plain run a node refuses in its training reply);
 2. clients send adapter DELTAS (new minus global), or under SecAgg+ the coordinator gets only their
    average; the strategy checks them, averages (weighted by examples, or equally under DP),
    applies the average, checkpoints the adapter;
@@ -10,22 +11,42 @@ A legacy `Strategy` because Flower's SecAgg+ workflow only drives legacy strateg
    database in one transaction.
 Every enterprise that accepted a round is charged its spend, whether or not its update arrived:
 it may have been released.
+
+Rounds are numbered for the run, not for the Flower run carrying it: a resumed run starts at
+`first_round`. Which enterprise a node is comes from `enterprise_of` (the node registry on the
+deployment engine); what a node says about itself is used only where no registry exists
+(the simulation engine, whose nodes the coordinator starts itself).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 import json
+import math
+import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
-from flwr.common import EvaluateIns, FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    EvaluateIns,
+    FitIns,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server.strategy import FedAvg
 
-from fedmoe.coordinator.aggregation import MalformedUpdate, apply_update, check_update, l2_norm, weighted_average
+from fedmoe.contract.round import BUDGET_QUERY, BudgetAnswer, MalformedRound, RoundSpec
+from fedmoe.coordinator.aggregation import (
+    MalformedUpdate,
+    apply_update,
+    check_update,
+    l2_norm,
+    weighted_average,
+)
 from fedmoe.coordinator.config import RunConfig
 from fedmoe.coordinator.db import ParticipationRecord, RoundRecord, RunStore, utcnow
 
@@ -38,6 +59,9 @@ class BudgetExhausted(RuntimeError):
     """Too few enterprises have privacy budget left for another round: the run ends cleanly."""
 
 
+# A node's errors that mean "this node may not take part", not "this node failed".
+REFUSALS = ("BudgetExceeded", "ReplayRefused")
+
 # node id -> its answer to the budget handshake, or why it gave none
 AskNodes = Callable[[list[int], dict], dict[int, "dict | str"]]
 
@@ -46,12 +70,17 @@ AskNodes = Callable[[list[int], dict], dict[int, "dict | str"]]
 class RoundContext:
     """What the coordinator needs from the model side (kept out of the strategy for testing)."""
 
+    run_uid: str
     base_fingerprint: str
     adapter_layout: str
     initial_adapter: list[np.ndarray]
     save_checkpoint: Callable[[int, list[np.ndarray]], tuple[str, str]]  # round, adapter -> (path, sha256)
     ask_nodes: AskNodes
     server_eval: Callable[[list[np.ndarray]], float] | None = None
+    first_round: int = 1  # > 1 when a resumed run continues
+    enterprise_of: Callable[[int], str | None] = lambda node_id: None  # the node registry
+    node_errors: Callable[[], dict[int, str]] = dict  # why each node's last reply failed
+    connect_timeout_s: float = 600.0
 
 
 @dataclass
@@ -60,11 +89,13 @@ class _PendingRound:
     started_at: dt.datetime
     bytes_down: int = 0
     bytes_up: int = 0
+    updates_seen: int | None = None
     train_loss: float | None = None
     update_norm: float | None = None
     server_eval_loss: float | None = None
     expert_load: dict | None = None
     checkpoint: tuple[str, str] | None = None
+    trained: list = field(default_factory=list)  # proxies whose update was averaged
     participations: dict[str, ParticipationRecord] = field(default_factory=dict)
 
 
@@ -77,7 +108,7 @@ def sum_expert_load(loads: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     for load in loads:
         for layer, counts in load.items():
             acc = total.setdefault(layer, [0] * len(counts))
-            total[layer] = [a + c for a, c in zip(acc, counts)]
+            total[layer] = [a + c for a, c in zip(acc, counts, strict=True)]
     return total
 
 
@@ -90,14 +121,13 @@ class FederatedLoRA(FedAvg):
         run_id: int,
         on_round: Callable[[RoundRecord], None] = lambda r: None,
     ):
-        num_enterprises = len(config.federation.enterprises)
         super().__init__(
             fraction_fit=config.federation.fraction_fit,
             # Held-out losses of enterprise data are not covered by any budget: not asked for under DP.
             fraction_evaluate=0.0 if config.privacy.enabled else 1.0,
             min_fit_clients=config.federation.min_fit_clients,
             min_evaluate_clients=1,
-            min_available_clients=num_enterprises,
+            min_available_clients=config.federation.min_fit_clients,
             initial_parameters=ndarrays_to_parameters(round_context.initial_adapter),
             accept_failures=True,
         )
@@ -112,74 +142,116 @@ class FederatedLoRA(FedAvg):
     def __repr__(self) -> str:
         return f"FederatedLoRA(rounds={self.config.federation.rounds}, enterprises={len(self.config.federation.enterprises)})"
 
-    def round_config(self, server_round: int) -> dict:
-        config = {
-            "server_round": server_round,
-            "rounds": self.config.federation.rounds,
-            "lora": self.config.lora.model_dump_json(),
-            "train": self.config.train.model_dump_json(),
-            "privacy": self.config.privacy.model_dump_json(),
-            "base_fingerprint": self.ctx.base_fingerprint,
-            "adapter_layout": self.ctx.adapter_layout,
-            "measure_baseline": server_round == 1,
-        }
-        secagg = self.config.federation.secure_aggregation
-        if secagg.enabled:
-            config["secagg_range"] = secagg.value_range_for(self.config.privacy, self.config.federation.rounds)
-        return config
+    def number(self, flower_round: int) -> int:
+        """The run's round number of Flower's `flower_round` (Flower counts from 1 per Flower run)."""
+        return self.ctx.first_round - 1 + flower_round
 
-    def _handshake(self, server_round: int, proxies: list) -> list:
+    def round_spec(self, number: int, **changes) -> RoundSpec:
+        fed = self.config.federation
+        secagg = fed.secure_aggregation
+        return RoundSpec(
+            server_round=number,
+            rounds=fed.rounds,
+            run_uid=self.ctx.run_uid,
+            lora=self.config.lora,
+            train=self.config.train,
+            privacy=self.config.privacy,
+            base_fingerprint=self.ctx.base_fingerprint,
+            adapter_layout=self.ctx.adapter_layout,
+            measure_baseline=number == 1,
+            secagg_range=secagg.value_range_for(self.config.privacy, fed.rounds) if secagg.enabled else None,
+            **changes,
+        )
+
+    def _name(self, node_id: int, claimed: str | None) -> str | None:
+        return self.ctx.enterprise_of(node_id) or claimed or None
+
+    def _handshake(self, number: int, proxies: list) -> list:
         """Ask every sampled node whether this round fits its budget; returns those that accept."""
-        answers = self.ctx.ask_nodes([p.node_id for p in proxies], {**self.round_config(server_round), "query": "budget"})
+        config = self.round_spec(number).to_config(query=BUDGET_QUERY)
+        answers = self.ctx.ask_nodes([p.node_id for p in proxies], config)
         accepted = []
         for proxy in proxies:
-            node, answer = str(proxy.node_id), answers.get(proxy.node_id, "no answer")
+            node = str(proxy.node_id)
+            raw = answers.get(proxy.node_id, "no answer")
+            try:
+                answer = raw if isinstance(raw, str) else BudgetAnswer.from_properties(raw)
+            except MalformedRound as err:
+                answer = str(err)
             if isinstance(answer, str):
-                self.pending.participations[node] = ParticipationRecord(node_id=node, status="failed", error=f"budget handshake: {_exception_line(answer)}")
+                error = f"budget handshake: {_exception_line(answer)}"
+                name = self._name(proxy.node_id, None)
+                self.pending.participations[node] = ParticipationRecord(node_id=node, status="failed", enterprise=name, error=error)
                 continue
-            record = ParticipationRecord(node_id=node, status="failed", enterprise=str(answer.get("enterprise", "")) or None, error="no reply")
-            unguarded = [level for level in ("record", "enterprise") if getattr(self.config.privacy, level) and _finite(answer.get(f"epsilon_{level}")) is None]
-            if not answer.get("accept"):
-                record.status, record.error = "refused", str(answer.get("reason", "refused"))[:2000]
+            name = self._name(proxy.node_id, answer.enterprise)
+            record = ParticipationRecord(node_id=node, status="failed", enterprise=name, error="no reply")
+            unguarded = [
+                level
+                for level in ("record", "enterprise")
+                if getattr(self.config.privacy, level) and _finite(getattr(answer, f"epsilon_{level}")) is None
+            ]
+            if not answer.accept:
+                record.status, record.error = "refused", answer.reason or "refused"
             elif unguarded:
                 # Fail loudly rather than let a node train without the privacy the run promises.
                 record.error = f"node reports no {' or '.join(unguarded)}-level privacy for this private run (a different fedmoe version?)"
             else:
-                record.epsilon_record = _finite(answer.get("epsilon_record"))
-                record.epsilon_enterprise = _finite(answer.get("epsilon_enterprise"))
+                record.epsilon_record = _finite(answer.epsilon_record)
+                record.epsilon_enterprise = _finite(answer.epsilon_enterprise)
                 accepted.append(proxy)
             self.pending.participations[node] = record
         return accepted
 
+    def _wait_for_enterprises(self, client_manager, wanted: int) -> None:
+        """Wait (bounded) until `wanted` of the run's enterprises are connected."""
+        deadline = time.monotonic() + self.ctx.connect_timeout_s
+        while client_manager.num_available() < wanted and time.monotonic() < deadline:
+            time.sleep(0.5)
+
     # --- fit -------------------------------------------------------------------------------
     def configure_fit(self, server_round, parameters, client_manager):
         self.flush()
-        sampled = [proxy for proxy, _ in super().configure_fit(server_round, parameters, client_manager)]
-        self.pending = _PendingRound(number=server_round, started_at=utcnow())
-        accepted = self._handshake(server_round, sampled)
-        needed = max(self.config.federation.min_fit_clients, 2 if self.config.federation.secure_aggregation.enabled else 1)
+        number = self.number(server_round)
+        fed = self.config.federation
+        # The first round of a (resumed) run waits for every enterprise; later ones go on
+        # with whoever is connected, so one lost node cannot hang the run.
+        self._wait_for_enterprises(client_manager, len(fed.enterprises) if server_round == 1 else fed.min_fit_clients)
+        available = client_manager.num_available()
+        sample_size = min(available, max(math.ceil(available * fed.fraction_fit), fed.min_fit_clients))
+        sampled = client_manager.sample(num_clients=sample_size, min_num_clients=1) if sample_size else []
+        self.pending = _PendingRound(number=number, started_at=utcnow())
+        if self.config.privacy.enabled or fed.secure_aggregation.enabled:
+            accepted = self._handshake(number, sampled) if sampled else []
+        else:  # one message less per round: a node that must refuse says so instead of training
+            accepted = sampled
+            for proxy in sampled:
+                name = self._name(proxy.node_id, None)
+                record = ParticipationRecord(node_id=str(proxy.node_id), status="failed", enterprise=name, error="no reply")
+                self.pending.participations[record.node_id] = record
+        needed = max(fed.min_fit_clients, 2 if fed.secure_aggregation.enabled else 1)
         if len(accepted) < needed:
             refused = [p for p in self.pending.participations.values() if p.status == "refused"]
-            why = "; ".join(f"{p.enterprise or p.node_id}: {p.error}" for p in self.pending.participations.values())[:2000]
-            self._record_failed_round(server_round)
-            message = f"round {server_round}: {len(accepted)} of {len(sampled)} sampled enterprises can take part, {needed} needed; {why}"
-            raise (BudgetExhausted if refused else RoundAborted)(message)
-        config = self.round_config(server_round)
-        secagg = self.config.federation.secure_aggregation
-        if secagg.enabled:
+            why = "; ".join(f"{p.enterprise or p.node_id}: {p.error}" for p in self.pending.participations.values())
+            if not sampled:
+                why = f"no enterprise connected within federation.connect_timeout_s={self.ctx.connect_timeout_s:g}"
+            self._record_failed_round()
+            message = f"round {number}: {len(accepted)} of {len(sampled)} sampled enterprises can take part, {needed} needed; {why}"
+            raise (BudgetExhausted if refused else RoundAborted)(message[:4000])
+        changes = {}
+        if fed.secure_aggregation.enabled:
             # Each client adds a share of the noise; any `noise_shares` of them carry it all, and
             # SecAgg+ never unmasks a sum of fewer clients than its reconstruction threshold.
-            config["noise_shares"] = secagg.threshold_for(len(accepted))
+            changes["noise_shares"] = fed.secure_aggregation.threshold_for(len(accepted))
         self.pending.bytes_down = _nbytes(parameters) * len(accepted)
-        fit_ins = FitIns(parameters, config)
+        fit_ins = FitIns(parameters, self.round_spec(number, **changes).to_config())
         return [(proxy, fit_ins) for proxy in accepted]
 
-    def _record_failed_round(self, server_round: int) -> None:
+    def _record_failed_round(self) -> None:
         pending, self.pending = self.pending, None
         self.store.record_round(
             self.run_id,
             RoundRecord(
-                number=server_round,
+                number=pending.number,
                 started_at=pending.started_at,
                 ended_at=utcnow(),
                 status="failed",
@@ -197,7 +269,7 @@ class FederatedLoRA(FedAvg):
             m = res.metrics
             record = pending.participations.get(node) or ParticipationRecord(node_id=node, status="ok")
             record.status, record.error = "ok", None
-            record.enterprise = str(m.get("enterprise", "")) or record.enterprise
+            record.enterprise = self._name(proxy.node_id, str(m.get("enterprise", "")) or record.enterprise)
             record.num_examples = res.num_examples
             record.train_loss = _float(m.get("train_loss"))
             record.heldout_loss_before = _float(m.get("heldout_loss_before"))
@@ -213,38 +285,51 @@ class FederatedLoRA(FedAvg):
                 deltas.append(delta)
                 weights.append(res.num_examples)
                 losses.append(record.train_loss)
+                pending.trained.append(proxy)
                 if "expert_load" in m:
                     loads.append(json.loads(str(m["expert_load"])))
             pending.participations[node] = record
+        attributed = self.ctx.node_errors()
         # SecAgg+ can list one failure twice.
-        errors = list(dict.fromkeys(str(f) if isinstance(f, BaseException) else f"status {f[1].status.message}" for f in failures))
+        errors = list(dict.fromkeys(_failure_text(f) for f in failures))
         for record in pending.participations.values():
-            if record.status == "failed" and errors:
+            if record.status != "failed":
+                continue
+            if (reason := attributed.get(int(record.node_id))) is not None:
+                record.error = _exception_line(reason)
+                if record.error.startswith(REFUSALS):
+                    record.status = "refused"
+            elif errors:
                 record.error = "; ".join(errors)[:2000]
         needed = self.config.federation.min_fit_clients
         if len(deltas) < needed:
             problems = [f"{r.enterprise or r.node_id}: {r.error}" for r in pending.participations.values() if r.status != "ok"]
-            self._record_failed_round(server_round)
-            raise RoundAborted(f"round {server_round}: {len(deltas)} usable update(s), federation.min_fit_clients={needed}; " + "; ".join(problems)[:2000])
+            refused = any(r.status == "refused" for r in pending.participations.values())
+            self._record_failed_round()
+            raise (BudgetExhausted if refused else RoundAborted)(
+                f"round {pending.number}: {len(deltas)} usable update(s), federation.min_fit_clients={needed}; "
+                + "; ".join(problems)[:2000]
+            )
         pending.updates_seen = len({hashlib.sha256(b"".join(res.parameters.tensors)).digest() for _, res in results})
         average = weighted_average(deltas, weights)
         self.global_adapter = apply_update(self.global_adapter, average)
         pending.update_norm = l2_norm(average)
         pending.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
         pending.expert_load = sum_expert_load(loads) if loads else None
-        pending.checkpoint = self.ctx.save_checkpoint(server_round, self.global_adapter)
+        pending.checkpoint = self.ctx.save_checkpoint(pending.number, self.global_adapter)
         return ndarrays_to_parameters(self.global_adapter), {"train_loss": pending.train_loss or float("nan")}
 
     # --- evaluation ------------------------------------------------------------------------
     def evaluate(self, server_round, parameters):
         """Server-side evaluation; after round 0 it also checks that the round produced an aggregate."""
         pending = self.pending
-        if server_round > 0 and (pending is None or pending.number != server_round or pending.checkpoint is None):
+        number = self.number(server_round)
+        if server_round > 0 and (pending is None or pending.number != number or pending.checkpoint is None):
             # SecAgg+ halts without calling aggregate_fit when too few clients finish: never let
             # that pass as a round that trained.
-            if pending is not None and pending.number == server_round:
-                self._record_failed_round(server_round)
-            raise RoundAborted(f"round {server_round}: no aggregate update arrived (secure aggregation halted: too few clients finished)")
+            if pending is not None and pending.number == number:
+                self._record_failed_round()
+            raise RoundAborted(f"round {number}: no aggregate update arrived (secure aggregation halted: too few clients finished)")
         loss = self.ctx.server_eval(parameters_to_ndarrays(parameters)) if self.ctx.server_eval else None
         if server_round > 0:
             pending.server_eval_loss = loss
@@ -253,9 +338,13 @@ class FederatedLoRA(FedAvg):
         return None if loss is None else (loss, {})
 
     def configure_evaluate(self, server_round, parameters, client_manager):
-        instructions = super().configure_evaluate(server_round, parameters, client_manager)
-        ins = EvaluateIns(parameters, self.round_config(server_round))
-        return [(proxy, ins) for proxy, _ in instructions]
+        """Held-out losses from the enterprises whose update this round averaged and that are
+        still connected; nobody is waited for."""
+        if self.fraction_evaluate == 0.0 or self.pending is None:
+            return []
+        connected = {p.node_id for p in client_manager.all().values()}
+        ins = EvaluateIns(parameters, self.round_spec(self.pending.number).to_config())
+        return [(proxy, ins) for proxy in self.pending.trained if proxy.node_id in connected]
 
     def aggregate_evaluate(self, server_round, results, failures):
         pending = self.pending
@@ -264,7 +353,6 @@ class FederatedLoRA(FedAvg):
             record = pending.participations.get(str(proxy.node_id))
             if record is not None:
                 record.eval_loss = float(res.loss)
-                record.enterprise = record.enterprise or str(res.metrics.get("enterprise", "")) or None
             total += float(res.loss) * res.num_examples
             count += res.num_examples
         eval_loss = total / count if count else None
@@ -301,12 +389,25 @@ def _float(value) -> float | None:
     return None if value is None else float(value)
 
 
+def _failure_text(failure) -> str:
+    if isinstance(failure, BaseException):
+        return _exception_line(str(failure))
+    return f"status {failure[1].status.message}"
+
+
 def _exception_line(reason: str) -> str:
-    """The line of a remote traceback that says what went wrong (the last `SomethingError: ...`)."""
-    lines = [line.strip(" '>") for line in reason.replace("\\n", "\n").splitlines() if line.strip(" '>")]
-    # Ray wraps the client's own exception: skip its wrapper lines.
-    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Exceeded)\b.*:", line) and not line.startswith("ray.")]
-    return (errors or lines or ["(no reason given)"])[-1][:500]
+    """The line of a remote error that says what went wrong, as `ErrorType: message`."""
+    text = reason.replace("\\n", "\n").strip()
+    # Flower's ClientApp wraps an exception as "<class 'pkg.mod.Type'>:<'message'>".
+    if wrapped := re.match(r"^<class '(?:\w+\.)*(\w+)'>:<'(.*)'>$", text, re.S):
+        text = f"{wrapped.group(1)}: {wrapped.group(2)}"
+    lines = [line.strip(" '>") for line in text.splitlines() if line.strip(" '>")]
+    # Ray and our worker socket wrap the node's own exception: keep its innermost line.
+    pattern = r"^[A-Za-z_.]*(Error|Exception|Exceeded|Refused)\b.*:"
+    errors = [line for line in lines if re.match(pattern, line) and not line.startswith("ray.")]
+    line = (errors or lines or ["(no reason given)"])[-1]
+    line = re.sub(r"^(?:\w+\.)+(\w+:)", r"\1", line).removeprefix("NodeError: ")
+    return line[:500]
 
 
 def _finite(value) -> float | None:

@@ -7,6 +7,7 @@ ever fetched from a model hub.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -45,8 +46,40 @@ EMBEDDED_ARCHITECTURE = dict(
 )
 
 
+MOE_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
 def resolve_model_path(path: str | Path) -> Path:
     return EMBEDDED_BASE_DIR if str(path) == EMBEDDED else Path(path).expanduser().resolve()
+
+
+def check_model_dir(directory: Path) -> dict:
+    """The checkpoint's config, if `directory` holds a DeepSeek-style MoE with weights; otherwise a
+    ValueError / FileNotFoundError that says what is missing (nothing is loaded)."""
+    hint = " (run `fedmoe pretrain` to rebuild the embedded base)" if directory == EMBEDDED_BASE_DIR else ""
+    config_file = directory / "config.json"
+    try:
+        found = config_file.is_file()
+    except OSError as err:  # e.g. a name too long for the file system
+        raise ValueError(f"cannot read the checkpoint in {str(directory)[:200]}: {err.strerror}") from None
+    if not found:
+        raise FileNotFoundError(f"no config.json in {directory}{hint}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        has_weights = any(any(directory.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the checkpoint in {str(directory)[:200]}: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is not a model config")
+    model_type = config.get("model_type")
+    if model_type not in MOE_MODEL_TYPES:
+        raise ValueError(
+            f"{directory} holds a {model_type!r} model; fedmoe fine-tunes DeepSeek-style MoE models ({', '.join(MOE_MODEL_TYPES)})"
+        )
+    if not has_weights:
+        raise FileNotFoundError(f"no weights (*.safetensors or pytorch_model*.bin) in {directory}{hint}")
+    return config
 
 
 def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
@@ -54,9 +87,7 @@ def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     from transformers import AutoModelForCausalLM
 
     directory = resolve_model_path(path)
-    if not (directory / "config.json").is_file():
-        hint = " (run `fedmoe pretrain` to rebuild the embedded base)" if directory == EMBEDDED_BASE_DIR else ""
-        raise FileNotFoundError(f"model.path: no config.json in {directory}{hint}")
+    check_model_dir(directory)
     model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
     if not any(is_fused_experts(m) for m in model.modules()):
         raise ValueError(f"model.path: {directory} holds a {model.config.model_type} model without routed experts; fedmoe fine-tunes MoE models")

@@ -16,6 +16,8 @@ import torch
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n### Response:\n{response}"
 SUPPORTED_SUFFIXES = (".jsonl", ".csv", ".parquet")
+# One record this long is a data error, and tokenizing it whole would take gigabytes.
+MAX_RECORD_CHARS = 1_000_000
 
 
 def record_text(record: dict, where: str) -> str:
@@ -27,22 +29,30 @@ def record_text(record: dict, where: str) -> str:
 
 
 def read_records(path: Path) -> list[dict]:
+    """Every record of a JSONL, CSV or Parquet file; each must be an object (a row)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    if path.suffix == ".jsonl":
-        records = []
-        with path.open() as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
+    try:
+        if path.suffix == ".jsonl":
+            records = []
+            with path.open(encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
                     try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-        return records
-    if path.suffix == ".csv":
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
+                        record = json.loads(line)
+                    except (json.JSONDecodeError, RecursionError) as e:
+                        raise ValueError(f"{path}:{line_no}: not valid JSON ({getattr(e, 'msg', e)})") from None
+                    if not isinstance(record, dict):
+                        raise ValueError(f"{path}:{line_no}: a record must be a JSON object, got {type(record).__name__}")
+                    records.append(record)
+            return records
+        if path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -65,7 +75,11 @@ def read_texts(path: Path) -> list[str]:
     records = read_records(path)
     if not records:
         raise ValueError(f"{path}: no records")
-    return [record_text(r, f"{path} record {i}") for i, r in enumerate(records)]
+    texts = [record_text(r, f"{path} record {i}") for i, r in enumerate(records)]
+    for i, text in enumerate(texts):
+        if len(text) > MAX_RECORD_CHARS:
+            raise ValueError(f"{path} record {i}: {len(text):,} characters; at most {MAX_RECORD_CHARS:,} per record")
+    return texts
 
 
 def tokenize_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -97,9 +111,20 @@ def tokenize_records(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     clipping one example would not bound that record's influence."""
     rows = torch.full((len(texts), seq_len), PADDING, dtype=torch.long)
     for i, text in enumerate(texts):
-        ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:seq_len]
+        ids = (_leading_tokens(tokenizer, text, seq_len) + [tokenizer.eos_token_id])[:seq_len]
         rows[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     return rows
+
+
+def _leading_tokens(tokenizer, text: str, count: int) -> list[int]:
+    """The first `count` tokens of `text`, tokenizing only as much of it as needed (a token is
+    at least one character, so a prefix of 64 characters per token is plenty)."""
+    chars = 64 * count + 1024
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) > count + 8 or chars >= len(text):
+            return ids[:count]
+        chars *= 4
 
 
 def load_records(path: Path, tokenizer, seq_len: int) -> torch.Tensor:

@@ -15,46 +15,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
 
+import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fedmoe.model.base import MOE_MODEL_TYPES
 from fedmoe.model.expert_lora import ExpertLoRA, is_fused_experts
+from fedmoe.model.settings import LoraSettings
 
-TargetGroup = Literal["attention", "shared_experts", "routed_experts"]
 ATTENTION_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 SHARED_EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 EXPERT_LORA_FILE = "expert_lora.safetensors"
 EXPERT_LORA_CONFIG_FILE = "expert_lora_config.json"
-MOE_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
-
-
-class LoraSettings(BaseModel):
-    """LoRA hyperparameters, shared by coordinator and clients (validated once, at the edge)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
-    targets: tuple[TargetGroup, ...] = Field(("attention", "shared_experts", "routed_experts"), min_length=1)
-    top_layers_fraction: float = Field(
-        1.0, gt=0.0, le=1.0, description="fraction of decoder layers, counted from the top, that get LoRA"
-    )
-    init_seed: int = Field(0, ge=0, description="seed of the initial (global) adapter")
-
-    @field_validator("targets")
-    @classmethod
-    def _unique_targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate target groups in {list(v)}")
-        return v
+EXPERT_FACTORS = ("gate_up_A", "gate_up_B", "down_A", "down_B")
 
 
 @contextlib.contextmanager
@@ -160,10 +138,30 @@ def set_adapter_tensors(model: nn.Module, tensors: list[torch.Tensor]) -> None:
     params = adapter_parameters(model)
     if len(tensors) != len(params):
         raise ValueError(f"adapter has {len(params)} tensors, got {len(tensors)}")
-    for (name, p), t in zip(params.items(), tensors):
+    for (name, p), t in zip(params.items(), tensors, strict=True):
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"adapter tensor {name}: expected shape {tuple(p.shape)}, got {tuple(t.shape)}")
         p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+
+def get_adapter_vector(model: nn.Module) -> np.ndarray:
+    """The adapter as ONE float32 vector, tensors in the canonical order: what travels each round.
+    Flower moves every array of a message as its own object (one HTTP request each, several hops):
+    one vector instead of ~100 tensors takes seconds off every message of a round."""
+    return torch.cat([p.detach().float().reshape(-1).cpu() for p in adapter_parameters(model).values()]).numpy()
+
+
+@torch.no_grad()
+def set_adapter_vector(model: nn.Module, vector: np.ndarray) -> None:
+    params = adapter_parameters(model)
+    size = sum(p.numel() for p in params.values())
+    if vector.ndim != 1 or vector.size != size:
+        raise ValueError(f"the adapter has {size} values, got an array of shape {tuple(vector.shape)}")
+    offset = 0
+    for p in params.values():
+        chunk = torch.from_numpy(np.ascontiguousarray(vector[offset : offset + p.numel()]))
+        p.copy_(chunk.view(p.shape).to(device=p.device, dtype=p.dtype))
+        offset += p.numel()
 
 
 def expert_lora_modules(model: nn.Module) -> dict[int, ExpertLoRA]:
@@ -182,11 +180,35 @@ def save_adapter(model: nn.Module, settings: LoraSettings, directory: Path) -> N
             model.save_pretrained(str(directory))
     tensors = {}
     for i, module in expert_lora_modules(model).items():
-        for name in ("gate_up_A", "gate_up_B", "down_A", "down_B"):
+        for name in EXPERT_FACTORS:
             tensors[f"model.layers.{i}.mlp.experts.{name}"] = getattr(module, name).detach().cpu().contiguous()
     if tensors:
         save_file(tensors, str(directory / EXPERT_LORA_FILE))
     (directory / EXPERT_LORA_CONFIG_FILE).write_text(settings.model_dump_json(indent=2))
+
+
+def _load_expert_factors(model: nn.Module, directory: Path) -> None:
+    modules = expert_lora_modules(model)
+    if not modules:
+        return
+    tensors = load_file(str(directory / EXPERT_LORA_FILE))
+    expected = {f"model.layers.{i}.mlp.experts.{n}" for i in modules for n in EXPERT_FACTORS}
+    if set(tensors) != expected:
+        raise ValueError(
+            f"{EXPERT_LORA_FILE} does not match the model: missing {sorted(expected - set(tensors))[:3]}, "
+            f"unexpected {sorted(set(tensors) - expected)[:3]}"
+        )
+    with torch.no_grad():
+        for i, module in modules.items():
+            for n in EXPERT_FACTORS:
+                getattr(module, n).copy_(tensors[f"model.layers.{i}.mlp.experts.{n}"])
+
+
+def _adapter_settings(directory: Path) -> LoraSettings:
+    config_path = directory / EXPERT_LORA_CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a fedmoe adapter: {EXPERT_LORA_CONFIG_FILE} is missing")
+    return LoraSettings.model_validate_json(config_path.read_text())
 
 
 def load_adapter(base: nn.Module, directory: Path) -> nn.Module:
@@ -194,10 +216,7 @@ def load_adapter(base: nn.Module, directory: Path) -> nn.Module:
     from peft import PeftModel
 
     directory = Path(directory)
-    config_path = directory / EXPERT_LORA_CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a fedmoe adapter: {EXPERT_LORA_CONFIG_FILE} is missing")
-    settings = LoraSettings.model_validate_json(config_path.read_text())
+    settings = _adapter_settings(directory)
     for p in base.parameters():
         p.requires_grad_(False)
     if (directory / "adapter_config.json").is_file():
@@ -206,17 +225,28 @@ def load_adapter(base: nn.Module, directory: Path) -> nn.Module:
     else:
         model = base
     _attach_expert_lora(model, settings)
-    modules = expert_lora_modules(model)
-    if modules:
-        tensors = load_file(str(directory / EXPERT_LORA_FILE))
-        expected = {f"model.layers.{i}.mlp.experts.{n}" for i in modules for n in ("gate_up_A", "gate_up_B", "down_A", "down_B")}
-        if set(tensors) != expected:
-            raise ValueError(f"{EXPERT_LORA_FILE} does not match the model: missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}")
-        with torch.no_grad():
-            for i, module in modules.items():
-                for n in ("gate_up_A", "gate_up_B", "down_A", "down_B"):
-                    getattr(module, n).copy_(tensors[f"model.layers.{i}.mlp.experts.{n}"])
+    _load_expert_factors(model, directory)
     return model
+
+
+def load_adapter_weights(model: nn.Module, directory: Path) -> None:
+    """Load an adapter saved by `save_adapter` into `model`, already adapted with the same settings
+    (a resumed coordinator reading its last checkpoint); every adapter tensor must be there."""
+    from peft import set_peft_model_state_dict
+
+    directory = Path(directory)
+    settings = _adapter_settings(directory)
+    if hasattr(model, "peft_config"):
+        state = load_file(str(directory / "adapter_model.safetensors"))
+        with peft_conversion_disabled():
+            result = set_peft_model_state_dict(model, state)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{directory} does not match the model's adapter ({settings.r=}): "
+                f"missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}"
+            )
+    _load_expert_factors(model, directory)
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe.client.trainer import per_sequence_loss
+from fedmoe.model.loss import per_sequence_loss
 from fedmoe.model.expert_lora import ExpertLoRA
 from fedmoe.model.lora import adapter_parameters
 

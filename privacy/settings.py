@@ -22,7 +22,7 @@ MECHANISMS: tuple[str, ...] = ("gaussian", "laplace")
 
 
 class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class RecordLevel(_Settings):

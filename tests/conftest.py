@@ -91,3 +91,27 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'runs.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+RUN_UID = "0123456789abcdef0123456789abcdef"
+
+
+def round_config(ws, privacy: dict | None = None, server_round: int = 1, lora=None, train=None, **changes) -> dict:
+    """A round config as the coordinator sends it, for a node's workspace `ws`."""
+    from fedmoe.contract.round import LocalTrainSettings, RoundSpec
+    from fedmoe.model.settings import LoraSettings
+    from fedmoe.privacy.settings import PrivacySettings
+
+    spec = RoundSpec(
+        server_round=server_round,
+        rounds=changes.pop("rounds", 3),
+        run_uid=changes.pop("run_uid", RUN_UID),
+        lora=lora or LoraSettings(r=4, alpha=8),
+        train=train or LocalTrainSettings(local_steps=3, batch_size=4, seq_len=32),
+        privacy=PrivacySettings.model_validate(privacy or {}),
+        base_fingerprint=ws.base_fingerprint,
+        adapter_layout=ws.layout,
+        measure_baseline=server_round == 1,
+        **changes,
+    )
+    return spec.to_config()

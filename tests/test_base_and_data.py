@@ -39,13 +39,18 @@ def test_fingerprint_detects_a_changed_weight():
 
 
 def test_missing_or_non_moe_checkpoint_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.path"):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
         load_base(tmp_path / "nothing")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(str(tmp_path / "llama"))
-    with pytest.raises(ValueError, match="without routed experts"):
+    with pytest.raises(ValueError, match="holds a 'llama' model; fedmoe fine-tunes DeepSeek-style MoE models"):
         load_base(tmp_path / "llama")
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text('{"model_type": "deepseek_v3"}')
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        load_base(weightless)
 
 
 def test_jsonl_csv_and_instruction_records(tmp_path):

@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedmoe.client.client_app import EnterpriseClient, _adapted_model, workspace
-from fedmoe.client.settings import LocalTrainSettings, NodeSettings
+from conftest import round_config
+from fedmoe.client.enterprise import EnterpriseNode, _adapted_model, workspace
+from fedmoe.client.settings import NodeSettings
+from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.base import fingerprint, load_base, parameter_bytes
 from fedmoe.model.corpus import DEMO_DATA_DIR
-from fedmoe.model.lora import LoraSettings, adapter_layout, adapter_parameters, get_adapter_tensors
+from fedmoe.model.lora import adapter_layout, adapter_parameters, get_adapter_tensors
+from fedmoe.model.settings import LoraSettings
 
 LORA = LoraSettings(r=4, alpha=8)
 TRAIN = LocalTrainSettings(local_steps=3, batch_size=4, seq_len=32)
@@ -17,19 +20,15 @@ TRAIN = LocalTrainSettings(local_steps=3, batch_size=4, seq_len=32)
 @pytest.fixture
 def client_and_round(tmp_path):
     node = NodeSettings(enterprise="finance", data_dir=DEMO_DATA_DIR / "finance", ledger=tmp_path / "ledger.sqlite")
-    ws = workspace(node, LORA.model_dump_json(), TRAIN.seq_len)
-    config = {
-        "server_round": 1, "rounds": 3, "lora": LORA.model_dump_json(), "train": TRAIN.model_dump_json(),
-        "base_fingerprint": ws.base_fingerprint, "adapter_layout": ws.layout, "measure_baseline": True,
-    }
-    return EnterpriseClient(node, partition_seed=0), config, ws
+    ws = workspace(node, LORA, TRAIN.seq_len)
+    return EnterpriseNode(node), round_config(ws, lora=LORA, train=TRAIN), ws
 
 
 def test_only_adapter_deltas_travel_and_the_base_does_not_drift(client_and_round):
     client, config, ws = client_and_round
     base_state = {n: p.detach().clone() for n, p in ws.model.named_parameters() if not p.requires_grad}
     global_adapter = [t.numpy() for t in get_adapter_tensors(ws.model)]
-    delta, num_examples, metrics = client.fit(global_adapter, config)
+    delta, num_examples, metrics = client.fit(global_adapter, config, secure_aggregation=False)
     adapter = adapter_parameters(ws.model)
     assert [d.shape for d in delta] == [tuple(p.shape) for p in adapter.values()]
     sent = sum(d.nbytes for d in delta)
@@ -49,9 +48,9 @@ def test_base_fingerprint_mismatch_stops_the_client(client_and_round):
     client, config, ws = client_and_round
     global_adapter = [t.numpy() for t in get_adapter_tensors(ws.model)]
     with pytest.raises(RuntimeError, match="base model mismatch"):
-        client.fit(global_adapter, {**config, "base_fingerprint": "0" * 64})
+        client.fit(global_adapter, {**config, "base_fingerprint": "0" * 64}, secure_aggregation=False)
     with pytest.raises(RuntimeError, match="layout mismatch"):
-        client.evaluate(global_adapter, {**config, "adapter_layout": "other"})
+        client.evaluate(global_adapter, {**config, "adapter_layout": "f" * 16})
 
 
 def test_evaluate_reports_heldout_loss(client_and_round):

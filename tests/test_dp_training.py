@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import round_config, tiny_model
 from fedmoe.client import dp_trainer
-from fedmoe.client.client_app import EnterpriseClient, workspace
+from fedmoe.client.enterprise import EnterpriseNode, workspace
 from fedmoe.client.dp_trainer import train_local_private
 from fedmoe.client.ledger import BudgetExceeded
-from fedmoe.client.settings import LocalTrainSettings, NodeSettings
+from fedmoe.client.settings import NodeSettings
+from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES
 from fedmoe.model.data import PADDING
-from fedmoe.model.lora import LoraSettings, adapter_parameters, attach_lora, get_adapter_tensors
+from fedmoe.model.lora import adapter_parameters, attach_lora, get_adapter_tensors
+from fedmoe.model.settings import LoraSettings
 from fedmoe.privacy import plan as plan_module
 from fedmoe.privacy.dp_sgd import SecureNoiseDPOptimizer, private_gradient
 from fedmoe.privacy.mechanisms import l2_norm, seeded_uniform
@@ -98,16 +100,12 @@ def test_empty_poisson_batches_still_step_with_noise_only():
 
 def _client(tmp_path, enterprise="finance", **budget):
     node = NodeSettings(enterprise=enterprise, data_dir=DEMO_DATA_DIR / enterprise, ledger=tmp_path / f"{enterprise}.sqlite", budget=NodeBudget(**budget))
-    ws = workspace(node, LORA.model_dump_json(), TRAIN.seq_len)
-    return EnterpriseClient(node, partition_seed=0, run_id=1), ws
+    ws = workspace(node, LORA, TRAIN.seq_len)
+    return EnterpriseNode(node), ws
 
 
-def _config(ws, privacy: dict, server_round=1):
-    return {
-        "server_round": server_round, "rounds": 3, "lora": LORA.model_dump_json(), "train": TRAIN.model_dump_json(),
-        "privacy": PrivacySettings.model_validate(privacy).model_dump_json(), "base_fingerprint": ws.base_fingerprint,
-        "adapter_layout": ws.layout, "measure_baseline": True,
-    }
+def _config(ws, privacy: dict, server_round=1, **changes):
+    return round_config(ws, privacy, server_round, lora=LORA, train=TRAIN, **changes)
 
 
 BOTH = {"record": {"epsilon": 8.0}, "enterprise": {"epsilon": 8.0, "clip": 0.05}}
@@ -117,7 +115,7 @@ BOTH = {"record": {"epsilon": 8.0}, "enterprise": {"epsilon": 8.0, "clip": 0.05}
 def test_every_clients_update_is_within_the_clipping_bound(tmp_path, monkeypatch, enterprise):
     monkeypatch.setattr(plan_module, "gaussian_noise", lambda n, std, uniform=None: np.zeros(n))  # look at the clipped part alone
     client, ws = _client(tmp_path, enterprise)
-    delta, weight, metrics = client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], _config(ws, BOTH))
+    delta, weight, metrics = client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], _config(ws, BOTH), secure_aggregation=False)
     assert 0 < l2_norm(delta) <= 0.05 * (1 + 1e-6)
     # Nothing but the privatized delta describes the data: no loss, norm, expert load or record count.
     assert weight == 1 and set(metrics) == {"enterprise", "steps", "duration_s", "epsilon_record", "epsilon_enterprise"}
@@ -127,10 +125,10 @@ def test_a_round_over_budget_is_refused_before_any_training(tmp_path):
     client, ws = _client(tmp_path, record_epsilon=0.5)
     adapter = [t.clone() for t in get_adapter_tensors(ws.model)]
     config = _config(ws, BOTH)
-    answer = client.get_properties(config)
+    answer = client.budget(config)
     assert answer["accept"] is False and "lifetime budget of 0.5" in answer["reason"]
     with pytest.raises(BudgetExceeded):
-        client.fit([t.numpy() for t in adapter], config)
+        client.fit([t.numpy() for t in adapter], config, secure_aggregation=False)
     assert all(torch.equal(a, b) for a, b in zip(adapter, get_adapter_tensors(ws.model)))
     assert client.ledger.entries() == []
 
@@ -140,7 +138,7 @@ def test_dp_that_leaves_the_adapter_unchanged_is_an_error(tmp_path, monkeypatch)
     monkeypatch.setattr(dp_trainer, "adapter_parameters", lambda m: {n: torch.nn.Parameter(p.detach().clone()) for n, p in adapter_parameters(m).items()})
     client, ws = _client(tmp_path)
     with pytest.raises(RuntimeError, match="left the adapter unchanged"):
-        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], _config(ws, {"record": {"epsilon": 8.0}}))
+        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], _config(ws, {"record": {"epsilon": 8.0}}), secure_aggregation=False)
 
 
 def test_no_held_out_metrics_are_released_in_a_private_run(tmp_path):
@@ -151,14 +149,14 @@ def test_no_held_out_metrics_are_released_in_a_private_run(tmp_path):
 
 def test_a_noise_share_is_never_sent_outside_secure_aggregation(tmp_path):
     client, ws = _client(tmp_path)
-    config = {**_config(ws, BOTH), "noise_shares": 3}
+    config = _config(ws, BOTH, noise_shares=3)
     with pytest.raises(RuntimeError, match="not under secure aggregation"):
-        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], config)
+        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], config, secure_aggregation=False)
     assert client.ledger.entries() == []
 
 
 def test_an_update_secure_aggregation_would_clip_is_refused_not_sent(tmp_path):
     client, ws = _client(tmp_path)
-    config = {**_config(ws, {"record": {"epsilon": 8.0}}), "secagg_range": 1e-9}
+    config = _config(ws, {"record": {"epsilon": 8.0}}, secagg_range=1e-9)
     with pytest.raises(ValueError, match="exceeds the secure-aggregation range"):
-        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], config)
+        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], config, secure_aggregation=False)

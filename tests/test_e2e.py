@@ -12,7 +12,7 @@ import pytest
 from fedmoe.coordinator.db import RunStore
 
 pytestmark = pytest.mark.e2e
-FEDMOE = [sys.executable, "-m", "fedmoe.coordinator.cli"]
+FEDMOE = [sys.executable, "-m", "fedmoe.cli"]
 
 
 def fedmoe(*args, cwd, timeout=600):
@@ -105,36 +105,3 @@ def test_bad_cli_input_is_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "x.db").exists() and not (tmp_path / "runs").exists()
     result = fedmoe("rounds", "0", cwd=tmp_path)
     assert result.returncode == 2 and "must be >= 1" in result.stderr
-
-
-def test_deployment_engine_with_real_supernodes_on_loopback(tmp_path):
-    """A SuperLink and three SuperNodes as separate processes; each node names its own data, ledger
-    and budget. manufacturing budgets record-level epsilon, so it refuses this non-private run."""
-    from fedmoe.coordinator.launcher import _executable, _free_port, flower_env, local_superlink, stop_process_group
-    from fedmoe.model.corpus import DEMO_DATA_DIR
-
-    db_url = f"sqlite:///{tmp_path / 'runs.db'}"
-    enterprises = "\n".join(f'[[federation.enterprises]]\nname = "{n}"\ndata = "{DEMO_DATA_DIR / n}"\n' for n in ("finance", "clinical", "manufacturing"))
-    config = _config(tmp_path, db_url, rounds=1, extra=enterprises)
-    home = tmp_path / "superlink"
-    nodes = []
-    with local_superlink(home, simulation=False) as address:
-        try:
-            for name in ("finance", "clinical", "manufacturing"):
-                budget = ' budget-record-epsilon="100"' if name == "manufacturing" else ""
-                node_config = f'enterprise="{name}" data-path="{DEMO_DATA_DIR / name}" model-path="embedded" ledger-path="{tmp_path / name}.sqlite"{budget}'
-                cmd = [_executable("flower-supernode"), "--insecure", "--superlink", address, "--port", str(_free_port()), "--node-config", node_config]
-                log = (tmp_path / f"{name}.log").open("w")
-                nodes.append(subprocess.Popen(cmd, env=flower_env(tmp_path / name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-            result = fedmoe("run", "--config", str(config), "--superlink", address, cwd=tmp_path, timeout=400)
-        finally:
-            for node in nodes:
-                stop_process_group(node)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    store = RunStore(db_url)
-    (run,) = store.runs()
-    (r,) = store.rounds(run.id)
-    assert run.status == "completed" and r.participants == 2
-    by_name = {p.enterprise: p for p in r.participations}
-    assert by_name["manufacturing"].status == "refused" and "gives no record-level privacy guarantee" in by_name["manufacturing"].error
-    assert all(by_name[n].eval_loss < by_name[n].heldout_loss_before for n in ("finance", "clinical"))

@@ -90,5 +90,5 @@ def test_private_secure_run_enforces_node_budgets_across_restarts(tmp_path):
 
     table = fedmoe("privacy", "--rounds", "--database", db_url, cwd=tmp_path)
     assert table.returncode == 0 and "finance" in table.stdout and "refused" in table.stdout
-    node = fedmoe("privacy", "--node-ledger", str(ledger), cwd=tmp_path)
+    node = fedmoe("agent", "ledger", str(ledger), cwd=tmp_path)
     assert node.returncode == 0 and "lifetime epsilon: record" in node.stdout

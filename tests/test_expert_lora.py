@@ -6,7 +6,8 @@ from conftest import tiny_model
 from torch.func import functional_call, grad, vmap
 
 from fedmoe.model.expert_lora import ExpertLoRA, routed_experts_forward
-from fedmoe.model.lora import LoraSettings, attach_lora, expert_lora_modules
+from fedmoe.model.lora import attach_lora, expert_lora_modules
+from fedmoe.model.settings import LoraSettings
 
 
 def _moe_layer(model):

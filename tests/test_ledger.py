@@ -18,7 +18,7 @@ def test_a_round_over_the_lifetime_budget_is_refused_and_nothing_is_recorded(tmp
     budgets = {"record": 2.5, "enterprise": None}
     for r in (1, 2):
         ledger.charge("run-a", r, per_round(1.0), budgets, max_releases=10)
-    spends, problem = ledger.preview("run-a", per_round(1.0), budgets, max_releases=10)
+    spends, problem = ledger.preview("run-a", 3, per_round(1.0), budgets, max_releases=10)
     assert "above this node's lifetime budget of 2.5 (2.000 spent so far)" in problem
     with pytest.raises(BudgetExceeded):
         ledger.charge("run-a", 3, per_round(1.0), budgets, max_releases=10)
@@ -37,7 +37,7 @@ def test_the_ledger_survives_a_restart_and_runs_add_up(tmp_path):
 
 def test_a_level_without_a_guarantee_is_refused_by_a_node_with_a_budget_at_that_level(tmp_path):
     ledger = PrivacyLedger(tmp_path / "l.sqlite")
-    _, problem = ledger.preview("run", per_round(1.0), {"enterprise": 10.0}, max_releases=5)
+    _, problem = ledger.preview("run", 1, per_round(1.0), {"enterprise": 10.0}, max_releases=5)
     assert "gives no enterprise-level privacy guarantee" in problem
     # Without a budget it is recorded honestly, as an infinite spend.
     ledger.charge("run", 1, per_round(1.0), {}, max_releases=5)

@@ -8,18 +8,8 @@ from conftest import tiny_model
 from pydantic import ValidationError
 
 from fedmoe.model.expert_lora import ExpertLoRA
-from fedmoe.model.lora import (
-    LoraSettings,
-    adapter_layout,
-    adapter_parameters,
-    attach_lora,
-    get_adapter_tensors,
-    lora_layer_indices,
-    load_adapter,
-    merge_adapter,
-    save_adapter,
-    set_adapter_tensors,
-)
+from fedmoe.model.lora import adapter_layout, adapter_parameters, attach_lora, get_adapter_tensors, lora_layer_indices, load_adapter, merge_adapter, save_adapter, set_adapter_tensors
+from fedmoe.model.settings import LoraSettings
 
 ATTN = {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
 

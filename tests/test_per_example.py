@@ -3,9 +3,10 @@
 import torch
 from conftest import tiny_model
 
-from fedmoe.client.trainer import per_sequence_loss
+from fedmoe.model.loss import per_sequence_loss
 from fedmoe.model.data import PADDING
-from fedmoe.model.lora import LoraSettings, adapter_parameters, attach_lora
+from fedmoe.model.lora import adapter_parameters, attach_lora
+from fedmoe.model.settings import LoraSettings
 from fedmoe.privacy.per_example import per_example_gradients
 
 

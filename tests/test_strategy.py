@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+from conftest import RUN_UID
 from fedmoe.coordinator.config import load_run_config
 from fedmoe.coordinator.db import RunStore
 from fedmoe.coordinator.strategy import BudgetExhausted, FederatedLoRA, RoundAborted, RoundContext, _PendingRound, sum_expert_load
+
+
+FP, LAYOUT = "f" * 64, "a" * 16
 
 
 def _fit(delta, n, **metrics):
@@ -26,18 +30,24 @@ def _make(tmp_path, answers, **overrides):
     run_id = store.create_run({}, planned_rounds=3)
     saved, asked = [], []
     ctx = RoundContext(
-        base_fingerprint="fp",
-        adapter_layout="layout",
+        run_uid=RUN_UID,
+        base_fingerprint=FP,
+        adapter_layout=LAYOUT,
         initial_adapter=[np.zeros(2, dtype=np.float32), np.ones((1, 2), dtype=np.float32)],
         save_checkpoint=lambda r, a: saved.append((r, a)) or (f"/ckpt/{r}", "sha"),
         ask_nodes=lambda nodes, config: asked.append((nodes, config)) or {n: answers[n] for n in nodes if n in answers},
+        connect_timeout_s=0.5,
     )
     return FederatedLoRA(config, ctx, store, run_id), store, run_id, saved, asked
 
 
 def _manager(node_ids):
     proxies = [SimpleNamespace(node_id=n, cid=str(n)) for n in node_ids]
-    return SimpleNamespace(num_available=lambda: len(proxies), sample=lambda num_clients, min_num_clients, criterion=None: proxies)
+    return SimpleNamespace(
+        num_available=lambda: len(proxies),
+        sample=lambda num_clients, min_num_clients, criterion=None: proxies[:num_clients],
+        all=lambda: {str(p.node_id): p for p in proxies},
+    )
 
 
 @pytest.fixture
@@ -94,9 +104,9 @@ def test_too_few_usable_updates_abort_the_run_and_record_the_round(setup):
 
 def test_round_config_carries_everything_a_client_checks(setup):
     strategy, *_ = setup
-    cfg = strategy.round_config(1)
-    assert cfg["base_fingerprint"] == "fp" and cfg["adapter_layout"] == "layout" and cfg["measure_baseline"] is True
-    assert strategy.round_config(2)["measure_baseline"] is False
+    cfg = strategy.round_spec(1).to_config()
+    assert cfg["base_fingerprint"] == FP and cfg["adapter_layout"] == LAYOUT and cfg["measure_baseline"] is True
+    assert cfg["run_uid"] == RUN_UID and strategy.round_spec(2).to_config()["measure_baseline"] is False
 
 
 def test_expert_load_sums_per_layer():

@@ -1,0 +1,5 @@
+import sys
+
+from fedmoe.cli.main import main
+
+sys.exit(main())

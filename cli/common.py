@@ -1,0 +1,52 @@
+"""What every command module shares: the console, argument types, `--set` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+# Tables stay readable when piped (rich would wrap them at 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 200)
+DEFAULT_DB = "sqlite:///runs/fedmoe.db"
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed as `error: ...` with exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_database_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--database", default=DEFAULT_DB, help=f"SQLAlchemy URL of the run database (default {DEFAULT_DB})"
+    )

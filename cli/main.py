@@ -1,0 +1,47 @@
+"""The `fedmoe` command: one parser, each side's commands registered by its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedmoe.cli import admin, agent, coordinator, model
+from fedmoe.cli.common import UsageError, console
+
+COMMAND_MODULES = (coordinator, agent, admin, model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedmoe",
+        description="Federated, privacy-preserving LoRA fine-tuning of DeepSeek-style MoE models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedmoe.support.files import ConfigError
+    from fedmoe.coordinator.db import DatabaseMissing
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError, DatabaseMissing, FileNotFoundError, FileExistsError) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 2
+    except LookupError as err:
+        console.print(f"[red]error:[/red] {err.args[0] if err.args else err}", highlight=False)
+        return 2
+    except admin.AdminCallFailed as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted", highlight=False)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""agent.toml: an enterprise node's own settings, validated once before the agent starts.
+
+Everything here is the enterprise's, never the coordinator's: where its data and base model
+are, its lifetime privacy budget and ledger, its key, and how much of its machine it lends.
+Relative paths resolve against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedmoe.client.settings import NodeSettings
+from fedmoe.model.base import EMBEDDED, check_model_dir, resolve_model_path
+from fedmoe.model.data import find_split
+from fedmoe.privacy.settings import NodeBudget
+from fedmoe.support.files import (
+    ConfigError,
+    describe_validation_error,
+    read_toml_file,
+    resolve_path,
+)
+
+ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="this node's name in its own logs and ledger; the coordinator names it by its key",
+    )
+    coordinator: str = Field(description="host:port where the coordinator accepts agents")
+    ca_certificate: str = Field(min_length=1, description="PEM file of the CA that signed the coordinator's certificate")
+    private_key: str = Field(min_length=1, description="the node's key, made by `fedmoe agent init`")
+    data: str = Field(min_length=1, description="folder with train.{jsonl,csv,parquet} and heldout.{...}")
+    model: str = Field(EMBEDDED, min_length=1, description='"embedded" or a local checkpoint directory')
+    ledger: str = Field("state/ledger.sqlite", min_length=1, description="the node's privacy ledger (SQLite)")
+    state_dir: str = Field("state", min_length=1, description="Flower's files, logs, health")
+    budget: NodeBudget = NodeBudget()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=1, le=512, description="torch CPU threads for training")
+    poll_interval_s: float = Field(
+        0.2, ge=0.02, le=10.0, description="how often the idle SuperNode asks the coordinator for work"
+    )
+
+    @field_validator("coordinator")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        match = ADDRESS.match(value)
+        if not match or not 1 <= int(match.group(2)) <= 65535:
+            raise ValueError("must be host:port, e.g. coordinator.example.com:9092")
+        return value
+
+    def node_settings(self) -> NodeSettings:
+        return NodeSettings(
+            enterprise=self.name,
+            data_dir=Path(self.data),
+            model_path=self.model,
+            threads=self.threads,
+            device=self.device,
+            budget=self.budget,
+            ledger=Path(self.ledger),
+        )
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    """Read, validate and resolve agent.toml; every file it names is checked before anything starts."""
+    data = read_toml_file(path)
+    try:
+        config = AgentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, f"agent config ({path})")) from None
+    except RecursionError:
+        raise ConfigError(f"invalid agent config ({path}): nested too deeply") from None
+    base = Path(path).resolve().parent
+    resolved = config.model_copy(
+        update={
+            key: str(resolve_path(getattr(config, key), base))
+            for key in ("ca_certificate", "private_key", "data", "ledger", "state_dir")
+        }
+        | {"model": config.model if config.model == EMBEDDED else str(resolve_path(config.model, base))}
+    )
+    check_agent_files(resolved)
+    return resolved
+
+
+def check_agent_files(config: AgentConfig) -> None:
+    problems = []
+    for key in ("ca_certificate", "private_key"):
+        if not Path(getattr(config, key)).is_file():
+            problems.append(f"  {key}: file {getattr(config, key)} does not exist")
+    for split in ("train", "heldout"):
+        try:
+            find_split(Path(config.data), split)
+        except (FileNotFoundError, OSError) as err:
+            problems.append(f"  data: {err}")
+    try:
+        check_model_dir(resolve_model_path(config.model))
+    except (FileNotFoundError, ValueError) as err:
+        problems.append(f"  model: {err}")
+    if problems:
+        raise ConfigError("invalid agent config:\n" + "\n".join(problems))

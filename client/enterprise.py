@@ -1,0 +1,266 @@
+"""One enterprise node's side of a round: the node's privacy boundary.
+
+Everything that touches the enterprise's records happens here, in the process that holds the
+model and the data warm: the budget check against the node's OWN ledger, local training (plain or
+DP-SGD), clipping and noise on the update, and the decision of what leaves. Callers (the per-message
+ClientApp through the agent's worker socket, or Flower's simulation engine in-process) only pass
+the coordinator's round config and the global adapter in, and the release out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedmoe.client.dp_trainer import train_local_private
+from fedmoe.client.ledger import PrivacyLedger, Release, ReplayRefused
+from fedmoe.client.settings import NodeSettings
+from fedmoe.client.trainer import train_local
+from fedmoe.contract.round import BudgetAnswer, RoundSpec
+from fedmoe.model.base import fingerprint, load_base, load_tokenizer
+from fedmoe.model.data import find_split, load_blocks, load_records
+from fedmoe.model.lora import adapter_layout, attach_lora, get_adapter_vector, set_adapter_vector
+from fedmoe.model.loss import evaluate_loss
+from fedmoe.model.settings import LoraSettings
+from fedmoe.privacy.mechanisms import l2_norm
+from fedmoe.privacy.plan import InfeasiblePlan, PrivacyPlan, plan_run, privatize_update
+from fedmoe.privacy.settings import PrivacySettings
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda requested but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class Workspace:
+    """What a node keeps warm between rounds: the adapted model and its tokenized data."""
+
+    node: NodeSettings
+    model: torch.nn.Module
+    base_fingerprint: str
+    layout: str
+    train_blocks: torch.Tensor
+    heldout_blocks: torch.Tensor
+    device: torch.device
+    seq_len: int
+
+    @property
+    def train_records(self) -> torch.Tensor:
+        """One training record per row, for record-level DP."""
+        return _records(str(self.node.data_dir), self.node.model_path, self.seq_len)
+
+
+@lru_cache(maxsize=2)
+def _adapted_model(model_path: str, lora_json: str, device: str) -> tuple[torch.nn.Module, str, str]:
+    base = load_base(model_path)
+    base_fp = fingerprint(base)
+    model = attach_lora(base, LoraSettings.model_validate_json(lora_json)).to(device)
+    return model, base_fp, adapter_layout(model)
+
+
+@lru_cache(maxsize=8)
+def _blocks(data_dir: str, split: str, model_path: str, seq_len: int) -> torch.Tensor:
+    return load_blocks(find_split(Path(data_dir), split), load_tokenizer(model_path), seq_len)
+
+
+@lru_cache(maxsize=4)
+def _records(data_dir: str, model_path: str, seq_len: int) -> torch.Tensor:
+    return load_records(find_split(Path(data_dir), "train"), load_tokenizer(model_path), seq_len)
+
+
+def workspace(node: NodeSettings, lora: LoraSettings, seq_len: int) -> Workspace:
+    torch.set_num_threads(node.threads)
+    device = pick_device(node.device)
+    model, base_fp, layout = _adapted_model(node.model_path, lora.model_dump_json(), str(device))
+    return Workspace(
+        node=node,
+        model=model,
+        base_fingerprint=base_fp,
+        layout=layout,
+        train_blocks=_blocks(str(node.data_dir), "train", node.model_path, seq_len),
+        heldout_blocks=_blocks(str(node.data_dir), "heldout", node.model_path, seq_len),
+        device=device,
+        seq_len=seq_len,
+    )
+
+
+@lru_cache(maxsize=16)
+def _privacy_plan(privacy_json: str, records: int, batch_size: int, steps: int, rounds: int) -> PrivacyPlan:
+    return plan_run(PrivacySettings.model_validate_json(privacy_json), records, batch_size, steps, rounds)
+
+
+def _check_round(ws: Workspace, spec: RoundSpec) -> None:
+    if spec.base_fingerprint != ws.base_fingerprint:
+        raise RuntimeError(
+            f"base model mismatch: the coordinator trains base {spec.base_fingerprint[:12]}, this node "
+            f"has {ws.base_fingerprint[:12]}; point the agent's model at the same checkpoint"
+        )
+    if spec.adapter_layout != ws.layout:
+        raise RuntimeError(
+            "adapter layout mismatch between coordinator and node (different fedmoe versions or LoRA settings)"
+        )
+
+
+def _global_adapter(parameters: list[np.ndarray], ws: Workspace) -> np.ndarray:
+    """Load the coordinator's adapter (one vector, see model.lora.get_adapter_vector) into the model."""
+    if len(parameters) != 1:
+        raise ValueError(f"expected the adapter as one vector, got {len(parameters)} arrays")
+    vector = np.asarray(parameters[0], dtype=np.float32)
+    if not np.isfinite(vector).all():
+        raise ValueError("the global adapter holds NaN or infinite values: the coordinator's checkpoint is corrupt")
+    set_adapter_vector(ws.model, vector)
+    return vector
+
+
+def parameters_sha256(parameters: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for p in parameters:
+        a = np.ascontiguousarray(p)
+        h.update(f"{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _enterprise_seed(name: str) -> int:
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+
+
+class EnterpriseNode:
+    """One enterprise: checks its own privacy budget, trains, privatizes, releases a delta."""
+
+    def __init__(self, node: NodeSettings):
+        self.node = node
+        self.ledger = PrivacyLedger(node.ledger_path)
+        self.budgets = {"record": node.budget.record_epsilon, "enterprise": node.budget.enterprise_epsilon}
+
+    def warm_up(self, lora: LoraSettings | None = None, seq_len: int = 64) -> Workspace:
+        """Load the model and tokenize the data now, so the first round does not pay for it."""
+        return workspace(self.node, lora or LoraSettings(), seq_len)
+
+    def _prepare(self, config: dict) -> tuple[RoundSpec, Workspace, PrivacyPlan]:
+        spec = RoundSpec.from_config(config)
+        ws = workspace(self.node, spec.lora, spec.train.seq_len)
+        _check_round(ws, spec)
+        records = ws.train_records.shape[0] if spec.privacy.record else 0  # only record-level DP needs it
+        plan = _privacy_plan(
+            spec.privacy.model_dump_json(), records, spec.train.batch_size, spec.train.local_steps, spec.rounds
+        )
+        return spec, ws, plan
+
+    def budget(self, config: dict) -> dict:
+        """The budget handshake before each round: would this round fit this node's budget?"""
+        try:
+            spec, _, plan = self._prepare(config)
+        except InfeasiblePlan as err:
+            reason = f"infeasible privacy plan on this node: {err}"
+            return BudgetAnswer(accept=False, reason=reason, enterprise=self.node.enterprise).to_properties()
+        spends, problem = self.ledger.preview(
+            spec.ledger_key(), spec.server_round, plan.epsilon_after, self.budgets, spec.rounds
+        )
+        epsilons = {f"epsilon_{s.level}": s.epsilon_run for s in spends}
+        answer = BudgetAnswer(accept=problem is None, reason=problem or "", enterprise=self.node.enterprise, **epsilons)
+        return answer.to_properties()
+
+    def fit(self, parameters: list[np.ndarray], config: dict, secure_aggregation: bool) -> tuple[list[np.ndarray], int, dict]:
+        """Train on the global adapter and return (released update, weight, metrics)."""
+        started = time.perf_counter()
+        spec, ws, plan = self._prepare(config)
+        if spec.noise_shares > 1 and not secure_aggregation:
+            # Only a sum hides a share-sized noise: never send one in the clear.
+            raise RuntimeError(
+                f"asked to add 1/{spec.noise_shares} of the noise, but this update is not under secure aggregation"
+            )
+        key, sha = spec.ledger_key(), parameters_sha256(parameters)
+        if (earlier := self.ledger.release(key, spec.server_round)) is not None:
+            return self._replay(spec, earlier, sha)
+        # Write-ahead: the spend is on the node's ledger before any training (raises BudgetExceeded).
+        spends = self.ledger.charge(key, spec.server_round, plan.epsilon_after, self.budgets, spec.rounds)
+        global_vector = _global_adapter(parameters, ws)
+        private = spec.privacy.enabled
+        metrics: dict = {"enterprise": self.node.enterprise}
+        if spec.measure_baseline and not private:
+            metrics["heldout_loss_before"] = evaluate_loss(
+                ws.model, ws.heldout_blocks, spec.train.eval_batch_size, ws.device
+            )
+        if plan.record is not None:
+            record = spec.privacy.record
+            result = train_local_private(
+                ws.model, ws.train_records, spec.train, plan.record, record.clip,
+                record.max_physical_batch_size, ws.device,
+            )  # fmt: skip
+        else:
+            seed = spec.train.seed * 1_000_003 + spec.server_round * 1009 + _enterprise_seed(self.node.enterprise)
+            result = train_local(ws.model, ws.train_blocks, spec.train, seed=seed, device=ws.device)
+        delta = [get_adapter_vector(ws.model) - global_vector]
+        norm = l2_norm(delta)
+        if not np.isfinite(norm):
+            raise FloatingPointError("the adapter update is not finite; lower train.lr")
+        if norm == 0.0:
+            raise RuntimeError("local training left the adapter unchanged: nothing would be learned")
+        if plan.enterprise is not None:
+            delta, _ = privatize_update(delta, plan.enterprise, spec.noise_shares)
+        if spec.secagg_range is not None and max(float(np.abs(d).max()) for d in delta) > spec.secagg_range:
+            # Secure aggregation would silently clip it: refuse to send a corrupted update.
+            raise ValueError(
+                f"an update value exceeds the secure-aggregation range {spec.secagg_range:g}; "
+                "clip updates (privacy.enterprise) or raise federation.secure_aggregation.value_range"
+            )
+        metrics.update(steps=result.steps, duration_s=time.perf_counter() - started)
+        metrics.update({f"epsilon_{s.level}": s.epsilon_run for s in spends})
+        if private:
+            # Only the privatized delta leaves: no loss, norm, expert load or record count of the
+            # data; weight 1 because the sensitivity analysis bounds each enterprise's share.
+            weight = 1
+        else:
+            metrics.update(
+                train_loss=result.mean_loss, update_norm=norm, expert_load=json.dumps(result.expert_load)
+            )
+            # FedAvg weight: the enterprise's number of training sequences (SecAgg+ would scale
+            # the masked values by it, so there every client weighs 1).
+            weight = 1 if spec.secagg_range is not None else int(ws.train_blocks.shape[0])
+        release = Release(delta, weight, metrics, sha, spec.noise_shares, unmasked=False)
+        self.ledger.record_release(key, spec.server_round, release)  # before anything leaves
+        return delta, weight, metrics
+
+    def _replay(self, spec: RoundSpec, earlier: Release, sha: str) -> tuple[list[np.ndarray], int, dict]:
+        """The same round again (a resumed coordinator): the same release, or a refusal."""
+        where = f"round {spec.server_round} of run {spec.run_uid[:8]}"
+        if earlier.parameters_sha256 != sha:
+            raise ReplayRefused(f"{where} was already released from another global adapter; one release per round")
+        if earlier.noise_shares > spec.noise_shares:
+            raise ReplayRefused(
+                f"{where} was released with 1/{earlier.noise_shares} of the noise; "
+                f"a sum of {spec.noise_shares} such updates would carry too little"
+            )
+        if earlier.unmasked:
+            raise ReplayRefused(
+                f"{where} was already unmasked by secure aggregation; a second sum over other clients "
+                "could single this update out"
+            )
+        return earlier.arrays, earlier.weight, earlier.metrics
+
+    def mark_unmasked(self, run_key: str, round_number: int) -> None:
+        self.ledger.mark_unmasked(run_key, round_number)
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        spec = RoundSpec.from_config(config)
+        if spec.privacy.enabled or self.node.budget.limited:
+            raise PermissionError(
+                "this node releases no held-out metrics in a private run (they are not covered by the privacy budget)"
+            )
+        ws = workspace(self.node, spec.lora, spec.train.seq_len)
+        _check_round(ws, spec)
+        _global_adapter(parameters, ws)
+        loss = evaluate_loss(ws.model, ws.heldout_blocks, spec.train.eval_batch_size, ws.device)
+        return loss, int(ws.heldout_blocks.shape[0]), {"enterprise": self.node.enterprise}

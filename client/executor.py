@@ -1,0 +1,124 @@
+"""The agent's task executor: Flower's messages run in the agent's own, warm process.
+
+Flower's SuperNode started with `--isolation process` leaves running its ClientApp to "a
+separate independent process". Flower's own choice, SuperExec, starts a fresh `flwr-clientapp`
+process for every message (1-2 s of imports before any work, several times per round) and runs
+whatever app the coordinator's FAB names, code the coordinator wrote. The agent is that
+independent process instead. It acquires each task from the SuperNode's local Runtime API (signed
+with the SuperExec secret the SuperNode was given, so no other local process can take a task),
+pulls the message and the run's context, runs fedmoe's OWN, installed ClientApp on the warm node,
+and pushes the reply and the context back, the way `flwr-clientapp` does (the same Flower
+functions). Flower's SuperNode still does all of the transport: TLS, node authentication,
+heartbeats, pulling and pushing messages to the coordinator.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from flwr.app import Message
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from fedmoe.support.flower_tuning import shorten_object_pull_backoff
+
+ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
+TASK_HEARTBEAT_S = 10.0
+
+
+def _client(address: str, interceptors: list, retry: bool) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,  # the SuperNode's Runtime API listens on this host's loopback only
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
+        retry_invoker=make_simple_http_retry_invoker() if retry else None,
+    )
+
+
+def _heartbeat(client: RuntimeHttpClient, done: threading.Event) -> None:
+    """Keep the task alive while a long round trains (Flower's own sender would SIGINT us)."""
+    while not done.wait(TASK_HEARTBEAT_S):
+        try:
+            client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
+            pass
+
+
+def run_task(address: str, token: str, app: ClientApp) -> tuple[str, float]:
+    """Run one acquired task; returns (message type, seconds)."""
+    started = time.monotonic()
+    client = _client(address, [RuntimeTokenHttpInterceptor(token)], retry=True)
+    done = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(client, done), name="task-heartbeat", daemon=True)
+    beat.start()
+    message = context = None
+    status, details, kind = SubStatus.FAILED, "the task failed before its message arrived", "-"
+    try:
+        message, context, _run, _fab = pull_task_input(client)  # the FAB is never executed
+        kind = message.metadata.message_type
+        try:
+            reply = app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as err:  # noqa: BLE001 - the error goes back to the coordinator
+            details = f"{type(err)}:<'{err}'>"
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        push_message(client, reply, context)
+    finally:
+        done.set()
+        push_task_output(client=client, context=context, sub_status=status, details=details)
+        client.close()
+    return kind, time.monotonic() - started
+
+
+def run_tasks(
+    address: Callable[[], str | None],
+    secret: bytes,
+    app: ClientApp,
+    stop: threading.Event,
+    poll_s: float,
+    on_task: Callable[[str, float, str | None], None],
+) -> None:
+    """Acquire and run tasks one at a time until `stop`; `address()` is the current SuperNode's
+    Runtime API (None while it restarts). `on_task(kind, seconds, error)` reports each task."""
+    # A task is handed over as soon as its message arrives, often before the SuperNode holds all
+    # of its objects: ask again after 0.05 s, not Flower's 1 s (support/flower_tuning.py).
+    shorten_object_pull_backoff()
+    current, client = None, None
+    while not stop.is_set():
+        if address() != current:
+            if client is not None:
+                client.close()
+            current = address()
+            # No retries inside a call: while the SuperNode restarts, this loop waits for it.
+            auth = SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE})
+            client = _client(current, [auth], retry=False) if current else None
+        if client is None:
+            stop.wait(poll_s)
+            continue
+        try:
+            acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        except Exception:  # noqa: BLE001 - the SuperNode is (re)starting
+            stop.wait(max(poll_s, 0.5))
+            continue
+        if not (acquired.HasField("task") and acquired.token):
+            stop.wait(poll_s)
+            continue
+        try:
+            kind, seconds = run_task(current, acquired.token, app)
+            on_task(kind, seconds, None)
+        except Exception as err:  # noqa: BLE001 - one broken task must not stop the node
+            on_task("task", 0.0, f"{type(err).__name__}: {err}")

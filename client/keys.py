@@ -1,0 +1,37 @@
+"""`fedmoe agent init`: the node's key pair, which Flower's SuperNode authentication uses.
+
+The private key stays on the node (mode 0600, OpenSSH format, the one `flower-supernode
+--auth-supernode-private-key` reads); the public key goes to the platform admin, who binds it to
+the enterprise's name (`fedmoe admin nodes register NAME --public-key FILE`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedmoe.contract.keys import fingerprint, openssh_public
+
+PRIVATE_KEY_FILE = "node.key"
+PUBLIC_KEY_FILE = "node.pub"
+
+
+def make_node_keys(directory: Path, force: bool = False) -> tuple[Path, Path, str]:
+    """Write node.key and node.pub into `directory`; returns (private, public, fingerprint)."""
+    private_path, public_path = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
+    if not force and (private_path.exists() or public_path.exists()):
+        raise FileExistsError(
+            f"{private_path} exists: this node has a key already (registered keys cannot be replaced "
+            "silently); pass --force to make a new one, then register it again"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    public_path.write_text(openssh_public(key.public_key()) + " fedmoe-node\n")
+    return private_path, public_path, fingerprint(key.public_key())

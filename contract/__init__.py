@@ -1,0 +1,1 @@
+"""What coordinator and nodes agree on: the shape of a round's messages (see round.py)."""

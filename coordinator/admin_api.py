@@ -1,0 +1,181 @@
+"""The admin API (proto/fedmoe/proto/admin.proto) over gRPC: authentication and the mapping of
+requests and errors onto the coordinator service.
+
+Authentication is a bearer token per admin, checked before any handler runs: the coordinator keeps
+only SHA-256 hashes of the tokens (coordinator.toml), compares in constant time, and records the
+token's name with what the caller did (`started_by`, `registered_by`). We chose bearer tokens
+over mutual TLS because operators rotate a token with one config line and no PKI of their own,
+the admin CLI and any gRPC client send one header, and the channel is TLS already, so the token
+never travels in the clear. A call without a valid token gets UNAUTHENTICATED and changes
+nothing. Requests over `admin.max_request_bytes` are refused by gRPC (RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+
+from fedmoe.coordinator.db import FINAL_STATUSES
+from fedmoe.coordinator.service_config import AdminSection
+from fedmoe.coordinator.views import privacy_ledger_message, round_message, run_message
+from fedmoe.proto import admin_pb2 as pb
+from fedmoe.proto import admin_pb2_grpc as pb_grpc
+from fedmoe.support.files import ConfigError
+
+WATCH_POLL_S = 0.5
+
+
+class AdminError(Exception):
+    """A request the coordinator refuses; `code` is the gRPC status it answers with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _caller(context: grpc.ServicerContext, admin: AdminSection) -> str:
+    token = dict(context.invocation_metadata()).get("authorization", "")
+    return admin.caller(token.removeprefix("Bearer ")) or "?"
+
+
+def _run_id(value: int) -> int:
+    if value < 1 or value >= 2**63:
+        raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"run_id: must be >= 1 (got {value})")
+    return value
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, service):
+        self.service = service
+        self.store = service.store
+
+    def _handle(self, context: grpc.ServicerContext, action):
+        try:
+            return action()
+        except AdminError as err:
+            context.abort(err.code, str(err))
+        except ConfigError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except LookupError as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0] if err.args else err))
+
+    def _run(self, run_id: int) -> pb.Run:
+        run = self.store.run(_run_id(run_id))
+        if run is None:
+            raise AdminError(grpc.StatusCode.NOT_FOUND, f"run {run_id} not found; ListRuns lists the runs")
+        return run_message(run, self.store.completed_rounds(run.id))
+
+    def StartRun(self, request, context):
+        caller = _caller(context, self.service.config.admin)
+        return self._handle(
+            context, lambda: self._run(self.service.start_run(request.config_toml, list(request.overrides), caller))
+        )
+
+    def StopRun(self, request, context):
+        caller = _caller(context, self.service.config.admin)
+
+        def stop():
+            run = self._run(request.run_id)
+            if run.status in FINAL_STATUSES:
+                raise AdminError(grpc.StatusCode.FAILED_PRECONDITION, f"run {run.id} already ended ({run.status})")
+            self.service.stop_run(run.id, caller)
+            return self._run(run.id)
+
+        return self._handle(context, stop)
+
+    def GetRun(self, request, context):
+        return self._handle(context, lambda: self._run(request.run_id))
+
+    def ListRuns(self, request, context):
+        runs = [run_message(r, self.store.completed_rounds(r.id)) for r in self.store.runs()]
+        return pb.ListRunsResponse(runs=runs)
+
+    def ListRounds(self, request, context):
+        def rounds():
+            run = self._run(request.run_id)
+            return pb.ListRoundsResponse(rounds=[round_message(r) for r in self.store.rounds(run.id)])
+
+        return self._handle(context, rounds)
+
+    def WatchRun(self, request, context) -> Iterator[pb.RunEvent]:
+        run = self._handle(context, lambda: self._run(request.run_id))
+        after, status = request.after_round, None
+        while context.is_active():
+            for r in self.store.rounds(run.id, after=after):
+                after = r.number
+                yield pb.RunEvent(run=self._run(run.id), round=round_message(r))
+            run = self._run(run.id)
+            if run.status != status:
+                status = run.status
+                yield pb.RunEvent(run=run)
+            if run.status in FINAL_STATUSES:
+                return
+            time.sleep(WATCH_POLL_S)
+
+    def GetPrivacyLedger(self, request, context):
+        def ledger():
+            run_id = None if request.run_id == 0 else self._run(request.run_id).id
+            return privacy_ledger_message(self.store, run_id)
+
+        return self._handle(context, ledger)
+
+    def RegisterNode(self, request, context):
+        caller = _caller(context, self.service.config.admin)
+        return self._handle(context, lambda: self.service.register_node(request.enterprise, request.public_key, caller))
+
+    def RevokeNode(self, request, context):
+        caller = _caller(context, self.service.config.admin)
+        return self._handle(context, lambda: self.service.revoke_node(request.enterprise, caller))
+
+    def ListNodes(self, request, context):
+        return pb.ListNodesResponse(nodes=self.service.nodes(request.include_revoked))
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Every admin call needs `authorization: Bearer <token>` of a configured token."""
+
+    def __init__(self, admin: AdminSection, on_refused=lambda method: None):
+        self.admin = admin
+        self.on_refused = on_refused
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        token = str(metadata.get("authorization", ""))
+        if token.startswith("Bearer ") and self.admin.caller(token[len("Bearer ") :]) is not None:
+            return handler
+        self.on_refused(handler_call_details.method)
+
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown admin token (send `authorization: Bearer <token>`)")
+
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+def serve(service, address: str, cert: bytes, key: bytes) -> grpc.Server:
+    """Start the admin API on `address` (TLS with the coordinator's certificate)."""
+    admin = service.config.admin
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="admin"),
+        interceptors=[TokenAuth(admin, on_refused=service.refused_admin_call)],
+        options=[
+            ("grpc.max_receive_message_length", admin.max_request_bytes),
+            ("grpc.max_send_message_length", 64 << 20),
+        ],
+    )
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(service), server)
+    if server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)])) == 0:
+        raise RuntimeError(f"admin.address: cannot listen on {address}")
+    server.start()
+    return server

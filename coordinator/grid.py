@@ -1,0 +1,90 @@
+"""The coordinator's view of Flower's Grid: only the run's registered enterprises, replies as they come.
+
+What Flower's own Grid does not do for us:
+- it lists every node connected to the SuperLink; a run must only ever talk to the enterprises it
+  was started for, as the node registry names them (`allowed`);
+- its `send_and_receive` re-pulls replies every 3 seconds, a fixed cost in every message round
+  trip of every round; this one pulls every `poll_interval` seconds (and a reply whose objects
+  are still uploading is asked again after 0.05 s, not 1 s: support/flower_tuning.py);
+- Flower's legacy workflow waits for training replies with no time limit; here a call without a
+  timeout waits at most `default_timeout`;
+- the legacy workflow hands the strategy a node's error reply without saying whose it was; here
+  `last_errors` keeps, per node, why its reply to the last call failed (or that none came).
+Everything else is Flower's Grid, delegated unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedmoe.support.flower_tuning import shorten_object_pull_backoff
+
+
+class FleetGrid(Grid):
+    def __init__(
+        self,
+        grid: Grid,
+        allowed: Callable[[], set[int]] | None = None,
+        poll_interval: float = 0.1,
+        default_timeout: float | None = None,
+    ):
+        self._grid = grid
+        self._allowed = allowed
+        self._poll_interval = poll_interval
+        self._default_timeout = default_timeout
+        self.last_errors: dict[int, str] = {}
+        shorten_object_pull_backoff()  # replies are pulled as soon as their objects are up
+
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl=None):
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        nodes = list(self._grid.get_node_ids())
+        if self._allowed is None:
+            return nodes
+        allowed = self._allowed()
+        return [n for n in nodes if n in allowed]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        started = time.monotonic()
+        kind = messages[0].metadata.message_type if messages else "-"
+        ids = list(self.push_messages(messages))
+        destination = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+        pending = set(ids)
+        timeout = self._default_timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            received = list(self.pull_messages(pending))
+            replies += received
+            pending -= {m.metadata.reply_to_message_id for m in received}
+            if pending:
+                time.sleep(self._poll_interval)
+        self.last_errors = {
+            destination[m.metadata.reply_to_message_id]: m.error.reason
+            for m in replies
+            if m.has_error() and m.metadata.reply_to_message_id in destination
+        }
+        for mid in pending:
+            self.last_errors[destination[mid]] = f"no reply within {timeout:g}s"
+        # Not a progress line ("[fedmoe]" lines are shown to users): read by benchmarks/deployment.py.
+        print(f"[fedmoe-timing] {kind} x{len(messages)} {time.monotonic() - started:.3f}s (from {time.time() - (time.monotonic() - started):.3f})", flush=True)
+        return replies

@@ -1,0 +1,78 @@
+"""Starting and stopping the Flower processes we supervise (SuperLink, SuperNode): each in its own
+process group, logging to a file, and dying with its supervisor even when that is SIGKILLed."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def executable(name: str) -> str:
+    # Prefer the scripts next to this interpreter, so a venv works without being activated.
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.is_file() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found; install fedmoe (pip install -e .) in this environment")
+    return found
+
+
+def flower_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a Flower process: its own home, no runtime dependency installation, no
+    telemetry, and this interpreter's scripts first on PATH (Flower starts its helpers by name)."""
+    env = dict(os.environ, FLWR_HOME=str(home), **FLOWER_ENV, **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the process that started it dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_process(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    """A child in its own process group, logging to `log_path`, that dies with us."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, PermissionError):
+        pass
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
