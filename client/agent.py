@@ -36,8 +36,8 @@ from fedmoe.support.processes import flower_env, free_port, start_process, stop_
 HEALTH_FILE = "health.json"
 HEALTH_EVERY_S = 5.0
 RECONNECT_AFTER_S = 10
-MAX_BACKOFF_S = 10.0
-REFUSED_HINTS = ("401", "Invalid SuperNode authentication", "not registered", "unregistered")
+MAX_BACKOFF_S = 5.0
+REFUSED_HINTS = ("Failed to activate SuperNode", "Invalid SuperNode authentication")
 
 
 class _Stop(Exception):
@@ -51,7 +51,7 @@ def _raise_stop(signum, frame) -> None:
 class Agent:
     def __init__(self, config: AgentConfig, say=print):
         self.config = config
-        self.say = lambda text: say(f"[agent {config.name}] {text}", flush=True)
+        self.say = lambda text: say(f"[agent {config.name} {time.strftime('%H:%M:%S')}] {text}", flush=True)
         self.state = Path(config.state_dir)
         self.runtime_address: str | None = None
         self.tasks = {"count": 0, "last": None}
@@ -82,7 +82,7 @@ class Agent:
     def _on_task(self, kind: str, seconds: float, error: str | None) -> None:
         self.tasks["count"] += 1
         self.tasks["last"] = {"kind": kind, "seconds": round(seconds, 3), "at": time.time(), "error": error}
-        self.say(f"{kind} task failed: {error}" if error else f"{kind} message served in {seconds:.2f}s (done {time.time():.3f})")
+        self.say(f"{kind} task failed: {error}" if error else f"{kind} message served in {seconds:.2f}s")
 
     def _write_health(self, supernode_alive: bool) -> None:
         health = {"at": time.time(), "supernode": supernode_alive, "tasks": self.tasks["count"], "last_task": self.tasks["last"]}
@@ -131,8 +131,9 @@ class Agent:
                 tail = log_path.read_text(errors="replace")[offset:][-3000:]
                 if any(h in tail for h in REFUSED_HINTS):
                     self.say(
-                        "the coordinator refused this node's key: ask the platform admin to register node.pub "
-                        "(`fedmoe admin nodes register NAME --public-key node.pub`); a revoked key never comes back"
+                        "the coordinator refused to activate this node: its key is not registered or was revoked "
+                        "(ask the platform admin: `fedmoe admin nodes register NAME --public-key node.pub`; a revoked "
+                        "key never comes back), or this node's previous session has not expired yet (20 s)"
                     )
                 backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF_S)
                 self.say(f"the SuperNode exited (code {proc.returncode}); reconnecting in {backoff:.0f}s")

@@ -37,6 +37,7 @@ from fedmoe.support.flower_tuning import shorten_object_pull_backoff
 
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 TASK_HEARTBEAT_S = 10.0
+LOCAL_PULL_MAX_S = 60.0
 
 
 def _client(address: str, interceptors: list, retry: bool) -> RuntimeHttpClient:
@@ -95,8 +96,9 @@ def run_tasks(
     """Acquire and run tasks one at a time until `stop`; `address()` is the current SuperNode's
     Runtime API (None while it restarts). `on_task(kind, seconds, error)` reports each task."""
     # A task is handed over as soon as its message arrives, often before the SuperNode holds all
-    # of its objects: ask again after 0.05 s, not Flower's 1 s (support/flower_tuning.py).
-    shorten_object_pull_backoff()
+    # of its objects: ask again after 0.05 s, not Flower's 1 s, and give up on a task whose message
+    # never completes (support/flower_tuning.py).
+    shorten_object_pull_backoff(max_time=LOCAL_PULL_MAX_S)
     current, client = None, None
     while not stop.is_set():
         if address() != current:

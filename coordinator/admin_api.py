@@ -13,6 +13,7 @@ nothing. Requests over `admin.max_request_bytes` are refused by gRPC (RESOURCE_E
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -42,7 +43,7 @@ def _caller(context: grpc.ServicerContext, admin: AdminSection) -> str:
 
 
 def _run_id(value: int) -> int:
-    if value < 1 or value >= 2**63:
+    if value < 1:
         raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"run_id: must be >= 1 (got {value})")
     return value
 
@@ -61,6 +62,9 @@ class AdminServicer(pb_grpc.AdminServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except LookupError as err:
             context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0] if err.args else err))
+        except Exception as err:  # noqa: BLE001 - a bug or an outage, never a traceback to the caller
+            traceback.print_exc()
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(err).__name__}); see the coordinator's log")
 
     def _run(self, run_id: int) -> pb.Run:
         run = self.store.run(_run_id(run_id))

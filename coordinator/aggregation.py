@@ -17,7 +17,7 @@ def check_update(update: list[np.ndarray], reference: list[np.ndarray], weight: 
         raise MalformedUpdate(f"example count must be a positive number, got {weight}")
     if len(update) != len(reference):
         raise MalformedUpdate(f"expected {len(reference)} tensors, got {len(update)}")
-    for i, (u, r) in enumerate(zip(update, reference)):
+    for i, (u, r) in enumerate(zip(update, reference, strict=True)):
         if u.shape != r.shape:
             raise MalformedUpdate(f"tensor {i}: expected shape {r.shape}, got {u.shape}")
         if not np.all(np.isfinite(u)):
@@ -34,13 +34,13 @@ def weighted_average(updates: list[list[np.ndarray]], weights: list[float]) -> l
     if total <= 0:
         raise ValueError("weights must sum to a positive number")
     out = []
-    for tensors in zip(*updates):
+    for tensors in zip(*updates, strict=True):
         acc = np.zeros(tensors[0].shape, dtype=np.float64)
-        for t, w in zip(tensors, weights):
+        for t, w in zip(tensors, weights, strict=True):
             acc += float(w) * t.astype(np.float64)
         out.append((acc / total).astype(tensors[0].dtype))
     return out
 
 
 def apply_update(global_tensors: list[np.ndarray], delta: list[np.ndarray]) -> list[np.ndarray]:
-    return [(g + d.astype(g.dtype)) for g, d in zip(global_tensors, delta)]
+    return [(g + d.astype(g.dtype)) for g, d in zip(global_tensors, delta, strict=True)]

@@ -20,13 +20,6 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedmoe.support.files import (
-    ConfigError,
-    describe_validation_error,
-    parse_toml,
-    read_toml_file,
-    resolve_path,
-)
 from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.base import EMBEDDED, check_model_dir, load_tokenizer, resolve_model_path
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES
@@ -34,6 +27,13 @@ from fedmoe.model.data import find_split, load_records
 from fedmoe.model.settings import LoraSettings
 from fedmoe.privacy.plan import InfeasiblePlan, plan_enterprise_level, plan_run
 from fedmoe.privacy.settings import NodeBudget, PrivacySettings
+from fedmoe.support.files import (
+    ConfigError,
+    describe_validation_error,
+    parse_toml,
+    read_toml_file,
+    resolve_path,
+)
 
 ENTERPRISE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 

@@ -266,6 +266,7 @@ class RunStore:
         engine: str = "simulation",
         enterprises: list[str] | None = None,
         started_by: str | None = None,
+        privacy_plan: dict | None = None,
     ) -> int:
         with self._session.begin() as s:
             run = Run(
@@ -277,6 +278,7 @@ class RunStore:
                 enterprises=enterprises,
                 started_at=utcnow(),
                 started_by=started_by,
+                privacy_plan=privacy_plan,
                 resumes=0,
                 stop_requested=False,
             )
@@ -301,10 +303,6 @@ class RunStore:
         with self._session.begin() as s:
             s.get(Run, run_id).base_fingerprint = base_fingerprint
 
-    def set_privacy_plan(self, run_id: int, plan: dict) -> None:
-        with self._session.begin() as s:
-            s.get(Run, run_id).privacy_plan = plan
-
     def request_stop(self, run_id: int) -> None:
         with self._session.begin() as s:
             s.get(Run, run_id).stop_requested = True
@@ -328,6 +326,8 @@ class RunStore:
             return list(s.scalars(query))
 
     def run(self, run_id: int) -> Run | None:
+        if not 1 <= run_id < 2**31:  # the id column's range: no such run
+            return None
         with self._session() as s:
             return s.get(Run, run_id)
 

@@ -23,6 +23,7 @@ from fedmoe.coordinator.config import ConfigError, RunConfig, parse_run_config
 from fedmoe.coordinator.db import FINAL_STATUSES, RunStore
 from fedmoe.coordinator.runs import RunSupervisor
 from fedmoe.coordinator.superlink import FINISHED, SuperLink, follow_logs
+from fedmoe.coordinator.views import privacy_plan_summary
 
 POLL_S = 1.0
 
@@ -76,7 +77,9 @@ def launch(config: RunConfig | None, verbose: bool = False, resume: int | None =
     else:
         check_writable(Path(config.output.dir))
         names = [e.name for e in config.federation.enterprises]
-        run_id = store.create_run(config.to_toml_dict(), config.federation.rounds, "simulation", names)
+        run_id = store.create_run(
+            config.to_toml_dict(), config.federation.rounds, "simulation", names, privacy_plan=privacy_plan_summary(config)
+        )
     check_writable(Path(config.output.dir))
     flower_root = Path(config.output.dir) / "flower"
     flower_root.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,8 @@ def launch(config: RunConfig | None, verbose: bool = False, resume: int | None =
     tail: deque[str] = deque(maxlen=60)
 
     def on_text(text: str) -> None:
+        with open(home / "run.log", "a") as log:
+            log.write(text)
         for line in text.splitlines(keepends=True):
             tail.append(line)
             if verbose:
@@ -131,5 +136,5 @@ def launch(config: RunConfig | None, verbose: bool = False, resume: int | None =
         return 0
     if not verbose:
         sys.stderr.write("".join(tail))
-    print(f"[fedmoe] run {run_id} {run.status}: {run.error}; full log: {home / 'superlink.log'}", file=sys.stderr)
+    print(f"[fedmoe] run {run_id} {run.status}: {run.error}; full log: {home / 'run.log'}", file=sys.stderr)
     return 1

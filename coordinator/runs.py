@@ -31,7 +31,7 @@ class RunSupervisor:
         database_url: str,
         max_resumes: int = 3,
         federation_config: str | None = None,
-        reconnect_grace_s: float = 90.0,
+        reconnect_grace_s: float = 45.0,
     ):
         self.store = store
         self.superlink = superlink
@@ -96,13 +96,12 @@ class RunSupervisor:
 
     def _enterprises_back(self, run: Run) -> bool:
         """Shortly after a SuperLink (re)start, submit a deployment run once its enterprises' nodes
-        have reconnected (or after a grace period): until they do, the SuperLink's state database
-        still lists the ones it knew as online, and a round would fail on them at once (and Flower
-        refuses a node's reconnection until that stale presence expires, about a minute)."""
+        have been heard from again (or after a grace period): until then the SuperLink's state
+        database still lists the ones it knew as online, and a round would fail on them at once."""
         if self.engine != "deployment" or time.time() - self.superlink.started_at > self.reconnect_grace_s:
             return True
         wanted = {int(n.flower_node_id) for n in self.store.nodes() if n.enterprise in (run.enterprises or [])}
-        return wanted <= self.superlink.control().activated_since(self.superlink.started_at)
+        return wanted <= self.superlink.control().heard_from_since(self.superlink.started_at)
 
     def stop(self, run_id: int, reason: str) -> None:
         """Stop a run now: its Flower run is stopped and the run ends `stopped` with `reason`."""

@@ -48,7 +48,6 @@ from fedmoe.model.lora import (
     set_adapter_vector,
 )
 from fedmoe.model.loss import evaluate_loss
-from fedmoe.privacy.plan import plan_enterprise_level
 
 log = logging.getLogger("fedmoe")
 
@@ -160,18 +159,6 @@ def load_checkpoint(model: torch.nn.Module, directory: Path, sha256: str | None)
         raise ValueError(f"cannot resume: the checkpoint {directory} holds NaN or infinite values")
 
 
-def privacy_plan_summary(config: RunConfig) -> dict:
-    """What the run promises, for the database and the first progress line."""
-    privacy = config.privacy
-    summary: dict = {"secure_aggregation": config.federation.secure_aggregation.enabled}
-    if privacy.record:
-        summary["record"] = privacy.record.model_dump()
-    if privacy.enterprise:
-        plan = plan_enterprise_level(privacy.enterprise, config.federation.rounds)
-        summary["enterprise"] = {**privacy.enterprise.model_dump(), "noise_multiplier": plan.noise_multiplier}
-    return summary
-
-
 def format_round(record: RoundRecord, config: RunConfig) -> str:
     def fmt(x):
         return "-" if x is None else f"{x:.4f}"
@@ -188,7 +175,10 @@ def format_round(record: RoundRecord, config: RunConfig) -> str:
         if settings is not None and spent:
             line += f" | eps {level} {max(spent):.3f}/{settings.epsilon:g}"
     refused = sum(p.status == "refused" for p in record.participations)
-    return line + (f" | refused {refused}" if refused else "") + f" | {seconds:.1f}s"
+    failed = [p.enterprise or p.node_id for p in record.participations if p.status in ("failed", "rejected")]
+    line += f" | refused {refused}" if refused else ""
+    line += f" | FAILED {', '.join(failed)}" if failed else ""
+    return line + f" | {seconds:.1f}s"
 
 
 def registry(store: RunStore, enterprises: list[str]):
@@ -219,7 +209,6 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
     secagg = config.federation.secure_aggregation
     try:
         store.mark_running(run_id)
-        store.set_privacy_plan(run_id, privacy_plan_summary(config))
         allowed = None
         enterprise_of = lambda node_id: None  # noqa: E731 - simulation: nodes name themselves
         if launch.engine == "deployment":
@@ -238,7 +227,7 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
             f"base {ctx.base_fingerprint[:12]}{resumed}",
             flush=True,
         )
-        print(f"[fedmoe] {describe_privacy(privacy_plan_summary(config))}", flush=True)
+        print(f"[fedmoe] {describe_privacy(run.privacy_plan)}", flush=True)
         if remaining <= 0:
             store.finish_run(run_id, "completed")
             print(f"[fedmoe] run {run_id} completed (every round had committed)", flush=True)
@@ -272,8 +261,12 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         print(f"[fedmoe] run {run_id} failed: {err}", flush=True)
         raise
     else:
-        store.finish_run(run_id, "completed")
+        # Rounds may go on without an enterprise (min_fit_clients); the run says so, loudly.
+        note = f"completed without some enterprises: {'; '.join(strategy.lost)}"[:4000] if strategy.lost else None
+        store.finish_run(run_id, "completed", note)
         print(f"[fedmoe] run {run_id} completed; adapter checkpoints in {run_dir(config, run_id)}", flush=True)
+        if note:
+            print(f"[fedmoe] WARNING: run {run_id} {note}", flush=True)
     finally:
         store.close()
     return run_id

@@ -21,13 +21,19 @@ from pathlib import Path
 
 from fedmoe.contract.keys import fingerprint, load_public_key
 from fedmoe.coordinator.admin_api import AdminError, serve
-from fedmoe.coordinator.config import ENTERPRISE_NAME, apply_overrides, parse_overrides, parse_run_config, resolve_for_deployment
+from fedmoe.coordinator.config import (
+    ENTERPRISE_NAME,
+    apply_overrides,
+    parse_overrides,
+    parse_run_config,
+    resolve_for_deployment,
+)
 from fedmoe.coordinator.db import FINAL_STATUSES, RunStore
 from fedmoe.coordinator.gateway import FleetGateway
 from fedmoe.coordinator.runs import RunSupervisor
 from fedmoe.coordinator.service_config import CoordinatorConfig
 from fedmoe.coordinator.superlink import FINISHED, SuperLink, TLSFiles, follow_logs
-from fedmoe.coordinator.views import node_message
+from fedmoe.coordinator.views import node_message, privacy_plan_summary
 from fedmoe.proto import admin_pb2 as pb
 from fedmoe.support.files import ConfigError, parse_toml
 
@@ -49,7 +55,7 @@ class CoordinatorService:
 
         self.grpc = grpc
         self.config = config
-        self.say = lambda text: say(f"[coordinator] {text}", flush=True)
+        self.say = lambda text: say(f"[coordinator {time.strftime('%H:%M:%S')}] {text}", flush=True)
         self.lock = threading.RLock()  # one supervisor step at a time (admin calls and the loop)
         self.storage = Path(config.storage.dir)
         self.storage.mkdir(parents=True, exist_ok=True)
@@ -78,7 +84,9 @@ class CoordinatorService:
         config = resolve_for_deployment(config, registered, self.config.database.url, str(self.config.runs_dir))
         names = [e.name for e in config.federation.enterprises]
         with self.lock:
-            run_id = self.store.create_run(config.to_toml_dict(), config.federation.rounds, "deployment", names, caller)
+            run_id = self.store.create_run(
+                config.to_toml_dict(), config.federation.rounds, "deployment", names, caller, privacy_plan_summary(config)
+            )
             self.say(f"run {run_id} started by {caller}: {len(names)} enterprises ({', '.join(names)}), {config.federation.rounds} rounds")
             self._check(run_id)
         return run_id
@@ -139,14 +147,21 @@ class CoordinatorService:
     # --- supervision --------------------------------------------------------------------------
     def _check(self, run_id: int) -> None:
         run = self.supervisor.check(run_id)
-        if run.flower_run_id and run.flower_run_id not in self.followed and run.status not in FINAL_STATUSES:
+        # Only Flower runs of this coordinator's SuperLink: an earlier one's log would replay.
+        fresh = run.flower_run_id in self.supervisor.submitted
+        if fresh and run.flower_run_id not in self.followed and run.status not in FINAL_STATUSES:
             self.followed.add(run.flower_run_id)
             self._follow(run_id, run.flower_run_id)
 
     def _follow(self, run_id: int, flower_run_id: str) -> None:
+        """Print the run's progress lines and keep its whole ServerApp log in storage/logs/."""
         control = self.superlink.control()
+        log_path = self.storage / "logs" / f"run-{run_id:04d}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
 
         def on_text(text: str) -> None:
+            with open(log_path, "a") as log:
+                log.write(text)
             for line in text.splitlines():
                 if "[fedmoe]" in line:
                     self.say(line[line.find("[fedmoe]") + len("[fedmoe] ") :])

@@ -34,7 +34,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedmoe.support.files import ConfigError, describe_validation_error, read_toml_file, resolve_path
+from fedmoe.support.files import (
+    ConfigError,
+    describe_validation_error,
+    read_toml_file,
+    resolve_path,
+)
 
 ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
 

@@ -138,6 +138,7 @@ class FederatedLoRA(FedAvg):
         self.on_round = on_round
         self.global_adapter = [a.copy() for a in round_context.initial_adapter]
         self.pending: _PendingRound | None = None
+        self.lost: list[str] = []  # enterprises that failed or were rejected in a committed round
 
     def __repr__(self) -> str:
         return f"FederatedLoRA(rounds={self.config.federation.rounds}, enterprises={len(self.config.federation.enterprises)})"
@@ -382,6 +383,7 @@ class FederatedLoRA(FedAvg):
             participations=sorted(pending.participations.values(), key=lambda p: (p.enterprise or "", p.node_id)),
         )
         self.store.record_round(self.run_id, record)
+        self.lost += [f"round {record.number}: {p.enterprise or p.node_id} {p.status} ({p.error})" for p in record.participations if p.status in ("failed", "rejected")]
         self.on_round(record)
 
 

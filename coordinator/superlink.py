@@ -199,19 +199,19 @@ class Control:
 
         self._stub().UnregisterNode(UnregisterNodeRequest(node_id=node_id))
 
-    def activated_since(self, moment: float) -> set[int]:
-        """Nodes that connected (activated) after `moment`: after a SuperLink restart, the ones
-        that are really back (its state database still lists the others as online for a while)."""
-        import datetime as dt
-
+    def heard_from_since(self, moment: float) -> set[int]:
+        """Nodes that reached the SuperLink after `moment` (a heartbeat or a reconnection): after
+        a SuperLink restart, the ones that are really back (its state database still lists the
+        others as online until their last heartbeat expires)."""
+        from flwr.common.constant import HEARTBEAT_PATIENCE
         from flwr.proto.control_pb2 import ListNodesRequest
 
-        since = set()
-        for n in self._stub().ListNodes(ListNodesRequest()).nodes_info:
-            if n.HasField("last_activated_at") and n.last_activated_at:
-                if dt.datetime.fromisoformat(n.last_activated_at).timestamp() >= moment:
-                    since.add(n.node_id)
-        return since
+        nodes = self._stub().ListNodes(ListNodesRequest()).nodes_info
+        return {
+            n.node_id
+            for n in nodes
+            if n.HasField("online_until") and n.online_until - HEARTBEAT_PATIENCE * n.heartbeat_interval >= moment
+        }
 
     def online_nodes(self) -> set[int]:
         from flwr.proto.control_pb2 import ListNodesRequest
@@ -258,8 +258,10 @@ def follow_logs(control: Control, flower_run_id: str, on_text: Callable[[str], N
     """Stream a run's log to `on_text`, re-attaching after a broken stream (from the last
     timestamp seen, so nothing is printed twice) until `done()`."""
     after = 0.0
-    while not done():
+    while True:
         try:
+            if done():
+                return
             for text, stamp in control.logs(flower_run_id, after):
                 on_text(text)
                 after = max(after, stamp)

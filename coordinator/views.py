@@ -6,7 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+from fedmoe.coordinator.config import RunConfig
 from fedmoe.coordinator.db import Node, Participation, Round, Run, RunStore
+from fedmoe.privacy.plan import plan_enterprise_level
 from fedmoe.proto import admin_pb2 as pb
 
 
@@ -16,6 +18,18 @@ def _time(value: dt.datetime | None) -> str:
     if value.tzinfo is None:  # SQLite drops the zone; everything is written in UTC
         value = value.replace(tzinfo=dt.UTC)
     return value.isoformat(timespec="seconds")
+
+
+def privacy_plan_summary(config: RunConfig) -> dict:
+    """What a run promises, stored with the run when it is created."""
+    privacy = config.privacy
+    summary: dict = {"secure_aggregation": config.federation.secure_aggregation.enabled}
+    if privacy.record:
+        summary["record"] = privacy.record.model_dump()
+    if privacy.enterprise:
+        plan = plan_enterprise_level(privacy.enterprise, config.federation.rounds)
+        summary["enterprise"] = {**privacy.enterprise.model_dump(), "noise_multiplier": plan.noise_multiplier}
+    return summary
 
 
 def describe_privacy(plan: dict | None) -> str:

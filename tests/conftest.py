@@ -66,6 +66,10 @@ def postgres_url():
 
     Skips (with the reason) only when no server is reachable and not under CI; in CI a missing
     server is a failure."""
+    yield from _fresh_postgres_database()
+
+
+def _fresh_postgres_database():
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
@@ -115,3 +119,9 @@ def round_config(ws, privacy: dict | None = None, server_round: int = 1, lora=No
         **changes,
     )
     return spec.to_config()
+
+
+@pytest.fixture(scope="module")
+def module_postgres_url():
+    """A fresh PostgreSQL database shared by one test module (same skip/fail rule as `postgres_url`)."""
+    yield from _fresh_postgres_database()

@@ -10,7 +10,7 @@ from fedmoe.client.settings import NodeSettings
 from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.base import fingerprint, load_base, parameter_bytes
 from fedmoe.model.corpus import DEMO_DATA_DIR
-from fedmoe.model.lora import adapter_layout, adapter_parameters, get_adapter_tensors
+from fedmoe.model.lora import adapter_layout, adapter_parameters, get_adapter_vector
 from fedmoe.model.settings import LoraSettings
 
 LORA = LoraSettings(r=4, alpha=8)
@@ -27,18 +27,17 @@ def client_and_round(tmp_path):
 def test_only_adapter_deltas_travel_and_the_base_does_not_drift(client_and_round):
     client, config, ws = client_and_round
     base_state = {n: p.detach().clone() for n, p in ws.model.named_parameters() if not p.requires_grad}
-    global_adapter = [t.numpy() for t in get_adapter_tensors(ws.model)]
+    global_adapter = [get_adapter_vector(ws.model)]
     delta, num_examples, metrics = client.fit(global_adapter, config, secure_aggregation=False)
     adapter = adapter_parameters(ws.model)
-    assert [d.shape for d in delta] == [tuple(p.shape) for p in adapter.values()]
-    sent = sum(d.nbytes for d in delta)
-    assert sent == sum(p.numel() * 4 for p in adapter.values())
-    assert sent < 0.25 * parameter_bytes(load_base("embedded"))
+    # One flat float32 vector travels: every adapter tensor, in the canonical order, nothing else.
+    (vector,) = delta
+    assert vector.dtype == np.float32 and vector.shape == (sum(p.numel() for p in adapter.values()),)
+    assert vector.nbytes < 0.25 * parameter_bytes(load_base("embedded"))
     assert num_examples == ws.train_blocks.shape[0]
     assert metrics["update_norm"] > 0 and np.isfinite(metrics["train_loss"]) and "heldout_loss_before" in metrics
     # The model now holds global + delta; the frozen base weights are bit-identical.
-    for (name, p), g, d in zip(adapter.items(), global_adapter, delta):
-        torch.testing.assert_close(p.detach(), torch.from_numpy(g + d), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(get_adapter_vector(ws.model), global_adapter[0] + vector, atol=1e-6, rtol=0)
     for n, p in ws.model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, base_state[n]), n
@@ -46,7 +45,7 @@ def test_only_adapter_deltas_travel_and_the_base_does_not_drift(client_and_round
 
 def test_base_fingerprint_mismatch_stops_the_client(client_and_round):
     client, config, ws = client_and_round
-    global_adapter = [t.numpy() for t in get_adapter_tensors(ws.model)]
+    global_adapter = [get_adapter_vector(ws.model)]
     with pytest.raises(RuntimeError, match="base model mismatch"):
         client.fit(global_adapter, {**config, "base_fingerprint": "0" * 64}, secure_aggregation=False)
     with pytest.raises(RuntimeError, match="layout mismatch"):
@@ -55,7 +54,7 @@ def test_base_fingerprint_mismatch_stops_the_client(client_and_round):
 
 def test_evaluate_reports_heldout_loss(client_and_round):
     client, config, ws = client_and_round
-    loss, n, metrics = client.evaluate([t.numpy() for t in get_adapter_tensors(ws.model)], config)
+    loss, n, metrics = client.evaluate([get_adapter_vector(ws.model)], config)
     assert n == ws.heldout_blocks.shape[0] and 0 < loss < 20 and metrics["enterprise"] == "finance"
 
 

@@ -15,7 +15,7 @@ from fedmoe.client.settings import NodeSettings
 from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES
 from fedmoe.model.data import PADDING
-from fedmoe.model.lora import adapter_parameters, attach_lora, get_adapter_tensors
+from fedmoe.model.lora import adapter_parameters, attach_lora, get_adapter_tensors, get_adapter_vector
 from fedmoe.model.settings import LoraSettings
 from fedmoe.privacy import plan as plan_module
 from fedmoe.privacy.dp_sgd import SecureNoiseDPOptimizer, private_gradient
@@ -115,7 +115,7 @@ BOTH = {"record": {"epsilon": 8.0}, "enterprise": {"epsilon": 8.0, "clip": 0.05}
 def test_every_clients_update_is_within_the_clipping_bound(tmp_path, monkeypatch, enterprise):
     monkeypatch.setattr(plan_module, "gaussian_noise", lambda n, std, uniform=None: np.zeros(n))  # look at the clipped part alone
     client, ws = _client(tmp_path, enterprise)
-    delta, weight, metrics = client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], _config(ws, BOTH), secure_aggregation=False)
+    delta, weight, metrics = client.fit([get_adapter_vector(ws.model)], _config(ws, BOTH), secure_aggregation=False)
     assert 0 < l2_norm(delta) <= 0.05 * (1 + 1e-6)
     # Nothing but the privatized delta describes the data: no loss, norm, expert load or record count.
     assert weight == 1 and set(metrics) == {"enterprise", "steps", "duration_s", "epsilon_record", "epsilon_enterprise"}
@@ -123,13 +123,13 @@ def test_every_clients_update_is_within_the_clipping_bound(tmp_path, monkeypatch
 
 def test_a_round_over_budget_is_refused_before_any_training(tmp_path):
     client, ws = _client(tmp_path, record_epsilon=0.5)
-    adapter = [t.clone() for t in get_adapter_tensors(ws.model)]
+    adapter = get_adapter_vector(ws.model).copy()
     config = _config(ws, BOTH)
     answer = client.budget(config)
     assert answer["accept"] is False and "lifetime budget of 0.5" in answer["reason"]
     with pytest.raises(BudgetExceeded):
-        client.fit([t.numpy() for t in adapter], config, secure_aggregation=False)
-    assert all(torch.equal(a, b) for a, b in zip(adapter, get_adapter_tensors(ws.model)))
+        client.fit([adapter], config, secure_aggregation=False)
+    np.testing.assert_array_equal(adapter, get_adapter_vector(ws.model))
     assert client.ledger.entries() == []
 
 
@@ -138,20 +138,20 @@ def test_dp_that_leaves_the_adapter_unchanged_is_an_error(tmp_path, monkeypatch)
     monkeypatch.setattr(dp_trainer, "adapter_parameters", lambda m: {n: torch.nn.Parameter(p.detach().clone()) for n, p in adapter_parameters(m).items()})
     client, ws = _client(tmp_path)
     with pytest.raises(RuntimeError, match="left the adapter unchanged"):
-        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], _config(ws, {"record": {"epsilon": 8.0}}), secure_aggregation=False)
+        client.fit([get_adapter_vector(ws.model)], _config(ws, {"record": {"epsilon": 8.0}}), secure_aggregation=False)
 
 
 def test_no_held_out_metrics_are_released_in_a_private_run(tmp_path):
     client, ws = _client(tmp_path)
     with pytest.raises(PermissionError, match="no held-out metrics"):
-        client.evaluate([t.numpy() for t in get_adapter_tensors(ws.model)], _config(ws, BOTH))
+        client.evaluate([get_adapter_vector(ws.model)], _config(ws, BOTH))
 
 
 def test_a_noise_share_is_never_sent_outside_secure_aggregation(tmp_path):
     client, ws = _client(tmp_path)
     config = _config(ws, BOTH, noise_shares=3)
     with pytest.raises(RuntimeError, match="not under secure aggregation"):
-        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], config, secure_aggregation=False)
+        client.fit([get_adapter_vector(ws.model)], config, secure_aggregation=False)
     assert client.ledger.entries() == []
 
 
@@ -159,4 +159,4 @@ def test_an_update_secure_aggregation_would_clip_is_refused_not_sent(tmp_path):
     client, ws = _client(tmp_path)
     config = _config(ws, {"record": {"epsilon": 8.0}}, secagg_range=1e-9)
     with pytest.raises(ValueError, match="exceeds the secure-aggregation range"):
-        client.fit([t.numpy() for t in get_adapter_tensors(ws.model)], config, secure_aggregation=False)
+        client.fit([get_adapter_vector(ws.model)], config, secure_aggregation=False)

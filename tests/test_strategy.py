@@ -14,6 +14,7 @@ from fedmoe.coordinator.strategy import BudgetExhausted, FederatedLoRA, RoundAbo
 
 
 FP, LAYOUT = "f" * 64, "a" * 16
+PRIVATE = {"privacy.record.epsilon": 8.0, "privacy.enterprise.epsilon": 8.0}  # runs with a budget handshake
 
 
 def _fit(delta, n, **metrics):
@@ -119,7 +120,7 @@ def test_budget_handshake_records_refusals_and_epsilon_and_only_asks_acceptors_t
         2: _accept("b", 0.5, 1.0),
         3: {"enterprise": "c", "accept": False, "reason": "record-level epsilon would reach 9 above this node's lifetime budget of 8"},
     }
-    strategy, store, run_id, _, asked = _make(tmp_path, answers, **{"federation.min_fit_clients": 1})
+    strategy, store, run_id, _, asked = _make(tmp_path, answers, **{"federation.min_fit_clients": 1, **PRIVATE})
     params = ndarrays_to_parameters(strategy.global_adapter)
     instructions = strategy.configure_fit(1, params, _manager([1, 2, 3]))
     assert [p.node_id for p, _ in instructions] == [1, 2]
@@ -137,7 +138,9 @@ def test_budget_handshake_records_refusals_and_epsilon_and_only_asks_acceptors_t
 
 def test_run_stops_cleanly_when_too_few_enterprises_have_budget(tmp_path):
     refuse = {"accept": False, "reason": "budget spent"}
-    strategy, store, run_id, saved, _ = _make(tmp_path, {1: _accept("a"), 2: {**refuse, "enterprise": "b"}, 3: {**refuse, "enterprise": "c"}})
+    strategy, store, run_id, saved, _ = _make(
+        tmp_path, {1: _accept("a", 1.0, 1.0), 2: {**refuse, "enterprise": "b"}, 3: {**refuse, "enterprise": "c"}}, **PRIVATE
+    )
     with pytest.raises(BudgetExhausted, match="1 of 3 sampled enterprises can take part, 2 needed"):
         strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3]))
     (r,) = store.rounds(run_id)
@@ -145,14 +148,14 @@ def test_run_stops_cleanly_when_too_few_enterprises_have_budget(tmp_path):
 
 
 def test_handshake_failures_are_not_budget_stops(tmp_path):
-    strategy, *_ = _make(tmp_path, {1: _accept("a")})  # node 2 never answers
+    strategy, *_ = _make(tmp_path, {1: _accept("a", 1.0, 1.0)}, **PRIVATE)  # node 2 never answers
     with pytest.raises(RoundAborted, match="no answer"):
         strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2]))
 
 
 def test_a_round_without_an_aggregate_is_an_error_not_a_silent_skip(tmp_path):
     # SecAgg+ halts without calling aggregate_fit when too few clients finish.
-    strategy, store, run_id, *_ = _make(tmp_path, {1: _accept("a"), 2: _accept("b")})
+    strategy, store, run_id, *_ = _make(tmp_path, {1: _accept("a", 1.0, 1.0), 2: _accept("b", 1.0, 1.0)}, **PRIVATE)
     strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2]))
     with pytest.raises(RoundAborted, match="no aggregate"):
         strategy.evaluate(1, ndarrays_to_parameters(strategy.global_adapter))
@@ -177,3 +180,18 @@ def test_a_node_that_would_train_without_the_runs_privacy_is_not_asked_to_train(
     instructions = strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3]))
     assert [p.node_id for p, _ in instructions] == [1, 2]
     assert "no record or enterprise-level privacy" in strategy.pending.participations["3"].error
+
+
+def test_a_plain_run_asks_no_budget_handshake_and_records_who_refused_in_training(tmp_path):
+    strategy, store, run_id, _, asked = _make(tmp_path, {}, **{"federation.min_fit_clients": 1})
+    errors = {3: "<class 'fedmoe.client.ledger.BudgetExceeded'>:<'the run gives no record-level privacy guarantee'>"}
+    strategy.ctx.node_errors = lambda: errors
+    instructions = strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3]))
+    assert [p.node_id for p, _ in instructions] == [1, 2, 3] and asked == []
+    good = [np.array([1.0, 1.0], np.float32), np.zeros((1, 2), np.float32)]
+    results = [(SimpleNamespace(node_id=n), _fit(good, 5, name=name)) for n, name in ((1, "a"), (2, "b"))]
+    strategy.aggregate_fit(1, results, [Exception("refused")])
+    strategy.flush()
+    (r,) = store.rounds(run_id)
+    refused = next(p for p in r.participations if p.node_id == "3")
+    assert refused.status == "refused" and refused.error == "BudgetExceeded: the run gives no record-level privacy guarantee"
