@@ -1,6 +1,44 @@
+# The fedmoe image (CPU): compose.yaml runs the coordinator service and every enterprise agent
+# from it. Build: `docker compose build` (or `docker build -t fedmoe:local .`).
 FROM python:3.11-slim
+
+# The in-image user's ids. compose.yaml passes the host user's (deploy/setup.sh writes them to
+# .env), so that the private keys bind-mounted from deploy/ stay readable at mode 0600.
+ARG FEDMOE_UID=10001
+ARG FEDMOE_GID=10001
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+
+# torch first, explicitly the CPU build: from PyPI, torch==2.13.0 drags in gigabytes of CUDA wheels.
+# The project's own `torch==2.13.0` is then already satisfied by 2.13.0+cpu.
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+# Editable install from the source tree kept at /app, NOT `pip install .`: the coordinator submits
+# every run with `flwr run <APP_DIR>`, where coordinator/superlink.py sets APP_DIR to the folder two
+# levels above its own file and requires the Flower app's pyproject.toml there. Installed
+# non-editable, that folder is site-packages/fedmoe, which has no pyproject.toml, and every run
+# would fail to submit; editable, it is /app, a checkout with pyproject.toml (the FAB's
+# fab-include files coordinator/server_app.py and client/client_app.py included). /app stays
+# owned by root and read-only to the service user.
 WORKDIR /app
-COPY . .
-RUN pip install --no-cache-dir "torch==2.13.0" \
- && pip install --no-cache-dir -e .
-ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+COPY . /app
+RUN pip install --no-cache-dir -e . \
+ && python -m compileall -q /app \
+ && python -c "from fedmoe.coordinator.superlink import APP_DIR; assert (APP_DIR / 'pyproject.toml').is_file(), APP_DIR"
+
+# Non-root service user. /var/lib/fedmoe is where compose mounts each service's named volume
+# (coordinator storage, agent ledger and state): a fresh volume takes this folder's owner.
+RUN test "$FEDMOE_UID" != 0 || { echo "FEDMOE_UID must not be 0 (root)" >&2; exit 1; } \
+ && (getent group "$FEDMOE_GID" >/dev/null || groupadd --gid "$FEDMOE_GID" fedmoe) \
+ && useradd --non-unique --uid "$FEDMOE_UID" --gid "$FEDMOE_GID" --create-home --home-dir /home/fedmoe \
+      --shell /usr/sbin/nologin fedmoe \
+ && mkdir -p /var/lib/fedmoe /etc/fedmoe \
+ && chown "$FEDMOE_UID:$FEDMOE_GID" /var/lib/fedmoe \
+ && chmod 0700 /var/lib/fedmoe
+USER fedmoe
+
+# 9092: the agents' endpoint (TLS, registered node keys only); 9091: the admin API (TLS, tokens).
+EXPOSE 9092 9091
+CMD ["fedmoe", "--help"]

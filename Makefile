@@ -1,4 +1,4 @@
-.PHONY: run test setup
+.PHONY: run test lint setup
 
 setup:
 	./scripts/setup.sh
@@ -9,3 +9,8 @@ run: setup
 
 test: setup
 	.venv/bin/python -m pytest
+
+# The formatter decides how code looks; the linter checks imports, bugbears, dead names.
+lint: setup
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .

@@ -52,7 +52,13 @@ def round_stats(database_url: str, log_text: str) -> list[dict]:
         train = trains[i] if i < len(trains) else float("nan")
         evaluate = evaluates[i] if i < len(evaluates) else 0.0
         rows.append(
-            dict(wall=wall, slowest=slowest, train_overhead=train - slowest, evaluate=evaluate, server=wall - train - evaluate)
+            dict(
+                wall=wall,
+                slowest=slowest,
+                train_overhead=train - slowest,
+                evaluate=evaluate,
+                server=wall - train - evaluate,
+            )
         )
     store.close()
     return rows
@@ -81,9 +87,24 @@ def deployment(agents: int, rounds: int, poll: float, root: Path) -> list[dict]:
 
 def simulation(rounds: int, root: Path) -> list[dict]:
     db = f"sqlite:///{root / 'sim.db'}"
-    cmd = [sys.executable, "-m", "fedmoe.cli", "run", "--set", f"federation.rounds={rounds}", "--set", f"database.url={db}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmoe.cli",
+        "run",
+        "--set",
+        f"federation.rounds={rounds}",
+        "--set",
+        f"database.url={db}",
+    ]
     cmd += ["--set", f"output.dir={root / 'sim'}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=3600)
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        timeout=3600,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"simulation failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
     (log,) = (root / "sim" / "flower").glob("*/run.log")
@@ -118,13 +139,25 @@ def main() -> None:
             print(f"simulation done in {time.monotonic() - started:.0f}s", flush=True)
         for n in args.agents:
             started = time.monotonic()
-            lines.append(summarize("deployment engine", n, deployment(n, args.rounds, args.poll, Path(tmp) / f"deploy-{n}")))
-            print(f"deployment with {n} agents done in {time.monotonic() - started:.0f}s", flush=True)
+            lines.append(
+                summarize(
+                    "deployment engine",
+                    n,
+                    deployment(n, args.rounds, args.poll, Path(tmp) / f"deploy-{n}"),
+                )
+            )
+            print(
+                f"deployment with {n} agents done in {time.monotonic() - started:.0f}s", flush=True
+            )
     print()
-    print(f"{args.rounds} rounds, demo federation, 12 local steps of 8 x 64 tokens, LoRA r=16 on every group; seconds")
+    print(
+        f"{args.rounds} rounds, demo federation, 12 local steps of 8 x 64 tokens, LoRA r=16 on every group; seconds"
+    )
     print()
-    print("| engine | enterprises | round 1 | later rounds (median) | slowest training | fixed (round - slowest) "
-          "| round / slowest | train message overhead | server work | evaluate message |")
+    print(
+        "| engine | enterprises | round 1 | later rounds (median) | slowest training | fixed (round - slowest) "
+        "| round / slowest | train message overhead | server work | evaluate message |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for line in lines:
         print(line)

@@ -25,9 +25,9 @@ import time
 def measure(mode: str, batch: int, seq_len: int, steps: int) -> dict:
     import torch
 
-    from fedmoe.model.loss import per_sequence_loss
     from fedmoe.model.base import load_base
     from fedmoe.model.lora import adapter_parameters, attach_lora
+    from fedmoe.model.loss import per_sequence_loss
     from fedmoe.model.settings import LoraSettings
     from fedmoe.privacy.dp_sgd import private_gradient
     from fedmoe.privacy.per_example import per_example_gradients
@@ -43,7 +43,12 @@ def measure(mode: str, batch: int, seq_len: int, steps: int) -> dict:
     for _ in range(steps + 2):
         start = time.perf_counter()
         if mode == "dp":
-            grads = private_gradient(per_example_gradients(model, ids), clip=1.0, noise_multiplier=1.0, expected_batch_size=batch)
+            grads = private_gradient(
+                per_example_gradients(model, ids),
+                clip=1.0,
+                noise_multiplier=1.0,
+                expected_batch_size=batch,
+            )
             for name, p in params.items():
                 p.grad = grads[name]
         else:
@@ -68,7 +73,18 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"plain": [], "dp": []}
     for _ in range(args.rounds):
         for mode, mode_runs in runs.items():
-            cmd = [sys.executable, __file__, "--mode", mode, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--mode",
+                mode,
+                "--batch",
+                str(args.batch),
+                "--seq-len",
+                str(args.seq_len),
+                "--steps",
+                str(args.steps),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             mode_runs.append(json.loads(out.strip().splitlines()[-1]))
     results = {
@@ -82,14 +98,32 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"one step, embedded base + LoRA (all targets, r=16), batch {args.batch} x {args.seq_len} tokens, CPU, {args.rounds} rounds")
-    for col in ("mode", "median step s", "time ratio", "step memory MB", "memory ratio", "peak RSS MB"):
+    table = Table(
+        title=f"one step, embedded base + LoRA (all targets, r=16), batch {args.batch} x {args.seq_len} tokens, CPU, {args.rounds} rounds"
+    )
+    for col in (
+        "mode",
+        "median step s",
+        "time ratio",
+        "step memory MB",
+        "memory ratio",
+        "peak RSS MB",
+    ):
         table.add_column(col, justify="left" if col == "mode" else "right")
     plain = results["plain"]
-    for mode, label in (("plain", "non-DP backward"), ("dp", "DP-SGD (per-example grads + clip + noise)")):
+    for mode, label in (
+        ("plain", "non-DP backward"),
+        ("dp", "DP-SGD (per-example grads + clip + noise)"),
+    ):
         r = results[mode]
-        table.add_row(label, f"{r['median_s']:.3f}", f"{r['median_s'] / plain['median_s']:.2f}x", f"{r['step_mem_mb']:.0f}",
-                      f"{r['step_mem_mb'] / max(plain['step_mem_mb'], 1e-9):.2f}x", f"{r['peak_mb']:.0f}")
+        table.add_row(
+            label,
+            f"{r['median_s']:.3f}",
+            f"{r['median_s'] / plain['median_s']:.2f}x",
+            f"{r['step_mem_mb']:.0f}",
+            f"{r['step_mem_mb'] / max(plain['step_mem_mb'], 1e-9):.2f}x",
+            f"{r['peak_mb']:.0f}",
+        )
     Console(width=160).print(table)
 
 

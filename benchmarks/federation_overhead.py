@@ -24,7 +24,8 @@ from rich.table import Table
 
 from fedmoe.coordinator.config import load_run_config
 from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.launcher import federation_config, launch, run_flower_app, write_toml_values
+from fedmoe.coordinator.launcher import federation_config, launch
+from fedmoe.coordinator.superlink import FINISHED, SuperLink, submit_app
 from fedmoe.model.base import EMBEDDED_BASE_DIR
 
 BASELINE_APP = Path(__file__).parent / "flower_baseline"
@@ -32,14 +33,24 @@ BASELINE_APP = Path(__file__).parent / "flower_baseline"
 
 def run_fedmoe(workdir: Path, rounds: int, targets: list[str]) -> dict:
     db = f"sqlite:///{workdir / 'runs.db'}"
-    config = load_run_config(None, {"federation.rounds": rounds, "lora.targets": targets, "database.url": db, "output.dir": str(workdir)})
+    config = load_run_config(
+        None,
+        {
+            "federation.rounds": rounds,
+            "lora.targets": targets,
+            "database.url": db,
+            "output.dir": str(workdir),
+        },
+    )
     start = time.perf_counter()
     if launch(config) != 0:
         raise SystemExit(f"fedmoe run failed; see {workdir}")
     total = time.perf_counter() - start
-    rounds_rows = RunStore(db).rounds(1)
+    rounds_rows = RunStore(db, migrate=False).rounds(1)
     walls = [(r.ended_at - r.started_at).total_seconds() for r in rounds_rows]
-    slowest = [max(p.duration_s for p in r.participations) for r in rounds_rows]
+    slowest = [
+        max(p.duration_s for p in r.participations if p.duration_s is not None) for r in rounds_rows
+    ]
     return {"total": total, "walls": walls, "slowest_client": slowest}
 
 
@@ -47,7 +58,6 @@ def run_baseline(workdir: Path, rounds: int) -> dict:
     config = load_run_config(None, {"federation.rounds": rounds})
     workdir.mkdir(parents=True, exist_ok=True)
     timings = workdir / "timings.json"
-    overrides = workdir / "overrides.toml"
     values = {
         "model-path": str(EMBEDDED_BASE_DIR),
         "data-dirs": json.dumps([e.data for e in config.federation.enterprises]),
@@ -58,12 +68,16 @@ def run_baseline(workdir: Path, rounds: int) -> dict:
         "lr": config.train.lr,
         "timings-path": str(timings),
     }
-    write_toml_values(overrides, values)
     start = time.perf_counter()
-    state, details = run_flower_app(BASELINE_APP, workdir / "flower", federation_config(config), overrides, lambda line: None)
+    with SuperLink(workdir / "flower", simulation=True) as superlink:
+        flower_run_id = submit_app(
+            superlink.home, BASELINE_APP, values, "baseline", federation_config(config)
+        )
+        while (status := superlink.control().run_status(flower_run_id))[0] != FINISHED:
+            time.sleep(1.0)
     total = time.perf_counter() - start
-    if state != "finished:completed":
-        raise SystemExit(f"baseline failed: {state} {details}; see {workdir / 'flower' / 'run.log'}")
+    if status[1] != "completed":
+        raise SystemExit(f"baseline failed: {status}; see {workdir / 'flower'}")
     rows = json.loads(timings.read_text())
     return {"total": total, "walls": [r["end"] - r["start"] for r in rows], "slowest_client": None}
 
@@ -77,12 +91,24 @@ def main() -> None:
         results = {
             "Flower + peft baseline (attention LoRA)": run_baseline(tmp / "baseline", args.rounds),
             "fedmoe, attention LoRA": run_fedmoe(tmp / "attn", args.rounds, ["attention"]),
-            "fedmoe, all targets": run_fedmoe(tmp / "all", args.rounds, ["attention", "shared_experts", "routed_experts"]),
+            "fedmoe, all targets": run_fedmoe(
+                tmp / "all", args.rounds, ["attention", "shared_experts", "routed_experts"]
+            ),
         }
     base = results["Flower + peft baseline (attention LoRA)"]
     base_later = statistics.median(base["walls"][1:] or base["walls"])
-    table = Table(title=f"round wall time, 3 simulated enterprises, {args.rounds} rounds (same machine, same run)")
-    for col in ("system", "round 1 s", "later rounds s (median)", "vs baseline", "slowest client s (later)", "round / slowest client", "total s"):
+    table = Table(
+        title=f"round wall time, 3 simulated enterprises, {args.rounds} rounds (same machine, same run)"
+    )
+    for col in (
+        "system",
+        "round 1 s",
+        "later rounds s (median)",
+        "vs baseline",
+        "slowest client s (later)",
+        "round / slowest client",
+        "total s",
+    ):
         table.add_column(col, justify="left" if col == "system" else "right")
     for name, r in results.items():
         later = statistics.median(r["walls"][1:] or r["walls"])
@@ -91,7 +117,14 @@ def main() -> None:
             slow_cols = (f"{slow:.2f}", f"{later / slow:.2f}x")
         else:
             slow_cols = ("-", "-")
-        table.add_row(name, f"{r['walls'][0]:.2f}", f"{later:.2f}", f"{later / base_later:.2f}x", *slow_cols, f"{r['total']:.1f}")
+        table.add_row(
+            name,
+            f"{r['walls'][0]:.2f}",
+            f"{later:.2f}",
+            f"{later / base_later:.2f}x",
+            *slow_cols,
+            f"{r['total']:.1f}",
+        )
     Console(width=180).print(table)
 
 

@@ -16,19 +16,19 @@ import argparse
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from fedmoe.client.client_app import EnterpriseClient, workspace
+from fedmoe.client.enterprise import EnterpriseNode, workspace
 from fedmoe.client.settings import NodeSettings
-from fedmoe.contract.round import LocalTrainSettings
-from fedmoe.model.loss import evaluate_loss
+from fedmoe.contract.round import LocalTrainSettings, RoundSpec
 from fedmoe.coordinator.aggregation import apply_update, weighted_average
 from fedmoe.model.base import load_base
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES
-from fedmoe.model.lora import attach_lora, get_adapter_tensors, set_adapter_tensors
+from fedmoe.model.lora import attach_lora, get_adapter_vector, set_adapter_vector
+from fedmoe.model.loss import evaluate_loss
 from fedmoe.model.settings import LoraSettings
 from fedmoe.privacy.settings import PrivacySettings
 
@@ -36,28 +36,42 @@ EPSILONS = (1.0, 4.0, 8.0)
 MODES = ("record", "enterprise", "both")
 
 
-def federated_run(privacy: dict, rounds: int, local_steps: int, seed: int, ledger_dir: Path) -> float:
+def federated_run(
+    privacy: dict, rounds: int, local_steps: int, seed: int, ledger_dir: Path
+) -> float:
     lora, train = LoraSettings(), LocalTrainSettings(local_steps=local_steps, seed=seed)
     clients, spaces = [], []
-    for i, name in enumerate(DEMO_ENTERPRISES):
-        node = NodeSettings(enterprise=name, data_dir=DEMO_DATA_DIR / name, ledger=ledger_dir / f"{name}-{seed}.sqlite")
-        spaces.append(workspace(node, lora.model_dump_json(), train.seq_len))
-        clients.append(EnterpriseClient(node, partition_seed=i, run_id=int(time.time_ns())))
-    ws = spaces[0]  # the in-process clients share one cached model; each fit loads the global adapter first
-    global_adapter = [t.numpy().copy() for t in get_adapter_tensors(attach_lora(load_base("embedded"), lora))]
-    config = {
-        "rounds": rounds, "lora": lora.model_dump_json(), "train": train.model_dump_json(),
-        "privacy": PrivacySettings.model_validate(privacy).model_dump_json(),
-        "base_fingerprint": ws.base_fingerprint, "adapter_layout": ws.layout,
-    }
+    for name in DEMO_ENTERPRISES:
+        node = NodeSettings(
+            enterprise=name,
+            data_dir=DEMO_DATA_DIR / name,
+            ledger=ledger_dir / f"{name}-{seed}.sqlite",
+        )
+        spaces.append(workspace(node, lora, train.seq_len))
+        clients.append(EnterpriseNode(node))
+    ws = spaces[
+        0
+    ]  # the in-process clients share one cached model; each fit loads the global adapter first
+    global_adapter = [get_adapter_vector(attach_lora(load_base("embedded"), lora))]
+    run_uid = uuid.uuid4().hex
     for r in range(1, rounds + 1):
-        results = [c.fit([a.copy() for a in global_adapter], {**config, "server_round": r}) for c in clients]
+        config = RoundSpec(
+            server_round=r, rounds=rounds, run_uid=run_uid, lora=lora, train=train,
+            privacy=PrivacySettings.model_validate(privacy), base_fingerprint=ws.base_fingerprint,
+            adapter_layout=ws.layout,
+        ).to_config()  # fmt: skip
+        results = [
+            c.fit([a.copy() for a in global_adapter], config, secure_aggregation=False)
+            for c in clients
+        ]
         average = weighted_average([d for d, _, _ in results], [n for _, n, _ in results])
         global_adapter = apply_update(global_adapter, average)
     losses = []
     for space in spaces:
-        set_adapter_tensors(space.model, [torch.from_numpy(np.asarray(a)) for a in global_adapter])
-        losses.append(evaluate_loss(space.model, space.heldout_blocks, train.eval_batch_size, space.device))
+        set_adapter_vector(space.model, global_adapter[0])
+        losses.append(
+            evaluate_loss(space.model, space.heldout_blocks, train.eval_batch_size, space.device)
+        )
     return statistics.fmean(losses)
 
 
@@ -71,7 +85,9 @@ def privacy_settings(mode: str, epsilon: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=12)
     parser.add_argument("--seeds", type=int, default=1)
@@ -82,20 +98,34 @@ def main() -> None:
         train = LocalTrainSettings()
         base = statistics.fmean(
             evaluate_loss(ws.model, ws.heldout_blocks, train.eval_batch_size, ws.device)
-            for ws in (workspace(NodeSettings(enterprise=n, data_dir=DEMO_DATA_DIR / n), LoraSettings().model_dump_json(), train.seq_len) for n in DEMO_ENTERPRISES)
+            for ws in (
+                workspace(
+                    NodeSettings(enterprise=n, data_dir=DEMO_DATA_DIR / n),
+                    LoraSettings(),
+                    train.seq_len,
+                )
+                for n in DEMO_ENTERPRISES
+            )
         )
 
         def run(privacy: dict) -> float:
-            return statistics.fmean(federated_run(privacy, args.rounds, args.local_steps, seed, ledgers) for seed in range(args.seeds))
+            return statistics.fmean(
+                federated_run(privacy, args.rounds, args.local_steps, seed, ledgers)
+                for seed in range(args.seeds)
+            )
 
         started = time.perf_counter()
         baseline = run({})
         rows = [(mode, eps, run(privacy_settings(mode, eps))) for mode in MODES for eps in EPSILONS]
         seconds = time.perf_counter() - started
 
-    print(f"demo federation: 3 enterprises, {args.rounds} rounds x {args.local_steps} local steps, delta 1e-5, clip 1.0, "
-          f"{args.seeds} seed(s); held-out loss averaged over the enterprises ({seconds:.0f}s)")
-    print(f"base model (no fine-tune): {base:.4f}; non-private federated fine-tune (epsilon = inf): {baseline:.4f}\n")
+    print(
+        f"demo federation: 3 enterprises, {args.rounds} rounds x {args.local_steps} local steps, delta 1e-5, clip 1.0, "
+        f"{args.seeds} seed(s); held-out loss averaged over the enterprises ({seconds:.0f}s)"
+    )
+    print(
+        f"base model (no fine-tune): {base:.4f}; non-private federated fine-tune (epsilon = inf): {baseline:.4f}\n"
+    )
     print("| DP level | epsilon | held-out loss | vs non-private | fine-tune gain kept |")
     print("|---|---:|---:|---:|---:|")
     print(f"| none | inf | {baseline:.4f} | 1.00x | 100% |")

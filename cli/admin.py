@@ -13,7 +13,13 @@ from pathlib import Path
 import grpc
 
 from fedmoe.cli.common import UsageError, console, positive_int
-from fedmoe.cli.tables import nodes_table, participation_table, privacy_tables, rounds_table, runs_table
+from fedmoe.cli.tables import (
+    nodes_table,
+    participation_table,
+    privacy_tables,
+    rounds_table,
+    runs_table,
+)
 from fedmoe.proto import admin_pb2 as pb
 from fedmoe.proto import admin_pb2_grpc as pb_grpc
 
@@ -34,7 +40,9 @@ def _stub(args) -> tuple[pb_grpc.AdminStub, list]:
     if not token:
         raise UsageError("no admin token: pass --token-file FILE or set FEDMOE_ADMIN_TOKEN")
     if not args.ca:
-        raise UsageError("no CA certificate: pass --ca FILE (the coordinator's CA, e.g. certs/ca.pem) or set FEDMOE_ADMIN_CA")
+        raise UsageError(
+            "no CA certificate: pass --ca FILE (the coordinator's CA, e.g. certs/ca.pem) or set FEDMOE_ADMIN_CA"
+        )
     try:
         ca = Path(args.ca).read_bytes()
     except OSError as err:
@@ -60,7 +68,11 @@ def describe_round(run: pb.Run, r: pb.Round) -> str:
         f"| train loss {fmt(r, 'train_loss')} | eval loss {fmt(r, 'eval_loss')} | server eval {fmt(r, 'server_eval_loss')}"
     )
     for level in ("record", "enterprise"):
-        spent = [getattr(p, f"epsilon_{level}") for p in r.participations if p.HasField(f"epsilon_{level}")]
+        spent = [
+            getattr(p, f"epsilon_{level}")
+            for p in r.participations
+            if p.HasField(f"epsilon_{level}")
+        ]
         if spent:
             line += f" | eps {level} {max(spent):.3f}"
     refused = sum(p.status == "refused" for p in r.participations)
@@ -75,9 +87,14 @@ def watch(args, run_id: int) -> int:
         for event in stub.WatchRun(pb.WatchRunRequest(run_id=run_id), metadata=metadata):
             run = event.run
             if event.HasField("round"):
-                console.print(f"[fedmoe] run {run.id} {describe_round(run, event.round)}", highlight=False)
+                console.print(
+                    f"[fedmoe] run {run.id} {describe_round(run, event.round)}", highlight=False
+                )
             else:
-                console.print(f"[fedmoe] run {run.id} {run.status}" + (f": {run.error}" if run.error else ""), highlight=False)
+                console.print(
+                    f"[fedmoe] run {run.id} {run.status}" + (f": {run.error}" if run.error else ""),
+                    highlight=False,
+                )
     except grpc.RpcError as err:
         raise AdminCallFailed(f"{err.code().name}: {err.details()}") from None
     return 0 if run is not None and run.status in ("completed", "budget_spent") else 1
@@ -91,7 +108,9 @@ def cmd_start(args) -> int:
         except (OSError, UnicodeDecodeError) as err:
             raise UsageError(f"--config {args.config}: {err}") from None
     run = _call(args, "StartRun", pb.StartRunRequest(config_toml=text, overrides=args.set))
-    console.print(f"run {run.id} {run.status}: {len(run.enterprises)} enterprises ({', '.join(run.enterprises)}), {run.planned_rounds} rounds")
+    console.print(
+        f"run {run.id} {run.status}: {len(run.enterprises)} enterprises ({', '.join(run.enterprises)}), {run.planned_rounds} rounds"
+    )
     console.print(run.privacy, highlight=False)
     return watch(args, run.id) if args.watch else 0
 
@@ -107,7 +126,11 @@ def cmd_watch(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    console.print(runs_table(list(_call(args, "ListRuns", pb.ListRunsRequest()).runs), f"runs on {args.address}"))
+    console.print(
+        runs_table(
+            list(_call(args, "ListRuns", pb.ListRunsRequest()).runs), f"runs on {args.address}"
+        )
+    )
     return 0
 
 
@@ -138,8 +161,12 @@ def cmd_register(args) -> int:
         key = Path(args.public_key).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"--public-key {args.public_key}: {err}") from None
-    node = _call(args, "RegisterNode", pb.RegisterNodeRequest(enterprise=args.enterprise, public_key=key))
-    console.print(f"registered {node.enterprise}: key {node.fingerprint}, Flower node {node.flower_node_id}")
+    node = _call(
+        args, "RegisterNode", pb.RegisterNodeRequest(enterprise=args.enterprise, public_key=key)
+    )
+    console.print(
+        f"registered {node.enterprise}: key {node.fingerprint}, Flower node {node.flower_node_id}"
+    )
     return 0
 
 
@@ -150,21 +177,47 @@ def cmd_revoke(args) -> int:
 
 
 def cmd_nodes(args) -> int:
-    console.print(nodes_table(list(_call(args, "ListNodes", pb.ListNodesRequest(include_revoked=args.all)).nodes)))
+    console.print(
+        nodes_table(
+            list(_call(args, "ListNodes", pb.ListNodesRequest(include_revoked=args.all)).nodes)
+        )
+    )
     return 0
 
 
 def add_commands(sub) -> None:
-    admin = sub.add_parser("admin", help="the coordinator's admin API: runs, rounds, privacy ledger, enterprise nodes")
-    admin.add_argument("--address", default=os.environ.get("FEDMOE_ADMIN_ADDRESS", DEFAULT_ADDRESS), help="host:port of the admin API")
-    admin.add_argument("--ca", default=os.environ.get("FEDMOE_ADMIN_CA"), help="CA certificate that signed the coordinator's (PEM)")
-    admin.add_argument("--token-file", help="file holding your admin token (default: $FEDMOE_ADMIN_TOKEN)")
+    admin = sub.add_parser(
+        "admin", help="the coordinator's admin API: runs, rounds, privacy ledger, enterprise nodes"
+    )
+    admin.add_argument(
+        "--address",
+        default=os.environ.get("FEDMOE_ADMIN_ADDRESS", DEFAULT_ADDRESS),
+        help="host:port of the admin API",
+    )
+    admin.add_argument(
+        "--ca",
+        default=os.environ.get("FEDMOE_ADMIN_CA"),
+        help="CA certificate that signed the coordinator's (PEM)",
+    )
+    admin.add_argument(
+        "--token-file", help="file holding your admin token (default: $FEDMOE_ADMIN_TOKEN)"
+    )
     admin.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
     cmds = admin.add_subparsers(dest="admin_command", required=True)
 
     p = cmds.add_parser("start", help="start a run from a run config (TOML)")
-    p.add_argument("--config", type=Path, help="run config (default: all defaults, every registered enterprise)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="run config (default: all defaults, every registered enterprise)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
     p.add_argument("--watch", action="store_true", help="then follow the run until it ends")
     p.set_defaults(func=cmd_start)
 
@@ -187,7 +240,9 @@ def add_commands(sub) -> None:
     p.add_argument("--clients", action="store_true", help="also each enterprise's participation")
     p.set_defaults(func=cmd_rounds)
 
-    p = cmds.add_parser("ledger", help="the privacy ledger: epsilon spent per run, enterprise and round")
+    p = cmds.add_parser(
+        "ledger", help="the privacy ledger: epsilon spent per run, enterprise and round"
+    )
     p.add_argument("run_id", type=positive_int, nargs="?")
     p.add_argument("--rounds", action="store_true", help="also every round")
     p.set_defaults(func=cmd_ledger)
@@ -196,11 +251,17 @@ def add_commands(sub) -> None:
     node_cmds = nodes.add_subparsers(dest="nodes_command", required=True)
     p = node_cmds.add_parser("register", help="bind an enterprise name to a node's public key")
     p.add_argument("enterprise")
-    p.add_argument("--public-key", required=True, help="the node's node.pub (from `fedmoe agent init`)")
+    p.add_argument(
+        "--public-key", required=True, help="the node's node.pub (from `fedmoe agent init`)"
+    )
     p.set_defaults(func=cmd_register)
-    p = node_cmds.add_parser("revoke", help="revoke an enterprise's key: its node is cut off for good")
+    p = node_cmds.add_parser(
+        "revoke", help="revoke an enterprise's key: its node is cut off for good"
+    )
     p.add_argument("enterprise")
     p.set_defaults(func=cmd_revoke)
-    p = node_cmds.add_parser("list", help="registered enterprises, and whether their node is online")
+    p = node_cmds.add_parser(
+        "list", help="registered enterprises, and whether their node is online"
+    )
     p.add_argument("--all", action="store_true", help="include revoked keys")
     p.set_defaults(func=cmd_nodes)

@@ -24,7 +24,9 @@ def cmd_ledger(args) -> int:
         table.add_row(run, str(number), level, shown, f"{delta:g}", at[:19])
     console.print(table)
     lifetime = {level: ledger.lifetime(level) for level in ("record", "enterprise")}
-    console.print(f"lifetime epsilon: record {lifetime['record']:.3f}, enterprise {lifetime['enterprise']:.3f}")
+    console.print(
+        f"lifetime epsilon: record {lifetime['record']:.3f}, enterprise {lifetime['enterprise']:.3f}"
+    )
     return 0
 
 
@@ -47,18 +49,25 @@ def cmd_init(args) -> int:
     from fedmoe.client.keys import make_node_keys
 
     private, public, digest = make_node_keys(Path(args.dir), force=args.force)
-    console.print(f"wrote {private} (keep it on this node) and {public}", highlight=False)
-    console.print(f"public key {digest}:\n{public.read_text().strip()}", highlight=False)
-    console.print(f"send {public} to the platform admin: `fedmoe admin nodes register ENTERPRISE --public-key {public.name}`", highlight=False)
+    # Plain prints: a public key must not be wrapped at the terminal's width.
+    print(f"wrote {private} (keep it on this node) and {public}")
+    print(f"public key {digest}:\n{public.read_text().strip()}")
+    print(
+        f"send {public} to the platform admin: `fedmoe admin nodes register ENTERPRISE --public-key {public.name}`"
+    )
     return 0
 
 
 def add_commands(sub) -> None:
-    agent = sub.add_parser("agent", help="the enterprise agent: run a node, make its key, read its ledger")
+    agent = sub.add_parser(
+        "agent", help="the enterprise agent: run a node, make its key, read its ledger"
+    )
     agent.add_argument("--config", type=Path, help="agent.toml")
     agent_sub = agent.add_subparsers(dest="agent_command")
     agent.set_defaults(func=cmd_agent)
-    p = agent_sub.add_parser("init", help="make this node's key pair and print the public key to register")
+    p = agent_sub.add_parser(
+        "init", help="make this node's key pair and print the public key to register"
+    )
     p.add_argument("--dir", default="keys", help="where to write node.key and node.pub")
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.set_defaults(func=cmd_init)

@@ -48,5 +48,7 @@ def positive_float(text: str) -> float:
 
 def add_database_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--database", default=DEFAULT_DB, help=f"SQLAlchemy URL of the run database (default {DEFAULT_DB})"
+        "--database",
+        default=DEFAULT_DB,
+        help=f"SQLAlchemy URL of the run database (default {DEFAULT_DB})",
     )

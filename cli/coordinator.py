@@ -20,7 +20,9 @@ def cmd_run(args) -> int:
 
     if args.resume is not None:
         if args.config or args.set:
-            raise UsageError("--resume continues a run with its own config: drop --config and --set")
+            raise UsageError(
+                "--resume continues a run with its own config: drop --config and --set"
+            )
         return launch(None, verbose=args.verbose, resume=args.resume, database=args.database)
     config = load_run_config(args.config, parse_overrides(args.set))
     return launch(config, verbose=args.verbose)
@@ -84,7 +86,9 @@ def cmd_generate(args) -> int:
     from fedmoe.coordinator.artifacts import generate
 
     adapter, model_path = _resolve_adapter(args)
-    text = generate(model_path, adapter, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    text = generate(
+        model_path, adapter, args.prompt, args.max_new_tokens, args.temperature, args.seed
+    )
     console.print(f"[bold]{args.prompt}[/bold]{text}", highlight=False)
     return 0
 
@@ -106,11 +110,15 @@ def cmd_coordinator(args) -> int:
 
     if args.coordinator_command == "token":
         token, lines = new_admin_token(args.name)
-        print(f"token for {args.name} (give it to them; the coordinator keeps only its hash):\n{token}\n")
+        print(
+            f"token for {args.name} (give it to them; the coordinator keeps only its hash):\n{token}\n"
+        )
         print(f"add to coordinator.toml:\n{lines}", end="")
         return 0
     if args.config is None:
-        raise UsageError("--config coordinator.toml is required (see the README's deployment section)")
+        raise UsageError(
+            "--config coordinator.toml is required (see the README's deployment section)"
+        )
     config = load_coordinator_config(args.config)
     if args.coordinator_command == "health":
         ok, message = coordinator_health(config)
@@ -127,32 +135,64 @@ def cmd_certs(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     console.print("wrote " + ", ".join(str(p) for p in paths))
-    console.print(f"agents and admins trust {paths[0]}; the coordinator serves {paths[2]} with {paths[3]}")
+    console.print(
+        f"agents and admins trust {paths[0]}; the coordinator serves {paths[2]} with {paths[3]}"
+    )
     return 0
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("coordinator", help="the coordinator service: SuperLink, agents' endpoint, admin API, run database")
+    p = sub.add_parser(
+        "coordinator",
+        help="the coordinator service: SuperLink, agents' endpoint, admin API, run database",
+    )
     p.add_argument("--config", type=Path, help="coordinator.toml")
     cmds = p.add_subparsers(dest="coordinator_command")
-    t = cmds.add_parser("token", help="make an admin token and the coordinator.toml lines that admit it")
+    t = cmds.add_parser(
+        "token", help="make an admin token and the coordinator.toml lines that admit it"
+    )
     t.add_argument("--name", required=True, help="who holds the token")
     h = cmds.add_parser("health", help="exit 0 if the coordinator configured by --config is up")
     h.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="coordinator.toml")
     p.set_defaults(func=cmd_coordinator)
 
-    p = sub.add_parser("certs", help="make a development CA and server certificate (production brings its own)")
-    p.add_argument("--out", default="certs", help="folder for ca.pem, ca.key, server.pem, server.key")
-    p.add_argument("--host", action="append", default=[], help="a host name or IP the coordinator is reached by (repeatable)")
+    p = sub.add_parser(
+        "certs", help="make a development CA and server certificate (production brings its own)"
+    )
+    p.add_argument(
+        "--out", default="certs", help="folder for ca.pem, ca.key, server.pem, server.key"
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a host name or IP the coordinator is reached by (repeatable)",
+    )
     p.add_argument("--days", type=positive_int, default=365)
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(func=cmd_certs)
 
-    p = sub.add_parser("run", help="run a federated fine-tune on Flower's simulation engine (default: embedded base + demo federation)")
-    p.add_argument("--config", type=Path, help="run config TOML (see README); default: built-in defaults")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    p = sub.add_parser(
+        "run",
+        help="run a federated fine-tune on Flower's simulation engine (default: embedded base + demo federation)",
+    )
+    p.add_argument(
+        "--config", type=Path, help="run config TOML (see README); default: built-in defaults"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
     p.add_argument("--verbose", action="store_true", help="show Flower's own log lines too")
-    p.add_argument("--resume", type=positive_int, metavar="RUN_ID", help="continue a run whose launcher was stopped, from its last committed round")
+    p.add_argument(
+        "--resume",
+        type=positive_int,
+        metavar="RUN_ID",
+        help="continue a run whose launcher was stopped, from its last committed round",
+    )
     add_database_arg(p)
     p.set_defaults(func=cmd_run)
 
@@ -166,18 +206,31 @@ def add_commands(sub) -> None:
     add_database_arg(p)
     p.set_defaults(func=cmd_rounds)
 
-    p = sub.add_parser("privacy", help="the coordinator's privacy ledger: epsilon spent per run, enterprise and round")
+    p = sub.add_parser(
+        "privacy",
+        help="the coordinator's privacy ledger: epsilon spent per run, enterprise and round",
+    )
     p.add_argument("run_id", type=positive_int, nargs="?", help="one run (default: all)")
-    p.add_argument("--rounds", action="store_true", help="also list every round of every enterprise")
+    p.add_argument(
+        "--rounds", action="store_true", help="also list every round of every enterprise"
+    )
     add_database_arg(p)
     p.set_defaults(func=cmd_privacy)
 
     def with_adapter(p):
         add_database_arg(p)
-        p.add_argument("--run", type=positive_int, help="use this run's adapter (last completed round unless --round)")
+        p.add_argument(
+            "--run",
+            type=positive_int,
+            help="use this run's adapter (last completed round unless --round)",
+        )
         p.add_argument("--round", type=positive_int, help="round of --run")
         p.add_argument("--adapter", help="adapter directory (instead of --run)")
-        p.add_argument("--model", default="embedded", help='base model with --adapter: "embedded" or a local checkpoint dir')
+        p.add_argument(
+            "--model",
+            default="embedded",
+            help='base model with --adapter: "embedded" or a local checkpoint dir',
+        )
 
     p = sub.add_parser("generate", help="sample text from base + adapter")
     with_adapter(p)
@@ -187,7 +240,9 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write the adapter, or with --merge a merged standalone model")
+    p = sub.add_parser(
+        "export", help="write the adapter, or with --merge a merged standalone model"
+    )
     with_adapter(p)
     p.add_argument("--out", required=True)
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rich.markup import escape
+
 from fedmoe.cli import admin, agent, coordinator, model
 from fedmoe.cli.common import UsageError, console
 
@@ -23,20 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedmoe.support.files import ConfigError
     from fedmoe.coordinator.db import DatabaseMissing
+    from fedmoe.support.files import ConfigError
 
     args = build_parser().parse_args(argv)
+    # Messages quote what the operator wrote (`[section]`, keys, paths): printed as text, not as
+    # rich markup, where a `[/x]` in a config would end the command with a MarkupError.
     try:
         return args.func(args)
     except (ConfigError, UsageError, DatabaseMissing, FileNotFoundError, FileExistsError) as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         return 2
     except LookupError as err:
-        console.print(f"[red]error:[/red] {err.args[0] if err.args else err}", highlight=False)
+        console.print(
+            f"[red]error:[/red] {escape(str(err.args[0] if err.args else err))}", highlight=False
+        )
         return 2
     except admin.AdminCallFailed as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted", highlight=False)

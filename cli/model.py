@@ -32,7 +32,9 @@ def cmd_split(args) -> int:
     missing = [i for i, r in enumerate(records) if args.label not in r]
     if missing:
         raise UsageError(f"--label {args.label!r} missing in record {missing[0]} of {args.input}")
-    parts = dirichlet_partition([str(r[args.label]) for r in records], args.clients, args.alpha, args.seed)
+    parts = dirichlet_partition(
+        [str(r[args.label]) for r in records], args.clients, args.alpha, args.seed
+    )
     for i, idx in enumerate(parts):
         chosen = [records[j] for j in idx]
         cut = max(1, int(len(chosen) * (1 - args.heldout))) if chosen else 0
@@ -43,7 +45,9 @@ def cmd_split(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("pretrain", help="rebuild the embedded base model and tokenizer from our corpus")
+    p = sub.add_parser(
+        "pretrain", help="rebuild the embedded base model and tokenizer from our corpus"
+    )
     p.add_argument("--out", help="output directory (default: the embedded base inside the package)")
     p.add_argument("--steps", type=positive_int, default=1500)
     p.set_defaults(func=cmd_pretrain)
@@ -52,12 +56,21 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="output directory (default: the bundled demo data)")
     p.set_defaults(func=cmd_build_demo_data)
 
-    p = sub.add_parser("split", help="split one dataset into N non-IID enterprises (Dirichlet over a label)")
+    p = sub.add_parser(
+        "split", help="split one dataset into N non-IID enterprises (Dirichlet over a label)"
+    )
     p.add_argument("input", help="JSONL/CSV/Parquet file")
     p.add_argument("--label", required=True, help="record field to split on, e.g. domain")
     p.add_argument("--clients", type=positive_int, required=True)
-    p.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration; smaller is more skewed")
-    p.add_argument("--heldout", type=fraction, default=0.2, help="share of each enterprise's records held out")
+    p.add_argument(
+        "--alpha",
+        type=positive_float,
+        default=0.5,
+        help="Dirichlet concentration; smaller is more skewed",
+    )
+    p.add_argument(
+        "--heldout", type=fraction, default=0.2, help="share of each enterprise's records held out"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_split)

@@ -22,7 +22,9 @@ def _eps(message, name: str) -> str:
 def _seconds(start: str, end: str) -> str:
     if not start or not end:
         return "-"
-    return f"{(dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds():.1f}"
+    return (
+        f"{(dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds():.1f}"
+    )
 
 
 def _short_time(value: str, with_date: bool = True) -> str:
@@ -30,6 +32,13 @@ def _short_time(value: str, with_date: bool = True) -> str:
         return "-"
     moment = dt.datetime.fromisoformat(value)
     return f"{moment:%Y-%m-%d %H:%M:%S}" if with_date else f"{moment:%H:%M:%S}"
+
+
+def _spent(value: float | None, on: bool, target: float) -> str:
+    """Epsilon spent against its target, or "off" for a level the run does not guarantee."""
+    if not on:
+        return "off"
+    return f"{'off' if value is None else f'{value:.3f}'} / {target:g}"
 
 
 def runs_table(runs: list[pb.Run], title: str) -> Table:
@@ -117,7 +126,9 @@ def privacy_tables(ledger: pb.PrivacyLedger, per_round: bool) -> list[Table]:
     plans = {r.run_id: r for r in ledger.runs}
     spent: dict[tuple[int, str], dict] = {}
     for e in ledger.entries:
-        entry = spent.setdefault((e.run_id, e.enterprise), {"record": None, "enterprise": None, "rounds": 0})
+        entry = spent.setdefault(
+            (e.run_id, e.enterprise), {"record": None, "enterprise": None, "rounds": 0}
+        )
         if e.status == "refused":
             continue
         entry["rounds"] += 1  # charged: it accepted the round, so its update may have been released
@@ -128,10 +139,6 @@ def privacy_tables(ledger: pb.PrivacyLedger, per_round: bool) -> list[Table]:
         plan = plans[run_id]
         has_record, has_entp = plan.HasField("record_epsilon"), plan.HasField("enterprise_epsilon")
 
-        def spent_of(level: str, on: bool, target: float) -> str:
-            value = "off" if entry[level] is None else f"{entry[level]:.3f}"
-            return f"{value} / {target:g}" if on else "off"
-
         runs.add_row(
             str(run_id),
             plan.status,
@@ -139,8 +146,8 @@ def privacy_tables(ledger: pb.PrivacyLedger, per_round: bool) -> list[Table]:
             f"{plan.enterprise_mechanism} eps {plan.enterprise_epsilon:g}" if has_entp else "off",
             "on" if plan.secure_aggregation else "off",
             enterprise,
-            spent_of("record", has_record, plan.record_epsilon),
-            spent_of("enterprise", has_entp, plan.enterprise_epsilon),
+            _spent(entry["record"], has_record, plan.record_epsilon),
+            _spent(entry["enterprise"], has_entp, plan.enterprise_epsilon),
             str(entry["rounds"]),
         )
     tables = [runs]
@@ -164,7 +171,15 @@ def privacy_tables(ledger: pb.PrivacyLedger, per_round: bool) -> list[Table]:
 
 def nodes_table(nodes: list[pb.Node]) -> Table:
     table = Table(title="enterprise nodes")
-    for col in ("enterprise", "status", "online", "key fingerprint", "flower node", "registered", "revoked"):
+    for col in (
+        "enterprise",
+        "status",
+        "online",
+        "key fingerprint",
+        "flower node",
+        "registered",
+        "revoked",
+    ):
         table.add_column(col)
     for n in nodes:
         table.add_row(

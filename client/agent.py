@@ -51,7 +51,9 @@ def _raise_stop(signum, frame) -> None:
 class Agent:
     def __init__(self, config: AgentConfig, say=print):
         self.config = config
-        self.say = lambda text: say(f"[agent {config.name} {time.strftime('%H:%M:%S')}] {text}", flush=True)
+        self.say = lambda text: say(
+            f"[agent {config.name} {time.strftime('%H:%M:%S')}] {text}", flush=True
+        )
         self.state = Path(config.state_dir)
         self.runtime_address: str | None = None
         self.tasks = {"count": 0, "last": None}
@@ -81,11 +83,23 @@ class Agent:
 
     def _on_task(self, kind: str, seconds: float, error: str | None) -> None:
         self.tasks["count"] += 1
-        self.tasks["last"] = {"kind": kind, "seconds": round(seconds, 3), "at": time.time(), "error": error}
-        self.say(f"{kind} task failed: {error}" if error else f"{kind} message served in {seconds:.2f}s")
+        self.tasks["last"] = {
+            "kind": kind,
+            "seconds": round(seconds, 3),
+            "at": time.time(),
+            "error": error,
+        }
+        self.say(
+            f"{kind} task failed: {error}" if error else f"{kind} message served in {seconds:.2f}s"
+        )
 
     def _write_health(self, supernode_alive: bool) -> None:
-        health = {"at": time.time(), "supernode": supernode_alive, "tasks": self.tasks["count"], "last_task": self.tasks["last"]}
+        health = {
+            "at": time.time(),
+            "supernode": supernode_alive,
+            "tasks": self.tasks["count"],
+            "last_task": self.tasks["last"],
+        }
         tmp = self.state / f".{HEALTH_FILE}.tmp"
         tmp.write_text(json.dumps(health))
         tmp.replace(self.state / HEALTH_FILE)
@@ -95,7 +109,9 @@ class Agent:
         self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         node = EnterpriseNode(c.node_settings())
         ws = node.warm_up()
-        budgets = ", ".join(f"{k} eps {v:g}" for k, v in node.budgets.items() if v is not None) or "none"
+        budgets = (
+            ", ".join(f"{k} eps {v:g}" for k, v in node.budgets.items() if v is not None) or "none"
+        )
         self.say(
             f"model {ws.base_fingerprint[:12]} loaded on {ws.device}, {ws.train_blocks.shape[0]} training blocks; "
             f"ledger {c.ledger} (lifetime budgets: {budgets})"
@@ -104,7 +120,14 @@ class Agent:
         stop = threading.Event()
         executor = threading.Thread(
             target=run_tasks,
-            args=(lambda: self.runtime_address, secret_file.read_bytes(), build_client_app(lambda ctx: node), stop, c.poll_interval_s, self._on_task),
+            args=(
+                lambda: self.runtime_address,
+                secret_file.read_bytes(),
+                build_client_app(lambda ctx: node),
+                stop,
+                c.poll_interval_s,
+                self._on_task,
+            ),
             name="executor",
             daemon=True,
         )
@@ -119,7 +142,9 @@ class Agent:
                 offset = log_path.stat().st_size if log_path.exists() else 0
                 proc = start_process(self.supernode_command(port, secret_file), env, log_path)
                 self.runtime_address = f"127.0.0.1:{port}"
-                self.say(f"connecting to the coordinator at {c.coordinator} (SuperNode log: {log_path})")
+                self.say(
+                    f"connecting to the coordinator at {c.coordinator} (SuperNode log: {log_path})"
+                )
                 last_health = 0.0
                 while proc.poll() is None:
                     if time.monotonic() - last_health >= HEALTH_EVERY_S:
@@ -135,8 +160,12 @@ class Agent:
                         "(ask the platform admin: `fedmoe admin nodes register NAME --public-key node.pub`; a revoked "
                         "key never comes back), or this node's previous session has not expired yet (20 s)"
                     )
-                backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF_S)
-                self.say(f"the SuperNode exited (code {proc.returncode}); reconnecting in {backoff:.0f}s")
+                backoff = (
+                    1.0 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF_S)
+                )
+                self.say(
+                    f"the SuperNode exited (code {proc.returncode}); reconnecting in {backoff:.0f}s"
+                )
                 time.sleep(backoff)
         except _Stop as name:
             self.say(f"stopping ({name})")
@@ -149,7 +178,9 @@ class Agent:
                 signal.signal(sig, handler)
 
 
-def agent_health(config: AgentConfig, max_age_s: float = 3 * HEALTH_EVERY_S + 5) -> tuple[bool, str]:
+def agent_health(
+    config: AgentConfig, max_age_s: float = 3 * HEALTH_EVERY_S + 5
+) -> tuple[bool, str]:
     """Is the agent up: a fresh health file and a live SuperNode?"""
     path = Path(config.state_dir) / HEALTH_FILE
     try:

@@ -35,17 +35,30 @@ class AgentConfig(BaseModel):
         description="this node's name in its own logs and ledger; the coordinator names it by its key",
     )
     coordinator: str = Field(description="host:port where the coordinator accepts agents")
-    ca_certificate: str = Field(min_length=1, description="PEM file of the CA that signed the coordinator's certificate")
-    private_key: str = Field(min_length=1, description="the node's key, made by `fedmoe agent init`")
-    data: str = Field(min_length=1, description="folder with train.{jsonl,csv,parquet} and heldout.{...}")
-    model: str = Field(EMBEDDED, min_length=1, description='"embedded" or a local checkpoint directory')
-    ledger: str = Field("state/ledger.sqlite", min_length=1, description="the node's privacy ledger (SQLite)")
+    ca_certificate: str = Field(
+        min_length=1, description="PEM file of the CA that signed the coordinator's certificate"
+    )
+    private_key: str = Field(
+        min_length=1, description="the node's key, made by `fedmoe agent init`"
+    )
+    data: str = Field(
+        min_length=1, description="folder with train.{jsonl,csv,parquet} and heldout.{...}"
+    )
+    model: str = Field(
+        EMBEDDED, min_length=1, description='"embedded" or a local checkpoint directory'
+    )
+    ledger: str = Field(
+        "state/ledger.sqlite", min_length=1, description="the node's privacy ledger (SQLite)"
+    )
     state_dir: str = Field("state", min_length=1, description="Flower's files, logs, health")
     budget: NodeBudget = NodeBudget()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, le=512, description="torch CPU threads for training")
     poll_interval_s: float = Field(
-        0.2, ge=0.02, le=10.0, description="how often the idle SuperNode asks the coordinator for work"
+        0.2,
+        ge=0.02,
+        le=10.0,
+        description="how often the idle SuperNode asks the coordinator for work",
     )
 
     @field_validator("coordinator")
@@ -83,7 +96,11 @@ def load_agent_config(path: Path) -> AgentConfig:
             key: str(resolve_path(getattr(config, key), base))
             for key in ("ca_certificate", "private_key", "data", "ledger", "state_dir")
         }
-        | {"model": config.model if config.model == EMBEDDED else str(resolve_path(config.model, base))}
+        | {
+            "model": config.model
+            if config.model == EMBEDDED
+            else str(resolve_path(config.model, base))
+        }
     )
     check_agent_files(resolved)
     return resolved

@@ -69,7 +69,9 @@ def build_client_app(node_for: Callable[[Context], object]) -> ClientApp:
 
     def client_fn(context: Context):
         flag = context.state.config_records.get(SECAGG_FLAG)
-        return NodeClient(node_for(context), secure_aggregation=bool(flag and flag["active"])).to_client()
+        return NodeClient(
+            node_for(context), secure_aggregation=bool(flag and flag["active"])
+        ).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[optional_secaggplus_mod])
 
@@ -90,7 +92,9 @@ def simulated_node(context: Context):
     enterprises = json.loads(str(run["sim-enterprises"]))
     partition = int(node["partition-id"])
     if not 0 <= partition < len(enterprises):
-        raise ValueError(f"partition-id {partition} outside the {len(enterprises)} simulated enterprises")
+        raise ValueError(
+            f"partition-id {partition} outside the {len(enterprises)} simulated enterprises"
+        )
     return _simulated_node(json.dumps(enterprises[partition], sort_keys=True))
 
 

@@ -19,8 +19,8 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.client.trainer import LocalTrainResult
+from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.lora import adapter_parameters
 from fedmoe.privacy.dp_sgd import SecureNoiseDPOptimizer
 from fedmoe.privacy.mechanisms import UniformSource, secure_uniform
@@ -56,11 +56,19 @@ def train_local_private(
         uniform=uniform,
     )
     taken: list[int] = []
-    optimizer.attach_step_hook(lambda _: taken.append(1))  # Opacus runs step hooks only on real steps, not on skipped physical ones
-    loader = DPDataLoader(TensorDataset(records), sample_rate=plan.sample_rate, generator=generator or _unpredictable_generator())
+    optimizer.attach_step_hook(
+        lambda _: taken.append(1)
+    )  # Opacus runs step hooks only on real steps, not on skipped physical ones
+    loader = DPDataLoader(
+        TensorDataset(records),
+        sample_rate=plan.sample_rate,
+        generator=generator or _unpredictable_generator(),
+    )
     sequences = 0
     model.train()
-    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=max_physical_batch_size, optimizer=optimizer) as batches:
+    with BatchMemoryManager(
+        data_loader=loader, max_physical_batch_size=max_physical_batch_size, optimizer=optimizer
+    ) as batches:
         while len(taken) < plan.steps_per_round:
             for (batch,) in batches:
                 if batch.shape[0]:
@@ -75,4 +83,6 @@ def train_local_private(
                 if len(taken) == plan.steps_per_round:
                     break
     model.eval()
-    return LocalTrainResult(mean_loss=None, steps=len(taken), sequences_seen=sequences, expert_load={})
+    return LocalTrainResult(
+        mean_loss=None, steps=len(taken), sequences_seen=sequences, expert_load={}
+    )

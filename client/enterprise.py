@@ -62,7 +62,9 @@ class Workspace:
 
 
 @lru_cache(maxsize=2)
-def _adapted_model(model_path: str, lora_json: str, device: str) -> tuple[torch.nn.Module, str, str]:
+def _adapted_model(
+    model_path: str, lora_json: str, device: str
+) -> tuple[torch.nn.Module, str, str]:
     base = load_base(model_path)
     base_fp = fingerprint(base)
     model = attach_lora(base, LoraSettings.model_validate_json(lora_json)).to(device)
@@ -96,8 +98,12 @@ def workspace(node: NodeSettings, lora: LoraSettings, seq_len: int) -> Workspace
 
 
 @lru_cache(maxsize=16)
-def _privacy_plan(privacy_json: str, records: int, batch_size: int, steps: int, rounds: int) -> PrivacyPlan:
-    return plan_run(PrivacySettings.model_validate_json(privacy_json), records, batch_size, steps, rounds)
+def _privacy_plan(
+    privacy_json: str, records: int, batch_size: int, steps: int, rounds: int
+) -> PrivacyPlan:
+    return plan_run(
+        PrivacySettings.model_validate_json(privacy_json), records, batch_size, steps, rounds
+    )
 
 
 def _check_round(ws: Workspace, spec: RoundSpec) -> None:
@@ -118,7 +124,9 @@ def _global_adapter(parameters: list[np.ndarray], ws: Workspace) -> np.ndarray:
         raise ValueError(f"expected the adapter as one vector, got {len(parameters)} arrays")
     vector = np.asarray(parameters[0], dtype=np.float32)
     if not np.isfinite(vector).all():
-        raise ValueError("the global adapter holds NaN or infinite values: the coordinator's checkpoint is corrupt")
+        raise ValueError(
+            "the global adapter holds NaN or infinite values: the coordinator's checkpoint is corrupt"
+        )
     set_adapter_vector(ws.model, vector)
     return vector
 
@@ -142,7 +150,10 @@ class EnterpriseNode:
     def __init__(self, node: NodeSettings):
         self.node = node
         self.ledger = PrivacyLedger(node.ledger_path)
-        self.budgets = {"record": node.budget.record_epsilon, "enterprise": node.budget.enterprise_epsilon}
+        self.budgets = {
+            "record": node.budget.record_epsilon,
+            "enterprise": node.budget.enterprise_epsilon,
+        }
 
     def warm_up(self, lora: LoraSettings | None = None, seq_len: int = 64) -> Workspace:
         """Load the model and tokenize the data now, so the first round does not pay for it."""
@@ -152,9 +163,15 @@ class EnterpriseNode:
         spec = RoundSpec.from_config(config)
         ws = workspace(self.node, spec.lora, spec.train.seq_len)
         _check_round(ws, spec)
-        records = ws.train_records.shape[0] if spec.privacy.record else 0  # only record-level DP needs it
+        records = (
+            ws.train_records.shape[0] if spec.privacy.record else 0
+        )  # only record-level DP needs it
         plan = _privacy_plan(
-            spec.privacy.model_dump_json(), records, spec.train.batch_size, spec.train.local_steps, spec.rounds
+            spec.privacy.model_dump_json(),
+            records,
+            spec.train.batch_size,
+            spec.train.local_steps,
+            spec.rounds,
         )
         return spec, ws, plan
 
@@ -164,15 +181,24 @@ class EnterpriseNode:
             spec, _, plan = self._prepare(config)
         except InfeasiblePlan as err:
             reason = f"infeasible privacy plan on this node: {err}"
-            return BudgetAnswer(accept=False, reason=reason, enterprise=self.node.enterprise).to_properties()
+            return BudgetAnswer(
+                accept=False, reason=reason, enterprise=self.node.enterprise
+            ).to_properties()
         spends, problem = self.ledger.preview(
             spec.ledger_key(), spec.server_round, plan.epsilon_after, self.budgets, spec.rounds
         )
         epsilons = {f"epsilon_{s.level}": s.epsilon_run for s in spends}
-        answer = BudgetAnswer(accept=problem is None, reason=problem or "", enterprise=self.node.enterprise, **epsilons)
+        answer = BudgetAnswer(
+            accept=problem is None,
+            reason=problem or "",
+            enterprise=self.node.enterprise,
+            **epsilons,
+        )
         return answer.to_properties()
 
-    def fit(self, parameters: list[np.ndarray], config: dict, secure_aggregation: bool) -> tuple[list[np.ndarray], int, dict]:
+    def fit(
+        self, parameters: list[np.ndarray], config: dict, secure_aggregation: bool
+    ) -> tuple[list[np.ndarray], int, dict]:
         """Train on the global adapter and return (released update, weight, metrics)."""
         started = time.perf_counter()
         spec, ws, plan = self._prepare(config)
@@ -184,9 +210,13 @@ class EnterpriseNode:
         key, sha = spec.ledger_key(), parameters_sha256(parameters)
         if (earlier := self.ledger.release(key, spec.server_round)) is not None:
             return self._replay(spec, earlier, sha)
+        global_vector = _global_adapter(
+            parameters, ws
+        )  # refuses a malformed adapter before any charge
         # Write-ahead: the spend is on the node's ledger before any training (raises BudgetExceeded).
-        spends = self.ledger.charge(key, spec.server_round, plan.epsilon_after, self.budgets, spec.rounds)
-        global_vector = _global_adapter(parameters, ws)
+        spends = self.ledger.charge(
+            key, spec.server_round, plan.epsilon_after, self.budgets, spec.rounds
+        )
         private = spec.privacy.enabled
         metrics: dict = {"enterprise": self.node.enterprise}
         if spec.measure_baseline and not private:
@@ -200,17 +230,26 @@ class EnterpriseNode:
                 record.max_physical_batch_size, ws.device,
             )  # fmt: skip
         else:
-            seed = spec.train.seed * 1_000_003 + spec.server_round * 1009 + _enterprise_seed(self.node.enterprise)
+            seed = (
+                spec.train.seed * 1_000_003
+                + spec.server_round * 1009
+                + _enterprise_seed(self.node.enterprise)
+            )
             result = train_local(ws.model, ws.train_blocks, spec.train, seed=seed, device=ws.device)
         delta = [get_adapter_vector(ws.model) - global_vector]
         norm = l2_norm(delta)
         if not np.isfinite(norm):
             raise FloatingPointError("the adapter update is not finite; lower train.lr")
         if norm == 0.0:
-            raise RuntimeError("local training left the adapter unchanged: nothing would be learned")
+            raise RuntimeError(
+                "local training left the adapter unchanged: nothing would be learned"
+            )
         if plan.enterprise is not None:
             delta, _ = privatize_update(delta, plan.enterprise, spec.noise_shares)
-        if spec.secagg_range is not None and max(float(np.abs(d).max()) for d in delta) > spec.secagg_range:
+        if (
+            spec.secagg_range is not None
+            and max(float(np.abs(d).max()) for d in delta) > spec.secagg_range
+        ):
             # Secure aggregation would silently clip it: refuse to send a corrupted update.
             raise ValueError(
                 f"an update value exceeds the secure-aggregation range {spec.secagg_range:g}; "
@@ -224,7 +263,9 @@ class EnterpriseNode:
             weight = 1
         else:
             metrics.update(
-                train_loss=result.mean_loss, update_norm=norm, expert_load=json.dumps(result.expert_load)
+                train_loss=result.mean_loss,
+                update_norm=norm,
+                expert_load=json.dumps(result.expert_load),
             )
             # FedAvg weight: the enterprise's number of training sequences (SecAgg+ would scale
             # the masked values by it, so there every client weighs 1).
@@ -233,11 +274,15 @@ class EnterpriseNode:
         self.ledger.record_release(key, spec.server_round, release)  # before anything leaves
         return delta, weight, metrics
 
-    def _replay(self, spec: RoundSpec, earlier: Release, sha: str) -> tuple[list[np.ndarray], int, dict]:
+    def _replay(
+        self, spec: RoundSpec, earlier: Release, sha: str
+    ) -> tuple[list[np.ndarray], int, dict]:
         """The same round again (a resumed coordinator): the same release, or a refusal."""
         where = f"round {spec.server_round} of run {spec.run_uid[:8]}"
         if earlier.parameters_sha256 != sha:
-            raise ReplayRefused(f"{where} was already released from another global adapter; one release per round")
+            raise ReplayRefused(
+                f"{where} was already released from another global adapter; one release per round"
+            )
         if earlier.noise_shares > spec.noise_shares:
             raise ReplayRefused(
                 f"{where} was released with 1/{earlier.noise_shares} of the noise; "

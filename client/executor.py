@@ -45,7 +45,10 @@ def _client(address: str, interceptors: list, retry: bool) -> RuntimeHttpClient:
         server_address=address,
         insecure=True,  # the SuperNode's Runtime API listens on this host's loopback only
         root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+            *interceptors,
+        ],
         retry_invoker=make_simple_http_retry_invoker() if retry else None,
     )
 
@@ -64,7 +67,9 @@ def run_task(address: str, token: str, app: ClientApp) -> tuple[str, float]:
     started = time.monotonic()
     client = _client(address, [RuntimeTokenHttpInterceptor(token)], retry=True)
     done = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(client, done), name="task-heartbeat", daemon=True)
+    beat = threading.Thread(
+        target=_heartbeat, args=(client, done), name="task-heartbeat", daemon=True
+    )
     beat.start()
     message = context = None
     status, details, kind = SubStatus.FAILED, "the task failed before its message arrived", "-"
@@ -76,7 +81,9 @@ def run_task(address: str, token: str, app: ClientApp) -> tuple[str, float]:
             status, details = SubStatus.COMPLETED, ""
         except Exception as err:  # noqa: BLE001 - the error goes back to the coordinator
             details = f"{type(err)}:<'{err}'>"
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+            reply = Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message
+            )
         push_message(client, reply, context)
     finally:
         done.set()
@@ -112,7 +119,9 @@ def run_tasks(
             stop.wait(poll_s)
             continue
         try:
-            acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            acquired = client.AcquireTask(
+                AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+            )
         except Exception:  # noqa: BLE001 - the SuperNode is (re)starting
             stop.wait(max(poll_s, 0.5))
             continue

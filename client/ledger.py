@@ -138,7 +138,10 @@ class PrivacyLedger:
             "SELECT level, epsilon_run, delta FROM spends WHERE run = ? AND round = ? ORDER BY id",
             (run, round_number),
         ).fetchall()
-        return [Spend(level, eps, delta, PrivacyLedger._lifetime(db, level)) for level, eps, delta in rows]
+        return [
+            Spend(level, eps, delta, PrivacyLedger._lifetime(db, level))
+            for level, eps, delta in rows
+        ]
 
     def participations(self, run: str, level: str) -> int:
         with closing(self._connect()) as db:
@@ -170,7 +173,9 @@ class PrivacyLedger:
             return charged, None
         spends, problems = [], []
         if self._participations(db, run, LEVELS[0]) >= max_releases:
-            problems.append(f"this node already took part in all {max_releases} rounds the run's privacy plan covers")
+            problems.append(
+                f"this node already took part in all {max_releases} rounds the run's privacy plan covers"
+            )
         for level in LEVELS:
             eps_run, delta = epsilon_after(level, self._participations(db, run, level) + 1)
             others = self._lifetime(db, level, excluding_run=run)
@@ -205,14 +210,19 @@ class PrivacyLedger:
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                spends, problem = self._preview(db, run, round_number, epsilon_after, budgets, max_releases)
+                spends, problem = self._preview(
+                    db, run, round_number, epsilon_after, budgets, max_releases
+                )
                 if problem:
                     raise BudgetExceeded(problem)
                 if not self._charged(db, run, round_number):
                     db.executemany(
                         "INSERT INTO spends (run, round, level, epsilon_run, delta, recorded_at) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
-                        [(run, round_number, s.level, s.epsilon_run, s.delta, _now()) for s in spends],
+                        [
+                            (run, round_number, s.level, s.epsilon_run, s.delta, _now())
+                            for s in spends
+                        ],
                     )
             except BaseException:
                 db.execute("ROLLBACK")
@@ -257,9 +267,13 @@ class PrivacyLedger:
         """Secure aggregation is about to help unmask a sum holding this round's release: from now
         on it is never sent again (written before the node answers the unmask request)."""
         with closing(self._connect()) as db, db:
-            db.execute("UPDATE releases SET unmasked = 1 WHERE run = ? AND round = ?", (run, round_number))
+            db.execute(
+                "UPDATE releases SET unmasked = 1 WHERE run = ? AND round = ?", (run, round_number)
+            )
 
     def entries(self) -> list[tuple]:
         with closing(self._connect()) as db:
-            query = "SELECT run, round, level, epsilon_run, delta, recorded_at FROM spends ORDER BY id"
+            query = (
+                "SELECT run, round, level, epsilon_run, delta, recorded_at FROM spends ORDER BY id"
+            )
             return db.execute(query).fetchall()

@@ -22,7 +22,10 @@ class NodeSettings(BaseModel):
     threads: int = Field(1, ge=1, le=512, description="torch CPU threads for this client")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     budget: NodeBudget = NodeBudget()
-    ledger: Path | None = Field(None, description="the node's privacy ledger (SQLite); default ~/.fedmoe/ledger-<enterprise>.sqlite")
+    ledger: Path | None = Field(
+        None,
+        description="the node's privacy ledger (SQLite); default ~/.fedmoe/ledger-<enterprise>.sqlite",
+    )
 
     @property
     def ledger_path(self) -> Path:

@@ -19,14 +19,16 @@ class ExpertLoadCounter:
     model: nn.Module
     counts: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def __enter__(self) -> "ExpertLoadCounter":
+    def __enter__(self) -> ExpertLoadCounter:
         self._handles = []
         for layer, module in expert_lora_modules(self.model).items():
             num_experts = module.gate_up_A.shape[0]
             self.counts[layer] = torch.zeros(num_experts, dtype=torch.long)
 
             def hook(_module, args, _output, layer=layer, num_experts=num_experts):
-                self.counts[layer] += torch.bincount(args[1].reshape(-1).cpu(), minlength=num_experts)
+                self.counts[layer] += torch.bincount(
+                    args[1].reshape(-1).cpu(), minlength=num_experts
+                )
 
             self._handles.append(module.register_forward_hook(hook))
         return self
@@ -47,7 +49,13 @@ class LocalTrainResult:
     expert_load: dict[str, list[int]]
 
 
-def train_local(model: nn.Module, blocks: torch.Tensor, settings: LocalTrainSettings, seed: int, device: torch.device) -> LocalTrainResult:
+def train_local(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    settings: LocalTrainSettings,
+    seed: int,
+    device: torch.device,
+) -> LocalTrainResult:
     """`settings.local_steps` AdamW steps on random batches of `blocks` ([num_blocks, seq_len])."""
     params = list(adapter_parameters(model).values())
     if not params:
@@ -59,15 +67,21 @@ def train_local(model: nn.Module, blocks: torch.Tensor, settings: LocalTrainSett
     model.train()
     with ExpertLoadCounter(model) as load:
         for _ in range(settings.local_steps):
-            batch = blocks[torch.randint(0, blocks.shape[0], (batch_size,), generator=generator)].to(device)
+            batch = blocks[
+                torch.randint(0, blocks.shape[0], (batch_size,), generator=generator)
+            ].to(device)
             with autocast_context(device):
                 loss = per_sequence_loss(model, batch).mean()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"local training loss became {loss.item()}; lower train.lr")
+                raise FloatingPointError(
+                    f"local training loss became {loss.item()}; lower train.lr"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
     model.eval()
-    return LocalTrainResult(sum(losses) / len(losses), len(losses), len(losses) * batch_size, load.as_lists())
+    return LocalTrainResult(
+        sum(losses) / len(losses), len(losses), len(losses) * batch_size, load.as_lists()
+    )

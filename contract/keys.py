@@ -21,7 +21,9 @@ MAX_PUBLIC_KEY_CHARS = 4096
 def load_public_key(text: str) -> ec.EllipticCurvePublicKey:
     """An OpenSSH public key line (`ecdsa-sha2-nistp384 AAAA... comment`); ValueError otherwise."""
     if not text or len(text) > MAX_PUBLIC_KEY_CHARS:
-        raise ValueError("public_key: expected one OpenSSH public key line (`fedmoe agent init` prints it)")
+        raise ValueError(
+            "public_key: expected one OpenSSH public key line (`fedmoe agent init` prints it)"
+        )
     try:
         key = serialization.load_ssh_public_key(text.strip().encode())
     except (ValueError, TypeError, UnicodeError) as err:
@@ -29,12 +31,16 @@ def load_public_key(text: str) -> ec.EllipticCurvePublicKey:
     except Exception as err:  # noqa: BLE001 - unsupported key types raise their own kinds
         raise ValueError(f"public_key: not a usable key ({type(err).__name__})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, NIST_CURVES):
-        raise ValueError("public_key: must be an ECDSA key on a NIST curve (P-256, P-384 or P-521); make one with `fedmoe agent init`")
+        raise ValueError(
+            "public_key: must be an ECDSA key on a NIST curve (P-256, P-384 or P-521); make one with `fedmoe agent init`"
+        )
     return key
 
 
 def openssh_public(key: ec.EllipticCurvePublicKey) -> str:
-    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
 
 
 def fingerprint(key: ec.EllipticCurvePublicKey) -> str:

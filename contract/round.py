@@ -33,12 +33,16 @@ class LocalTrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    local_steps: int = Field(12, ge=1, le=100_000, description="optimizer steps per client per round")
+    local_steps: int = Field(
+        12, ge=1, le=100_000, description="optimizer steps per client per round"
+    )
     batch_size: int = Field(8, ge=1, le=4096, description="sequences per step")
     seq_len: int = Field(64, ge=8, le=32_768, description="tokens per training sequence")
     lr: float = Field(3e-3, gt=0.0, le=1.0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    max_grad_norm: float = Field(1.0, gt=0.0, le=1e6, description="gradient-norm clip for stability (not a privacy bound)")
+    max_grad_norm: float = Field(
+        1.0, gt=0.0, le=1e6, description="gradient-norm clip for stability (not a privacy bound)"
+    )
     eval_batch_size: int = Field(16, ge=1, le=4096)
     seed: int = Field(0, ge=0, lt=2**63)
 
@@ -50,15 +54,21 @@ class RoundSpec(BaseModel):
 
     server_round: int = Field(ge=1, le=1_000_000)
     rounds: int = Field(ge=1, le=1_000_000, description="rounds the run's privacy plan covers")
-    run_uid: str = Field(pattern=r"^[0-9a-f]{32}$", description="the run's identity on every node's ledger")
+    run_uid: str = Field(
+        pattern=r"^[0-9a-f]{32}$", description="the run's identity on every node's ledger"
+    )
     lora: LoraSettings
     train: LocalTrainSettings
     privacy: PrivacySettings
     base_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     adapter_layout: str = Field(pattern=r"^[0-9a-f]{16}$")
     measure_baseline: bool = False
-    noise_shares: int = Field(1, ge=1, le=1_000_000, description="clients whose noise shares sum to the full noise")
-    secagg_range: float | None = Field(None, gt=0.0, description="SecAgg+ clipping range of this round")
+    noise_shares: int = Field(
+        1, ge=1, le=1_000_000, description="clients whose noise shares sum to the full noise"
+    )
+    secagg_range: float | None = Field(
+        None, gt=0.0, description="SecAgg+ clipping range of this round"
+    )
 
     def to_config(self, **extra) -> dict:
         config = self.model_dump(exclude=set(NESTED), exclude_none=True)
@@ -66,11 +76,13 @@ class RoundSpec(BaseModel):
         return {**config, **extra}
 
     @classmethod
-    def from_config(cls, config: Mapping) -> "RoundSpec":
+    def from_config(cls, config: Mapping) -> RoundSpec:
         data = {k: v for k, v in config.items() if k != "query"}
         try:
             for key in NESTED:
-                data[key] = json.loads(data[key]) if isinstance(data.get(key), str) else data.get(key)
+                data[key] = (
+                    json.loads(data[key]) if isinstance(data.get(key), str) else data.get(key)
+                )
             return cls.model_validate(data)
         except KeyError as err:
             raise MalformedRound(f"round config: missing key {err}") from None
@@ -81,7 +93,12 @@ class RoundSpec(BaseModel):
         """The node's ledger key for this run: a different plan under the same run uid counts as a
         different run, so a coordinator cannot change the noise mid-run and keep the tight
         within-run accounting."""
-        plan = [self.privacy.model_dump(), self.rounds, self.train.local_steps, self.train.batch_size]
+        plan = [
+            self.privacy.model_dump(),
+            self.rounds,
+            self.train.local_steps,
+            self.train.batch_size,
+        ]
         digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
         return f"{self.run_uid}:{digest}"
 
@@ -100,7 +117,7 @@ class BudgetAnswer:
         return asdict(self)
 
     @classmethod
-    def from_properties(cls, properties: Mapping) -> "BudgetAnswer":
+    def from_properties(cls, properties: Mapping) -> BudgetAnswer:
         try:
             answer = cls(
                 accept=properties["accept"],

@@ -64,18 +64,26 @@ class AdminServicer(pb_grpc.AdminServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0] if err.args else err))
         except Exception as err:  # noqa: BLE001 - a bug or an outage, never a traceback to the caller
             traceback.print_exc()
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(err).__name__}); see the coordinator's log")
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error ({type(err).__name__}); see the coordinator's log",
+            )
 
     def _run(self, run_id: int) -> pb.Run:
         run = self.store.run(_run_id(run_id))
         if run is None:
-            raise AdminError(grpc.StatusCode.NOT_FOUND, f"run {run_id} not found; ListRuns lists the runs")
+            raise AdminError(
+                grpc.StatusCode.NOT_FOUND, f"run {run_id} not found; ListRuns lists the runs"
+            )
         return run_message(run, self.store.completed_rounds(run.id))
 
     def StartRun(self, request, context):
         caller = _caller(context, self.service.config.admin)
         return self._handle(
-            context, lambda: self._run(self.service.start_run(request.config_toml, list(request.overrides), caller))
+            context,
+            lambda: self._run(
+                self.service.start_run(request.config_toml, list(request.overrides), caller)
+            ),
         )
 
     def StopRun(self, request, context):
@@ -84,7 +92,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         def stop():
             run = self._run(request.run_id)
             if run.status in FINAL_STATUSES:
-                raise AdminError(grpc.StatusCode.FAILED_PRECONDITION, f"run {run.id} already ended ({run.status})")
+                raise AdminError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"run {run.id} already ended ({run.status})",
+                )
             self.service.stop_run(run.id, caller)
             return self._run(run.id)
 
@@ -100,7 +111,9 @@ class AdminServicer(pb_grpc.AdminServicer):
     def ListRounds(self, request, context):
         def rounds():
             run = self._run(request.run_id)
-            return pb.ListRoundsResponse(rounds=[round_message(r) for r in self.store.rounds(run.id)])
+            return pb.ListRoundsResponse(
+                rounds=[round_message(r) for r in self.store.rounds(run.id)]
+            )
 
         return self._handle(context, rounds)
 
@@ -128,7 +141,10 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def RegisterNode(self, request, context):
         caller = _caller(context, self.service.config.admin)
-        return self._handle(context, lambda: self.service.register_node(request.enterprise, request.public_key, caller))
+        return self._handle(
+            context,
+            lambda: self.service.register_node(request.enterprise, request.public_key, caller),
+        )
 
     def RevokeNode(self, request, context):
         caller = _caller(context, self.service.config.admin)
@@ -156,14 +172,21 @@ class TokenAuth(grpc.ServerInterceptor):
         self.on_refused(handler_call_details.method)
 
         def refuse(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown admin token (send `authorization: Bearer <token>`)")
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown admin token (send `authorization: Bearer <token>`)",
+            )
 
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                refuse,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
-            refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
         )
 
 

@@ -12,7 +12,9 @@ from fedmoe.model.base import load_base, load_tokenizer
 from fedmoe.model.lora import load_adapter, merge_adapter
 
 
-def adapter_of_run(store: RunStore, run_id: int, round_number: int | None = None) -> tuple[Path, str]:
+def adapter_of_run(
+    store: RunStore, run_id: int, round_number: int | None = None
+) -> tuple[Path, str]:
     """(checkpoint dir, base model path) of a run's given round, or of its last completed round."""
     run = store.run(run_id)
     if run is None:
@@ -32,14 +34,27 @@ def load_adapted(model_path: str, adapter_dir: Path | None) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def generate(model_path: str, adapter_dir: Path | None, prompt: str, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0) -> str:
+def generate(
+    model_path: str,
+    adapter_dir: Path | None,
+    prompt: str,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> str:
     tokenizer = load_tokenizer(model_path)
     model = load_adapted(model_path, adapter_dir)
     torch.manual_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    sampling = (
+        dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    )
     out = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
     )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 

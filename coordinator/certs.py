@@ -24,7 +24,10 @@ FILES = ("ca.pem", "ca.key", "server.pem", "server.key")
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmoe development"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmoe development"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
     )
 
 
@@ -42,10 +45,14 @@ def _write(path: Path, data: bytes, private: bool) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def make_dev_certificates(out: Path, hosts: list[str], days: int = 365, force: bool = False) -> list[Path]:
+def make_dev_certificates(
+    out: Path, hosts: list[str], days: int = 365, force: bool = False
+) -> list[Path]:
     """Write ca.pem, ca.key, server.pem, server.key into `out`; returns their paths."""
     for host in hosts:
         if not host or len(host) > 253 or any(c.isspace() for c in host):
@@ -54,7 +61,9 @@ def make_dev_certificates(out: Path, hosts: list[str], days: int = 365, force: b
         raise ValueError(f"--days must be in [1, 3650], got {days}")
     paths = [out / name for name in FILES]
     if not force and (existing := [p for p in paths if p.exists()]):
-        raise FileExistsError(f"{existing[0]} exists; pass --force to replace the certificates in {out}")
+        raise FileExistsError(
+            f"{existing[0]} exists; pass --force to replace the certificates in {out}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -68,9 +77,12 @@ def make_dev_certificates(out: Path, hosts: list[str], days: int = 365, force: b
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
         )  # key_cert_sign, crl_sign
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     names = list(dict.fromkeys([*hosts, *DEFAULT_HOSTS]))

@@ -16,9 +16,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.base import EMBEDDED, check_model_dir, load_tokenizer, resolve_model_path
@@ -36,6 +46,21 @@ from fedmoe.support.files import (
 )
 
 ENTERPRISE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+MAX_OVERRIDE_CHARS = 10_000  # one `--set` value; a config file is the place for more
+
+
+def _no_control_characters(value: object) -> object:
+    """Paths and URLs: the OS refuses a NUL byte in a file name (with a ValueError deep inside
+    pathlib), and a newline or an escape sequence in one is always a pasting mistake. Runs before
+    the (strict) type check, which keeps its own messages for the rest."""
+    if isinstance(value, str) and _CONTROL_CHARACTERS.search(value):
+        raise ValueError("must not contain control characters (NUL, newline, escape, ...)")
+    return value
+
+
+PathText = Annotated[str, BeforeValidator(_no_control_characters)]
+OptionalPathText = Annotated[str | None, BeforeValidator(_no_control_characters)]
 
 
 class _Section(BaseModel):
@@ -43,14 +68,17 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    path: str = Field(
-        EMBEDDED, min_length=1, max_length=4096, description='"embedded" or a local Hugging Face checkpoint directory'
+    path: PathText = Field(
+        EMBEDDED,
+        min_length=1,
+        max_length=4096,
+        description='"embedded" or a local Hugging Face checkpoint directory',
     )
 
 
 class Enterprise(_Section):
     name: str = Field(pattern=ENTERPRISE_NAME)
-    data: str | None = Field(
+    data: OptionalPathText = Field(
         None,
         min_length=1,
         max_length=4096,
@@ -58,7 +86,7 @@ class Enterprise(_Section):
     )
     # A simulated node's own settings (a deployed node keeps them in its agent config).
     budget: NodeBudget = NodeBudget()
-    ledger: str | None = Field(
+    ledger: OptionalPathText = Field(
         None,
         min_length=1,
         max_length=4096,
@@ -71,7 +99,10 @@ class SecureAggregation(_Section):
 
     enabled: bool = False
     reconstruction_threshold: float = Field(
-        0.67, gt=0.0, le=1.0, description="share of a round's clients that must finish for it to be unmasked"
+        0.67,
+        gt=0.0,
+        le=1.0,
+        description="share of a round's clients that must finish for it to be unmasked",
     )
     value_range: float | None = Field(
         None,
@@ -79,8 +110,12 @@ class SecureAggregation(_Section):
         le=1e6,
         description="largest |value| of an update; default: clip + noise tails under enterprise-level DP, else 8",
     )
-    quantization_bits: int = Field(22, ge=8, le=30, description="bits per value; clients x 2^bits must stay below 2^32")
-    timeout_s: float = Field(600.0, gt=0.0, le=86_400.0, description="how long a stage waits for clients")
+    quantization_bits: int = Field(
+        22, ge=8, le=30, description="bits per value; clients x 2^bits must stay below 2^32"
+    )
+    timeout_s: float = Field(
+        600.0, gt=0.0, le=86_400.0, description="how long a stage waits for clients"
+    )
 
     def threshold_for(self, clients: int) -> int:
         """The fewest clients whose sum SecAgg+ will unmask (as flwr's SecAggPlusWorkflow computes it)."""
@@ -98,10 +133,21 @@ class SecureAggregation(_Section):
 
 class FederationSection(_Section):
     rounds: int = Field(3, ge=1, le=100_000)
-    enterprises: tuple[Enterprise, ...] = Field((), max_length=10_000, strict=False)
-    fraction_fit: float = Field(1.0, gt=0.0, le=1.0, description="share of enterprises sampled per round")
-    min_fit_clients: int = Field(1, ge=1, le=10_000, description="fewest successful clients a round needs")
-    threads_per_client: int = Field(1, ge=1, le=512, description="torch threads of each simulated client")
+    enterprises: tuple[Enterprise, ...] = Field(
+        (),
+        max_length=10_000,
+        strict=False,
+        description="left out: the bundled demo federation (simulation)",
+    )
+    fraction_fit: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of enterprises sampled per round"
+    )
+    min_fit_clients: int = Field(
+        1, ge=1, le=10_000, description="fewest successful clients a round needs"
+    )
+    threads_per_client: int = Field(
+        1, ge=1, le=512, description="torch threads of each simulated client"
+    )
     cpus_per_client: int = Field(
         1, ge=1, le=512, description="whole CPUs Flower's simulation engine reserves per client"
     )
@@ -109,21 +155,43 @@ class FederationSection(_Section):
         600.0, gt=0.0, le=86_400.0, description="how long a round waits for enterprises to connect"
     )
     round_timeout_s: float = Field(
-        3600.0, gt=0.0, le=604_800.0, description="how long a round waits for training and evaluation replies"
+        3600.0,
+        gt=0.0,
+        le=604_800.0,
+        description="how long a round waits for training and evaluation replies",
     )
     secure_aggregation: SecureAggregation = SecureAggregation()
 
+    @field_validator("enterprises")
+    @classmethod
+    def _named_if_given(cls, v: tuple[Enterprise, ...]) -> tuple[Enterprise, ...]:
+        # Only a value written in the config gets here (a left-out key keeps the default): an
+        # explicit `enterprises = []` is a mistake, not a request for the demo federation.
+        if not v:
+            raise ValueError(
+                "an empty list names no enterprise; list at least one, or leave the key out for the demo federation"
+            )
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> FederationSection:
+        # Messages start with the key they are about (`describe_validation_error` names it).
         names = [e.name for e in self.enterprises]
         if len(set(names)) != len(names):
-            raise ValueError(f"enterprise names must be unique, got {names}")
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(
+                f"enterprises: names must be unique; repeated: {', '.join(duplicates)[:200]}"
+            )
         if self.enterprises and self.min_fit_clients > len(self.enterprises):
             raise ValueError(
-                f"min_fit_clients={self.min_fit_clients} exceeds the {len(self.enterprises)} enterprises"
+                f"min_fit_clients: {self.min_fit_clients} exceeds the {len(self.enterprises)} enterprises"
             )
         bits = self.secure_aggregation.quantization_bits
-        if self.secure_aggregation.enabled and self.enterprises and len(self.enterprises) << bits >= 1 << 32:
+        if (
+            self.secure_aggregation.enabled
+            and self.enterprises
+            and len(self.enterprises) << bits >= 1 << 32
+        ):
             raise ValueError(
                 "secure_aggregation.quantization_bits: enterprises x 2^bits must stay below 2^32; use fewer bits"
             )
@@ -131,7 +199,7 @@ class FederationSection(_Section):
 
 
 class EvaluationSection(_Section):
-    server_data: str | None = Field(
+    server_data: OptionalPathText = Field(
         "demo",
         max_length=4096,
         description='held-out file the coordinator evaluates on; "demo" or a path; empty to skip',
@@ -139,11 +207,15 @@ class EvaluationSection(_Section):
 
 
 class DatabaseSection(_Section):
-    url: str = Field("sqlite:///runs/fedmoe.db", min_length=1, max_length=4096, description="any SQLAlchemy URL")
+    url: PathText = Field(
+        "sqlite:///runs/fedmoe.db", min_length=1, max_length=4096, description="any SQLAlchemy URL"
+    )
 
 
 class OutputSection(_Section):
-    dir: str = Field("runs", min_length=1, max_length=4096, description="where adapter checkpoints are written")
+    dir: PathText = Field(
+        "runs", min_length=1, max_length=4096, description="where adapter checkpoints are written"
+    )
 
 
 class RunConfig(_Section):
@@ -160,14 +232,23 @@ class RunConfig(_Section):
         return json.loads(self.model_dump_json(exclude_none=True))
 
 
-def _resolve(path: str, base: Path) -> str:
-    return str(resolve_path(path, base))
+def _resolve(path: str, base: Path, field: str) -> str:
+    try:
+        return str(resolve_path(path, base))
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+    ) as err:  # `~nobody/x`, a symlink loop, a name too long
+        raise ConfigError(
+            f"invalid run config:\n  {field}: cannot resolve {path[:200]!r} ({err})"
+        ) from None
 
 
 def _resolve_sqlite_url(url: str, base: Path) -> str:
     prefix = "sqlite:///"
     if url.startswith(prefix) and url != "sqlite:///:memory:" and not url.startswith("sqlite:////"):
-        return prefix + _resolve(url[len(prefix) :], base)
+        return prefix + _resolve(url[len(prefix) :], base, "database.url")
     return url
 
 
@@ -175,38 +256,98 @@ def _resolve_server_data(config: RunConfig, base: Path) -> str | None:
     server_data = config.evaluation.server_data
     if server_data == "demo":
         return str(DEMO_DATA_DIR / "public_eval.jsonl")
-    return _resolve(server_data, base) if server_data else None
+    return _resolve(server_data, base, "evaluation.server_data") if server_data else None
+
+
+def _creatable(path: Path, kind: str) -> str | None:
+    """Why `path` cannot be (or become) a `kind` ("file" or "folder"), or None. Checked before a run
+    starts: `fedmoe run` writes the run database first, and a run must not leave one behind and
+    then stop on an output folder that is a file."""
+    try:
+        if path.exists():
+            is_kind = path.is_dir() if kind == "folder" else path.is_file()
+            return None if is_kind else f"{str(path)[:200]} exists and is not a {kind}"
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        return None if parent.is_dir() else f"{str(parent)[:200]} is not a folder"
+    except OSError as err:  # e.g. a name too long for the file system
+        return f"{str(path)[:200]}: {err.strerror or err}"
+
+
+def _check_database_url(url: str) -> str | None:
+    """Why `url` names no database the launcher could open, or None (parsing and the driver's
+    import only: nothing is connected to or created)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy raises several kinds: parse, unknown dialect, no driver
+        return f"not a usable SQLAlchemy URL ({type(err).__name__}: {str(err)[:200]})"
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not parsed.database.startswith("file:"):
+            return _creatable(Path(parsed.database), "file")
+    return None
+
+
+def _check_outputs(config: RunConfig) -> None:
+    """The database, output folder and ledgers of a resolved simulation run can be created."""
+    problems = []
+    if problem := _check_database_url(config.database.url):
+        problems.append(f"  database.url: {problem}")
+    if problem := _creatable(Path(config.output.dir), "folder"):
+        problems.append(f"  output.dir: {problem}")
+    for i, e in enumerate(config.federation.enterprises):
+        if e.ledger is not None and (problem := _creatable(Path(e.ledger), "file")):
+            problems.append(f"  federation.enterprises.{i}.ledger: {problem}")
+    if problems:
+        raise ConfigError("invalid run config:\n" + "\n".join(problems))
 
 
 def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     """A simulation run: absolute paths everywhere, the demo federation filled in, and every data
     file and privacy plan checked."""
-    model_path = config.model.path if config.model.path == EMBEDDED else _resolve(config.model.path, base)
+    model_path = config.model.path
+    if model_path != EMBEDDED:
+        model_path = _resolve(model_path, base, "model.path")
     enterprises = config.federation.enterprises or tuple(
         Enterprise(name=d, data=str(DEMO_DATA_DIR / d)) for d in DEMO_ENTERPRISES
     )
-    missing = [f"  federation.enterprises.{i}.data: required on the simulation engine" for i, e in enumerate(enterprises) if not e.data]
+    missing = [
+        f"  federation.enterprises.{i}.data: required on the simulation engine"
+        for i, e in enumerate(enterprises)
+        if not e.data
+    ]
     if missing:
         raise ConfigError("invalid run config:\n" + "\n".join(missing))
-    output_dir = _resolve(config.output.dir, base)
+    output_dir = _resolve(config.output.dir, base, "output.dir")
     enterprises = tuple(
         e.model_copy(
             update=dict(
-                data=_resolve(e.data, base),
-                ledger=_resolve(e.ledger or f"{output_dir}/ledgers/{e.name}.sqlite", base),
+                data=_resolve(e.data, base, f"federation.enterprises.{i}.data"),
+                ledger=_resolve(
+                    e.ledger or f"{output_dir}/ledgers/{e.name}.sqlite",
+                    base,
+                    f"federation.enterprises.{i}.ledger",
+                ),
             )
         )
-        for e in enterprises
+        for i, e in enumerate(enterprises)
     )
+    federation = config.federation.model_copy(update=dict(enterprises=enterprises))
+    if not config.federation.enterprises:
+        _recheck_federation(federation)  # e.g. min_fit_clients against the 3 demo enterprises
     resolved = config.model_copy(
         update=dict(
             model=ModelSection(path=model_path),
-            federation=config.federation.model_copy(update=dict(enterprises=enterprises)),
+            federation=federation,
             evaluation=EvaluationSection(server_data=_resolve_server_data(config, base)),
             database=DatabaseSection(url=_resolve_sqlite_url(config.database.url, base)),
             output=OutputSection(dir=output_dir),
         )
     )
+    _check_outputs(resolved)
     check_files(resolved)
     check_privacy(resolved)
     return resolved
@@ -220,26 +361,35 @@ def resolve_for_deployment(
     enterprise's data (each node checks its own record-level plan in the budget handshake)."""
     problems = []
     if not config.federation.enterprises and not registered:
-        problems.append("  federation.enterprises: no enterprise is registered; `fedmoe admin nodes register` first")
+        problems.append(
+            "  federation.enterprises: no enterprise is registered; `fedmoe admin nodes register` first"
+        )
     for i, e in enumerate(config.federation.enterprises):
         where = f"  federation.enterprises.{i}"
         if e.name not in registered:
-            problems.append(f"{where}.name: {e.name!r} is not a registered enterprise (registered: {', '.join(registered) or 'none'})")
+            problems.append(
+                f"{where}.name: {e.name!r} is not a registered enterprise (registered: {', '.join(registered) or 'none'})"
+            )
         for key in ("data", "ledger"):
             if getattr(e, key) is not None:
-                problems.append(f"{where}.{key}: set on the enterprise's agent, not in a deployment run")
+                problems.append(
+                    f"{where}.{key}: set on the enterprise's agent, not in a deployment run"
+                )
         if e.budget.limited:
-            problems.append(f"{where}.budget: set on the enterprise's agent, not in a deployment run")
+            problems.append(
+                f"{where}.budget: set on the enterprise's agent, not in a deployment run"
+            )
     if problems:
         raise ConfigError("invalid run config:\n" + "\n".join(problems))
-    enterprises = config.federation.enterprises or tuple(Enterprise(name=name) for name in registered)
+    enterprises = config.federation.enterprises or tuple(
+        Enterprise(name=name) for name in registered
+    )
     federation = config.federation.model_copy(update=dict(enterprises=enterprises))
-    try:  # re-check what depends on the number of enterprises
-        FederationSection.model_validate(federation.model_dump())
-    except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, "run config")) from None
+    _recheck_federation(federation)
     if config.model.path != EMBEDDED and not Path(config.model.path).is_absolute():
-        raise ConfigError("invalid run config:\n  model.path: use an absolute path on the coordinator's host")
+        raise ConfigError(
+            "invalid run config:\n  model.path: use an absolute path on the coordinator's host"
+        )
     resolved = config.model_copy(
         update=dict(
             federation=federation,
@@ -253,11 +403,26 @@ def resolve_for_deployment(
     return resolved
 
 
+def _recheck_federation(federation: FederationSection) -> None:
+    """Re-check what depends on the number of enterprises once they are filled in (the demo
+    federation, or the registered nodes), naming fields as in the config (`federation.x`)."""
+    try:
+        RunConfig.model_validate({"federation": federation.model_dump()})
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, "run config")) from None
+
+
 def check_files(config: RunConfig) -> None:
     problems = []
     try:
-        max_pos = check_model_dir(resolve_model_path(config.model.path)).get("max_position_embeddings")
-    except (FileNotFoundError, ValueError) as err:
+        max_pos = check_model_dir(resolve_model_path(config.model.path)).get(
+            "max_position_embeddings"
+        )
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+    ) as err:  # RuntimeError: a symlink loop (pathlib's resolve)
         problems.append(f"  model.path: {err}")
     else:
         if isinstance(max_pos, int) and config.train.seq_len > max_pos:
@@ -270,8 +435,11 @@ def check_files(config: RunConfig) -> None:
         for split in ("train", "heldout"):
             try:
                 find_split(Path(e.data), split)
-            except (FileNotFoundError, OSError) as err:
+            except FileNotFoundError as err:
                 problems.append(f"  federation.enterprises.{i}.data: {err}")
+            except OSError as err:  # e.g. a name too long (OSError's text would repeat it whole)
+                where = f"federation.enterprises.{i}.data"
+                problems.append(f"  {where}: cannot read {e.data[:200]} ({err.strerror or err})")
     server_data = config.evaluation.server_data
     if server_data and not _is_file(server_data):
         problems.append(f"  evaluation.server_data: file {server_data} does not exist")
@@ -292,14 +460,26 @@ def check_privacy(config: RunConfig) -> None:
     privacy, fed, train = config.privacy, config.federation, config.train
     n = len(fed.enterprises)
     problems = []
-    if privacy.enterprise and privacy.enterprise.mechanism == "gaussian" and not privacy.enterprise.delta < 1 / n:
+    if (
+        privacy.enterprise
+        and privacy.enterprise.mechanism == "gaussian"
+        and not privacy.enterprise.delta < 1 / n
+    ):
         problems.append(
             f"  privacy.enterprise.delta: must be < 1/enterprises = {1 / n:.3g} (got {privacy.enterprise.delta:g})"
         )
     if fed.secure_aggregation.enabled and n < 2:
         problems.append("  federation.secure_aggregation.enabled: needs at least 2 enterprises")
     simulated = [e for e in fed.enterprises if e.data is not None]
-    tokenizer = load_tokenizer(config.model.path) if privacy.record and simulated else None
+    tokenizer = None
+    if privacy.record and simulated:  # records are counted in tokenized rows, as DP-SGD sees them
+        try:
+            tokenizer = load_tokenizer(config.model.path)
+        except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a broken tokenizer
+            raise ConfigError(
+                "invalid run config:\n  model.path: cannot load its tokenizer "
+                f"({type(err).__name__}: {str(err)[:300]})"
+            ) from None
     for i, e in enumerate(fed.enterprises):
         if e.data is None:  # a deployed node checks its own record-level plan
             records = 1
@@ -307,7 +487,9 @@ def check_privacy(config: RunConfig) -> None:
         else:
             try:
                 train_file = find_split(Path(e.data), "train")
-                records = load_records(train_file, tokenizer, train.seq_len).shape[0] if tokenizer else 1
+                records = (
+                    load_records(train_file, tokenizer, train.seq_len).shape[0] if tokenizer else 1
+                )
             except (OSError, ValueError, UnicodeDecodeError) as err:
                 problems.append(f"  federation.enterprises.{i}.data: {err}")
                 continue
@@ -315,7 +497,10 @@ def check_privacy(config: RunConfig) -> None:
         try:
             plan = plan_run(settings, records, train.batch_size, train.local_steps, fed.rounds)
         except InfeasiblePlan as err:
-            problems.append(f"  {err}" + (f" (enterprise {e.name})" if str(err).startswith("privacy.record") else ""))
+            problems.append(
+                f"  {err}"
+                + (f" (enterprise {e.name})" if str(err).startswith("privacy.record") else "")
+            )
             continue
         for level in ("record", "enterprise"):
             budget = getattr(e.budget, f"{level}_epsilon")
@@ -348,8 +533,21 @@ def parse_overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip() or "\x00" in pair or len(pair) > 10_000:
-            raise ConfigError(f"override {pair[:80]!r}: use section.key=value, e.g. federation.rounds=5")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"override {pair[:80]!r}: use section.key=value, e.g. federation.rounds=5"
+            )
+        if len(pair) > MAX_OVERRIDE_CHARS:
+            raise ConfigError(
+                f"override {key.strip()[:80]!r}: {len(pair):,} characters; at most {MAX_OVERRIDE_CHARS:,}"
+            )
+        # A NUL cannot reach a file name, and a newline would add TOML lines (`3\nother = 1`) to
+        # the value's document; TOML escapes (`"a\\nb"`) write them in a value.
+        if _CONTROL_CHARACTERS.search(pair.replace("\t", " ")):
+            raise ConfigError(
+                f"override {key.strip()[:80]!r}: control characters (NUL, newline, ...) are not allowed; "
+                "write them as TOML escapes in a quoted string"
+            )
         try:
             out[key.strip()] = parse_toml(f"v = {raw}", "override")["v"]
         except ConfigError:
@@ -363,13 +561,13 @@ def apply_overrides(data: dict, overrides: dict) -> dict:
         *sections, key = dotted.split(".")
         if not sections or not all(sections) or not key or len(sections) > 4:
             raise ConfigError(
-                f"override {dotted!r}: use section.key=value, e.g. federation.rounds=5 or privacy.record.epsilon=4"
+                f"override {dotted[:80]!r}: use section.key=value, e.g. federation.rounds=5 or privacy.record.epsilon=4"
             )
         target = data
         for section in sections:
             target = target.setdefault(section, {})
             if not isinstance(target, dict):
-                raise ConfigError(f"override {dotted!r}: {section} is not a section")
+                raise ConfigError(f"override {dotted[:80]!r}: {section[:80]} is not a section")
         target[key] = value
     return data
 
@@ -383,4 +581,3 @@ def load_run_config(path: Path | None = None, overrides: dict | None = None) -> 
         base = Path(path).resolve().parent
     apply_overrides(data, overrides or {})
     return resolve_paths(parse_run_config(data, str(path or "defaults")), base)
-

@@ -238,7 +238,9 @@ def make_engine(url: str, create: bool = True) -> Engine:
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         path = Path(parsed.database)
         if not create and not path.is_file():
-            raise DatabaseMissing(f"no run database at {path}; start a run first or pass --database")
+            raise DatabaseMissing(
+                f"no run database at {path}; start a run first or pass --database"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
     return create_engine(url, pool_pre_ping=True)
 
@@ -361,7 +363,9 @@ class RunStore:
         """The last completed round with a checkpoint: where a resumed run starts from."""
         with self._session() as s:
             query = select(Round).where(
-                Round.run_id == run_id, Round.status == "completed", Round.checkpoint_path.is_not(None)
+                Round.run_id == run_id,
+                Round.status == "completed",
+                Round.checkpoint_path.is_not(None),
             )
             return s.scalars(query.order_by(Round.number.desc()).limit(1)).first()
 
@@ -385,7 +389,12 @@ class RunStore:
 
     # --- node registry ----------------------------------------------------------------------
     def register_node(
-        self, enterprise: str, public_key: str, fingerprint: str, flower_node_id: str, by: str | None
+        self,
+        enterprise: str,
+        public_key: str,
+        fingerprint: str,
+        flower_node_id: str,
+        by: str | None,
     ) -> Node:
         with self._session.begin() as s:
             node = Node(

@@ -46,9 +46,13 @@ class FlowerRun:
     def from_run_config(cls, run_config: dict) -> FlowerRun:
         run_id = run_config.get("fedmoe-run-id")
         if not isinstance(run_id, int) or run_id < 1:
-            raise ValueError("this Flower run carries no fedmoe run: start runs with `fedmoe run` or `fedmoe admin start`")
+            raise ValueError(
+                "this Flower run carries no fedmoe run: start runs with `fedmoe run` or `fedmoe admin start`"
+            )
         engine = str(run_config.get("engine"))
         if engine not in ENGINES:
             raise ValueError(f"run config 'engine' must be one of {ENGINES}, got {engine!r}")
-        config = parse_run_config(json.loads(str(run_config["run-config"])), "the Flower run's run config")
+        config = parse_run_config(
+            json.loads(str(run_config["run-config"])), "the Flower run's run config"
+        )
         return cls(run_id, config, str(run_config["database-url"]), engine)

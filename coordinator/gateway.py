@@ -27,7 +27,16 @@ from starlette.routing import Route
 
 FLEET_PREFIX = "/v1/fleet/"
 MAX_BODY_BYTES = 64 << 20  # Flower moves large arrays in chunks of a few MiB
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length", "te", "trailer"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "te",
+    "trailer",
+}
 
 
 def allowed(path: str) -> bool:
@@ -35,7 +44,11 @@ def allowed(path: str) -> bool:
 
 
 def make_app(upstream: str, ca: Path) -> Starlette:
-    client = httpx.AsyncClient(base_url=f"https://{upstream}", verify=ssl.create_default_context(cafile=str(ca)), timeout=None)
+    client = httpx.AsyncClient(
+        base_url=f"https://{upstream}",
+        verify=ssl.create_default_context(cafile=str(ca)),
+        timeout=None,
+    )
 
     async def forward(request: Request) -> Response:
         path = request.url.path
@@ -46,18 +59,30 @@ def make_app(upstream: str, ca: Path) -> Starlette:
             return Response("request too large", status_code=413)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
-            upstream_response = await client.request(request.method, path, params=request.query_params, content=body, headers=headers)
+            upstream_response = await client.request(
+                request.method, path, params=request.query_params, content=body, headers=headers
+            )
         except httpx.HTTPError:
             return Response("the SuperLink is not reachable", status_code=503)
-        out_headers = {k: v for k, v in upstream_response.headers.items() if k.lower() not in HOP_BY_HOP | {"content-encoding"}}
-        return Response(upstream_response.content, status_code=upstream_response.status_code, headers=out_headers)
+        out_headers = {
+            k: v
+            for k, v in upstream_response.headers.items()
+            if k.lower() not in HOP_BY_HOP | {"content-encoding"}
+        }
+        return Response(
+            upstream_response.content,
+            status_code=upstream_response.status_code,
+            headers=out_headers,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         await client.aclose()
 
-    return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])], lifespan=lifespan)
+    return Starlette(
+        routes=[Route("/{path:path}", forward, methods=["GET", "POST"])], lifespan=lifespan
+    )
 
 
 class FleetGateway:

@@ -46,7 +46,9 @@ class FleetGrid(Grid):
     def run(self):
         return self._grid.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl=None):
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl=None
+    ):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -62,7 +64,9 @@ class FleetGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         messages = list(messages)
         started = time.monotonic()
         kind = messages[0].metadata.message_type if messages else "-"
@@ -86,5 +90,7 @@ class FleetGrid(Grid):
         for mid in pending:
             self.last_errors[destination[mid]] = f"no reply within {timeout:g}s"
         # Not a progress line ("[fedmoe]" lines are shown to users): read by benchmarks/deployment.py.
-        print(f"[fedmoe-timing] {kind} x{len(messages)} {time.monotonic() - started:.3f}s", flush=True)
+        print(
+            f"[fedmoe-timing] {kind} x{len(messages)} {time.monotonic() - started:.3f}s", flush=True
+        )
         return replies

@@ -40,7 +40,9 @@ def check_writable(directory: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
             pass
     except OSError as err:
-        raise ConfigError(f"output.dir: cannot write to {directory} ({err.strerror or err})") from None
+        raise ConfigError(
+            f"output.dir: cannot write to {directory} ({err.strerror or err})"
+        ) from None
 
 
 class _Interrupted(Exception):
@@ -58,12 +60,22 @@ def _follow(superlink: SuperLink, flower_run_id: str, on_text) -> threading.Thre
     def done() -> bool:
         return not superlink.alive() or control.run_status(flower_run_id)[0] == FINISHED
 
-    thread = threading.Thread(target=follow_logs, args=(control, flower_run_id, on_text, done), name=flower_run_id, daemon=True)
+    thread = threading.Thread(
+        target=follow_logs,
+        args=(control, flower_run_id, on_text, done),
+        name=flower_run_id,
+        daemon=True,
+    )
     thread.start()
     return thread
 
 
-def launch(config: RunConfig | None, verbose: bool = False, resume: int | None = None, database: str | None = None) -> int:
+def launch(
+    config: RunConfig | None,
+    verbose: bool = False,
+    resume: int | None = None,
+    database: str | None = None,
+) -> int:
     """Run `config` (or resume run `resume` of `database`) on the simulation engine; returns a
     process exit code (0: the run completed or ended because budgets are spent)."""
     store = RunStore(database or config.database.url)
@@ -72,20 +84,29 @@ def launch(config: RunConfig | None, verbose: bool = False, resume: int | None =
         if run is None:
             raise LookupError(f"run {resume} not found; `fedmoe runs` lists the runs")
         if run.status in FINAL_STATUSES or run.engine != "simulation":
-            raise ConfigError(f"run {resume} is {run.status} on the {run.engine} engine: only a simulation run left running can be resumed")
+            raise ConfigError(
+                f"run {resume} is {run.status} on the {run.engine} engine: only a simulation run left running can be resumed"
+            )
         config, run_id = parse_run_config(run.config, f"run {resume}"), resume
     else:
         check_writable(Path(config.output.dir))
         names = [e.name for e in config.federation.enterprises]
         run_id = store.create_run(
-            config.to_toml_dict(), config.federation.rounds, "simulation", names, privacy_plan=privacy_plan_summary(config)
+            config.to_toml_dict(),
+            config.federation.rounds,
+            "simulation",
+            names,
+            privacy_plan=privacy_plan_summary(config),
         )
     check_writable(Path(config.output.dir))
     flower_root = Path(config.output.dir) / "flower"
     flower_root.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=flower_root))
     n, rounds = len(config.federation.enterprises), config.federation.rounds
-    print(f"[fedmoe] run {run_id} on Flower's simulation engine: {n} enterprises, {rounds} rounds (logs in {home})", flush=True)
+    print(
+        f"[fedmoe] run {run_id} on Flower's simulation engine: {n} enterprises, {rounds} rounds (logs in {home})",
+        flush=True,
+    )
     tail: deque[str] = deque(maxlen=60)
 
     def on_text(text: str) -> None:
@@ -98,7 +119,9 @@ def launch(config: RunConfig | None, verbose: bool = False, resume: int | None =
             elif "[fedmoe]" in line:
                 print(line[line.find("[fedmoe]") :], end="", flush=True)
 
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         with SuperLink(home, simulation=True) as superlink:
             supervisor = RunSupervisor(
@@ -109,15 +132,22 @@ def launch(config: RunConfig | None, verbose: bool = False, resume: int | None =
             try:
                 while True:
                     run = supervisor.check(run_id)
-                    if run.flower_run_id and (follower is None or follower.name != run.flower_run_id):
+                    if run.flower_run_id and (
+                        follower is None or follower.name != run.flower_run_id
+                    ):
                         follower = _follow(superlink, run.flower_run_id, on_text)
                     if run.status in FINAL_STATUSES:
                         break
                     time.sleep(POLL_S)
-                follower.join(timeout=30)  # its stream ends once Flower has delivered the last lines
+                follower.join(
+                    timeout=30
+                )  # its stream ends once Flower has delivered the last lines
             except _Interrupted as signal_name:
                 supervisor.stop(run_id, f"interrupted ({signal_name}) while running")
-                print(f"[fedmoe] run {run_id} stopped ({signal_name}); resume it with `fedmoe run --resume {run_id}`", flush=True)
+                print(
+                    f"[fedmoe] run {run_id} stopped ({signal_name}); resume it with `fedmoe run --resume {run_id}`",
+                    flush=True,
+                )
                 return 130
     finally:
         for sig, handler in previous.items():
@@ -136,5 +166,8 @@ def launch(config: RunConfig | None, verbose: bool = False, resume: int | None =
         return 0
     if not verbose:
         sys.stderr.write("".join(tail))
-    print(f"[fedmoe] run {run_id} {run.status}: {run.error}; full log: {home / 'run.log'}", file=sys.stderr)
+    print(
+        f"[fedmoe] run {run_id} {run.status}: {run.error}; full log: {home / 'run.log'}",
+        file=sys.stderr,
+    )
     return 1

@@ -59,7 +59,10 @@ class RunSupervisor:
         run = self.store.run(run_id)
         control = self.superlink.control()
         if run.status in FINAL_STATUSES:
-            if run.flower_run_id in self.submitted and control.run_status(run.flower_run_id)[0] != FINISHED:
+            if (
+                run.flower_run_id in self.submitted
+                and control.run_status(run.flower_run_id)[0] != FINISHED
+            ):
                 control.stop_run(run.flower_run_id)  # e.g. stopped by an admin while queued
             return run
         if run.flower_run_id is None:
@@ -98,9 +101,16 @@ class RunSupervisor:
         """Shortly after a SuperLink (re)start, submit a deployment run once its enterprises' nodes
         have been heard from again (or after a grace period): until then the SuperLink's state
         database still lists the ones it knew as online, and a round would fail on them at once."""
-        if self.engine != "deployment" or time.time() - self.superlink.started_at > self.reconnect_grace_s:
+        if (
+            self.engine != "deployment"
+            or time.time() - self.superlink.started_at > self.reconnect_grace_s
+        ):
             return True
-        wanted = {int(n.flower_node_id) for n in self.store.nodes() if n.enterprise in (run.enterprises or [])}
+        wanted = {
+            int(n.flower_node_id)
+            for n in self.store.nodes()
+            if n.enterprise in (run.enterprises or [])
+        }
         return wanted <= self.superlink.control().heard_from_since(self.superlink.started_at)
 
     def stop(self, run_id: int, reason: str) -> None:

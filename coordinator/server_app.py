@@ -89,7 +89,12 @@ def grid_asker(grid: Grid, timeout: float) -> AskNodes:
     def ask(node_ids: list[int], config: dict) -> dict[int, dict | str]:
         content = recorddict_compat.getpropertiesins_to_recorddict(GetPropertiesIns(config))
         messages = [
-            Message(content=content, message_type=MessageTypeLegacy.GET_PROPERTIES, dst_node_id=n, ttl=timeout)
+            Message(
+                content=content,
+                message_type=MessageTypeLegacy.GET_PROPERTIES,
+                dst_node_id=n,
+                ttl=timeout,
+            )
             for n in node_ids
         ]
         answers: dict[int, dict | str] = {}
@@ -98,7 +103,9 @@ def grid_asker(grid: Grid, timeout: float) -> AskNodes:
             if reply.has_error():
                 answers[node] = reply.error.reason
             else:
-                answers[node] = dict(recorddict_compat.recorddict_to_getpropertiesres(reply.content).properties)
+                answers[node] = dict(
+                    recorddict_compat.recorddict_to_getpropertiesres(reply.content).properties
+                )
         return answers
 
     return ask
@@ -153,7 +160,9 @@ def load_checkpoint(model: torch.nn.Module, directory: Path, sha256: str | None)
     if not directory.is_dir():
         raise FileNotFoundError(f"cannot resume: the checkpoint {directory} is gone")
     if sha256 and directory_sha256(directory) != sha256:
-        raise ValueError(f"cannot resume: the checkpoint {directory} changed since its round committed")
+        raise ValueError(
+            f"cannot resume: the checkpoint {directory} changed since its round committed"
+        )
     load_adapter_weights(model, directory)
     if not all(torch.isfinite(t).all() for t in get_adapter_tensors(model)):
         raise ValueError(f"cannot resume: the checkpoint {directory} holds NaN or infinite values")
@@ -171,11 +180,19 @@ def format_round(record: RoundRecord, config: RunConfig) -> str:
     )
     for level in ("record", "enterprise"):
         settings = getattr(config.privacy, level)
-        spent = [getattr(p, f"epsilon_{level}") for p in record.participations if getattr(p, f"epsilon_{level}") is not None]
+        spent = [
+            getattr(p, f"epsilon_{level}")
+            for p in record.participations
+            if getattr(p, f"epsilon_{level}") is not None
+        ]
         if settings is not None and spent:
             line += f" | eps {level} {max(spent):.3f}/{settings.epsilon:g}"
     refused = sum(p.status == "refused" for p in record.participations)
-    failed = [p.enterprise or p.node_id for p in record.participations if p.status in ("failed", "rejected")]
+    failed = [
+        p.enterprise or p.node_id
+        for p in record.participations
+        if p.status in ("failed", "rejected")
+    ]
     line += f" | refused {refused}" if refused else ""
     line += f" | FAILED {', '.join(failed)}" if failed else ""
     return line + f" | {seconds:.1f}s"
@@ -189,7 +206,9 @@ def registry(store: RunStore, enterprises: list[str]):
     def nodes() -> dict[int, str]:
         if time.monotonic() - cache["at"] > 2.0:
             wanted = set(enterprises)
-            cache["nodes"] = {int(n.flower_node_id): n.enterprise for n in store.nodes() if n.enterprise in wanted}
+            cache["nodes"] = {
+                int(n.flower_node_id): n.enterprise for n in store.nodes() if n.enterprise in wanted
+            }
             cache["at"] = time.monotonic()
         return cache["nodes"]
 
@@ -204,7 +223,9 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
     store = RunStore(launch.database_url)
     run = store.run(run_id)
     if run is None or run.status in FINAL_STATUSES:
-        raise RuntimeError(f"run {run_id} is {'missing' if run is None else run.status}: nothing to do")
+        raise RuntimeError(
+            f"run {run_id} is {'missing' if run is None else run.status}: nothing to do"
+        )
     n = len(config.federation.enterprises)
     secagg = config.federation.secure_aggregation
     try:
@@ -216,7 +237,9 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
             allowed = lambda: set(nodes())  # noqa: E731
             enterprise_of = lambda node_id: nodes().get(node_id)  # noqa: E731
         fleet = FleetGrid(grid, allowed, default_timeout=config.federation.round_timeout_s)
-        ctx = build_round_context(config, store, run_id, run.uid, grid_asker(fleet, secagg.timeout_s))
+        ctx = build_round_context(
+            config, store, run_id, run.uid, grid_asker(fleet, secagg.timeout_s)
+        )
         ctx.enterprise_of = enterprise_of
         ctx.node_errors = lambda: fleet.last_errors
         store.set_fingerprint(run_id, ctx.base_fingerprint)
@@ -234,9 +257,20 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
             return run_id
         if ctx.server_eval is not None:
             what = "base model" if ctx.first_round == 1 else f"round {ctx.first_round - 1} adapter"
-            print(f"[fedmoe] {what} server eval loss {ctx.server_eval(ctx.initial_adapter):.4f}", flush=True)
-        strategy = FederatedLoRA(config, ctx, store, run_id, on_round=lambda r: print(format_round(r, config), flush=True))
-        server_config = ServerConfig(num_rounds=remaining, round_timeout=config.federation.round_timeout_s)
+            print(
+                f"[fedmoe] {what} server eval loss {ctx.server_eval(ctx.initial_adapter):.4f}",
+                flush=True,
+            )
+        strategy = FederatedLoRA(
+            config,
+            ctx,
+            store,
+            run_id,
+            on_round=lambda r: print(format_round(r, config), flush=True),
+        )
+        server_config = ServerConfig(
+            num_rounds=remaining, round_timeout=config.federation.round_timeout_s
+        )
         legacy = LegacyContext(context=context, config=server_config, strategy=strategy)
         fit_workflow = None
         if secagg.enabled:
@@ -262,9 +296,16 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         raise
     else:
         # Rounds may go on without an enterprise (min_fit_clients); the run says so, loudly.
-        note = f"completed without some enterprises: {'; '.join(strategy.lost)}"[:4000] if strategy.lost else None
+        note = (
+            f"completed without some enterprises: {'; '.join(strategy.lost)}"[:4000]
+            if strategy.lost
+            else None
+        )
         store.finish_run(run_id, "completed", note)
-        print(f"[fedmoe] run {run_id} completed; adapter checkpoints in {run_dir(config, run_id)}", flush=True)
+        print(
+            f"[fedmoe] run {run_id} completed; adapter checkpoints in {run_dir(config, run_id)}",
+            flush=True,
+        )
         if note:
             print(f"[fedmoe] WARNING: run {run_id} {note}", flush=True)
     finally:

@@ -64,7 +64,9 @@ class CoordinatorService:
         self.superlink = SuperLink(
             config.flower_home, tls=tls, node_auth=True, database=self.storage / "superlink.db"
         )
-        self.supervisor = RunSupervisor(self.store, self.superlink, "deployment", config.database.url, config.runs.max_resumes)
+        self.supervisor = RunSupervisor(
+            self.store, self.superlink, "deployment", config.database.url, config.runs.max_resumes
+        )
         self.gateway: FleetGateway | None = None
         self.admin_server = None
         self.followed: set[str] = set()
@@ -74,20 +76,31 @@ class CoordinatorService:
         data = parse_toml(config_toml, "config_toml")
         for section in COORDINATOR_SECTIONS:
             if section in data:
-                raise ConfigError(f"{section}: set by the coordinator (coordinator.toml), not by a run; remove [{section}]")
+                raise ConfigError(
+                    f"{section}: set by the coordinator (coordinator.toml), not by a run; remove [{section}]"
+                )
         apply_overrides(data, parse_overrides(overrides))
         for section in COORDINATOR_SECTIONS:
             if section in data:
                 raise ConfigError(f"{section}: set by the coordinator, not by a run")
         config = parse_run_config(data, "config_toml")
         registered = [n.enterprise for n in self.store.nodes()]
-        config = resolve_for_deployment(config, registered, self.config.database.url, str(self.config.runs_dir))
+        config = resolve_for_deployment(
+            config, registered, self.config.database.url, str(self.config.runs_dir)
+        )
         names = [e.name for e in config.federation.enterprises]
         with self.lock:
             run_id = self.store.create_run(
-                config.to_toml_dict(), config.federation.rounds, "deployment", names, caller, privacy_plan_summary(config)
+                config.to_toml_dict(),
+                config.federation.rounds,
+                "deployment",
+                names,
+                caller,
+                privacy_plan_summary(config),
             )
-            self.say(f"run {run_id} started by {caller}: {len(names)} enterprises ({', '.join(names)}), {config.federation.rounds} rounds")
+            self.say(
+                f"run {run_id} started by {caller}: {len(names)} enterprises ({', '.join(names)}), {config.federation.rounds} rounds"
+            )
             self._check(run_id)
         return run_id
 
@@ -103,7 +116,10 @@ class CoordinatorService:
 
         code = self.grpc.StatusCode
         if not re.match(ENTERPRISE_NAME, enterprise or ""):
-            raise AdminError(code.INVALID_ARGUMENT, "enterprise: 1-64 letters, digits, `_`, `.`, `-`, starting with a letter or digit")
+            raise AdminError(
+                code.INVALID_ARGUMENT,
+                "enterprise: 1-64 letters, digits, `_`, `.`, `-`, starting with a letter or digit",
+            )
         try:
             key = load_public_key(public_key)
         except ValueError as err:
@@ -111,13 +127,25 @@ class CoordinatorService:
         digest = fingerprint(key)
         with self.lock:
             if (known := self.store.node_by_key(digest)) is not None:
-                state = "revoked keys never come back" if known.revoked_at else f"it belongs to {known.enterprise}"
-                raise AdminError(code.ALREADY_EXISTS, f"public_key: {digest} was registered before ({state}); make a new key with `fedmoe agent init`")
+                state = (
+                    "revoked keys never come back"
+                    if known.revoked_at
+                    else f"it belongs to {known.enterprise}"
+                )
+                raise AdminError(
+                    code.ALREADY_EXISTS,
+                    f"public_key: {digest} was registered before ({state}); make a new key with `fedmoe agent init`",
+                )
             if any(n.enterprise == enterprise for n in self.store.nodes()):
-                raise AdminError(code.ALREADY_EXISTS, f"enterprise: {enterprise} already has an active key; revoke it first")
+                raise AdminError(
+                    code.ALREADY_EXISTS,
+                    f"enterprise: {enterprise} already has an active key; revoke it first",
+                )
             node_id = self.superlink.control().register_node(public_key_to_bytes(key), enterprise)
             try:
-                node = self.store.register_node(enterprise, public_key.strip(), digest, str(node_id), caller)
+                node = self.store.register_node(
+                    enterprise, public_key.strip(), digest, str(node_id), caller
+                )
             except Exception:
                 self.superlink.control().unregister_node(node_id)
                 raise
@@ -128,10 +156,14 @@ class CoordinatorService:
         with self.lock:
             active = [n for n in self.store.nodes() if n.enterprise == enterprise]
             if not active:
-                raise LookupError(f"enterprise {enterprise!r} has no active key; ListNodes lists them")
+                raise LookupError(
+                    f"enterprise {enterprise!r} has no active key; ListNodes lists them"
+                )
             self.superlink.control().unregister_node(int(active[0].flower_node_id))
             node = self.store.revoke_node(enterprise, caller)
-        self.say(f"enterprise {enterprise} revoked by {caller}: its node is disconnected and its key refused")
+        self.say(
+            f"enterprise {enterprise} revoked by {caller}: its node is disconnected and its key refused"
+        )
         return node_message(node, online=False)
 
     def nodes(self, include_revoked: bool) -> list[pb.Node]:
@@ -139,7 +171,10 @@ class CoordinatorService:
             online = self.superlink.control().online_nodes()
         except Exception:  # noqa: BLE001 - the registry is still worth showing
             online = set()
-        return [node_message(n, int(n.flower_node_id) in online) for n in self.store.nodes(include_revoked)]
+        return [
+            node_message(n, int(n.flower_node_id) in online)
+            for n in self.store.nodes(include_revoked)
+        ]
 
     def refused_admin_call(self, method: str) -> None:
         self.say(f"refused an admin call without a valid token ({method})")
@@ -169,7 +204,9 @@ class CoordinatorService:
         def done() -> bool:
             return not self.superlink.alive() or control.run_status(flower_run_id)[0] == FINISHED
 
-        threading.Thread(target=follow_logs, args=(control, flower_run_id, on_text, done), daemon=True).start()
+        threading.Thread(
+            target=follow_logs, args=(control, flower_run_id, on_text, done), daemon=True
+        ).start()
 
     def supervise_once(self) -> None:
         with self.lock:
@@ -183,7 +220,9 @@ class CoordinatorService:
                     try:
                         self._check(run.id)
                     except Exception as err:  # noqa: BLE001 - one run's trouble must not stop the others
-                        self.say(f"run {run.id}: supervision step failed ({type(err).__name__}: {err}); retrying")
+                        self.say(
+                            f"run {run.id}: supervision step failed ({type(err).__name__}: {err}); retrying"
+                        )
         self._write_health()
 
     def _write_health(self) -> None:
@@ -201,8 +240,12 @@ class CoordinatorService:
         self.superlink.start()
         host, port = c.agents.address.rsplit(":", 1)
         tls = self.superlink.tls
-        self.gateway = FleetGateway(host.strip("[]"), int(port), self.superlink.address, tls.ca, tls.cert, tls.key).start()
-        self.admin_server = serve(self, c.admin.address, tls.cert.read_bytes(), tls.key.read_bytes())
+        self.gateway = FleetGateway(
+            host.strip("[]"), int(port), self.superlink.address, tls.ca, tls.cert, tls.key
+        ).start()
+        self.admin_server = serve(
+            self, c.admin.address, tls.cert.read_bytes(), tls.key.read_bytes()
+        )
         self.say(
             f"ready: agents connect to {c.agents.address} (TLS, registered keys only); admin API at {c.admin.address}; "
             f"runs in {c.database.url.split('@')[-1]}"
@@ -225,7 +268,9 @@ class CoordinatorService:
                 time.sleep(self.config.runs.poll_interval_s)
         except _Stop as name:
             running = [r.id for r in self.store.runs(statuses=("queued", "running"))]
-            self.say(f"stopping ({name}); runs {running or 'none'} resume when the coordinator starts again")
+            self.say(
+                f"stopping ({name}); runs {running or 'none'} resume when the coordinator starts again"
+            )
             return 0
         finally:
             self.stop()

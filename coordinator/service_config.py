@@ -56,7 +56,10 @@ class _Section(BaseModel):
 
 
 class AdminToken(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$", description="who holds it (recorded with each run it starts)")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$",
+        description="who holds it (recorded with each run it starts)",
+    )
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the token, hex")
 
 
@@ -71,8 +74,12 @@ class AgentsSection(_Section):
 
 class AdminSection(_Section):
     address: str = Field("127.0.0.1:9091", description="host:port of the admin API")
-    tokens: tuple[AdminToken, ...] = Field(min_length=1, strict=False, description="who may call the admin API")
-    max_request_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="larger admin requests are refused")
+    tokens: tuple[AdminToken, ...] = Field(
+        min_length=1, strict=False, description="who may call the admin API"
+    )
+    max_request_bytes: int = Field(
+        1 << 20, ge=1024, le=64 << 20, description="larger admin requests are refused"
+    )
 
     @field_validator("address")
     @classmethod
@@ -97,20 +104,28 @@ class AdminSection(_Section):
 
 class TLSSection(_Section):
     ca: str = Field(min_length=1, description="PEM file of the CA agents and admins trust")
-    certificate: str = Field(min_length=1, description="the coordinator's certificate (PEM), naming its hosts")
+    certificate: str = Field(
+        min_length=1, description="the coordinator's certificate (PEM), naming its hosts"
+    )
     key: str = Field(min_length=1, description="its private key (PEM)")
 
 
 class DatabaseSection(_Section):
-    url: str = Field("sqlite:///state/fedmoe.db", min_length=1, max_length=4096, description="any SQLAlchemy URL")
+    url: str = Field(
+        "sqlite:///state/fedmoe.db", min_length=1, max_length=4096, description="any SQLAlchemy URL"
+    )
 
 
 class StorageSection(_Section):
-    dir: str = Field("state", min_length=1, description="checkpoints, Flower's state database and logs")
+    dir: str = Field(
+        "state", min_length=1, description="checkpoints, Flower's state database and logs"
+    )
 
 
 class RunsSection(_Section):
-    max_resumes: int = Field(3, ge=0, le=100, description="how often a run is resumed before it is failed")
+    max_resumes: int = Field(
+        3, ge=0, le=100, description="how often a run is resumed before it is failed"
+    )
     poll_interval_s: float = Field(1.0, gt=0.0, le=60.0, description="how often runs are checked")
 
 
@@ -140,9 +155,17 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
     except RecursionError:
         raise ConfigError(f"invalid coordinator config ({path}): nested too deeply") from None
     base = Path(path).resolve().parent
-    tls = config.tls.model_copy(update={k: str(resolve_path(getattr(config.tls, k), base)) for k in ("ca", "certificate", "key")})
+    tls = config.tls.model_copy(
+        update={
+            k: str(resolve_path(getattr(config.tls, k), base)) for k in ("ca", "certificate", "key")
+        }
+    )
     url = config.database.url
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+    if (
+        url.startswith("sqlite:///")
+        and not url.startswith("sqlite:////")
+        and url != "sqlite:///:memory:"
+    ):
         url = "sqlite:///" + str(resolve_path(url[len("sqlite:///") :], base))
     resolved = config.model_copy(
         update=dict(
@@ -151,9 +174,17 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
             storage=StorageSection(dir=str(resolve_path(config.storage.dir, base))),
         )
     )
-    missing = [f"  tls.{k}: file {getattr(tls, k)} does not exist" for k in ("ca", "certificate", "key") if not Path(getattr(tls, k)).is_file()]
+    missing = [
+        f"  tls.{k}: file {getattr(tls, k)} does not exist"
+        for k in ("ca", "certificate", "key")
+        if not Path(getattr(tls, k)).is_file()
+    ]
     if missing:
-        raise ConfigError("invalid coordinator config:\n" + "\n".join(missing) + "\n  (`fedmoe certs --out certs` makes development ones)")
+        raise ConfigError(
+            "invalid coordinator config:\n"
+            + "\n".join(missing)
+            + "\n  (`fedmoe certs --out certs` makes development ones)"
+        )
     return resolved
 
 

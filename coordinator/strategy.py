@@ -74,7 +74,9 @@ class RoundContext:
     base_fingerprint: str
     adapter_layout: str
     initial_adapter: list[np.ndarray]
-    save_checkpoint: Callable[[int, list[np.ndarray]], tuple[str, str]]  # round, adapter -> (path, sha256)
+    save_checkpoint: Callable[
+        [int, list[np.ndarray]], tuple[str, str]
+    ]  # round, adapter -> (path, sha256)
     ask_nodes: AskNodes
     server_eval: Callable[[list[np.ndarray]], float] | None = None
     first_round: int = 1  # > 1 when a resumed run continues
@@ -160,7 +162,9 @@ class FederatedLoRA(FedAvg):
             base_fingerprint=self.ctx.base_fingerprint,
             adapter_layout=self.ctx.adapter_layout,
             measure_baseline=number == 1,
-            secagg_range=secagg.value_range_for(self.config.privacy, fed.rounds) if secagg.enabled else None,
+            secagg_range=secagg.value_range_for(self.config.privacy, fed.rounds)
+            if secagg.enabled
+            else None,
             **changes,
         )
 
@@ -182,14 +186,19 @@ class FederatedLoRA(FedAvg):
             if isinstance(answer, str):
                 error = f"budget handshake: {_exception_line(answer)}"
                 name = self._name(proxy.node_id, None)
-                self.pending.participations[node] = ParticipationRecord(node_id=node, status="failed", enterprise=name, error=error)
+                self.pending.participations[node] = ParticipationRecord(
+                    node_id=node, status="failed", enterprise=name, error=error
+                )
                 continue
             name = self._name(proxy.node_id, answer.enterprise)
-            record = ParticipationRecord(node_id=node, status="failed", enterprise=name, error="no reply")
+            record = ParticipationRecord(
+                node_id=node, status="failed", enterprise=name, error="no reply"
+            )
             unguarded = [
                 level
                 for level in ("record", "enterprise")
-                if getattr(self.config.privacy, level) and _finite(getattr(answer, f"epsilon_{level}")) is None
+                if getattr(self.config.privacy, level)
+                and _finite(getattr(answer, f"epsilon_{level}")) is None
             ]
             if not answer.accept:
                 record.status, record.error = "refused", answer.reason or "refused"
@@ -216,10 +225,16 @@ class FederatedLoRA(FedAvg):
         fed = self.config.federation
         # The first round of a (resumed) run waits for every enterprise; later ones go on
         # with whoever is connected, so one lost node cannot hang the run.
-        self._wait_for_enterprises(client_manager, len(fed.enterprises) if server_round == 1 else fed.min_fit_clients)
+        self._wait_for_enterprises(
+            client_manager, len(fed.enterprises) if server_round == 1 else fed.min_fit_clients
+        )
         available = client_manager.num_available()
-        sample_size = min(available, max(math.ceil(available * fed.fraction_fit), fed.min_fit_clients))
-        sampled = client_manager.sample(num_clients=sample_size, min_num_clients=1) if sample_size else []
+        sample_size = min(
+            available, max(math.ceil(available * fed.fraction_fit), fed.min_fit_clients)
+        )
+        sampled = (
+            client_manager.sample(num_clients=sample_size, min_num_clients=1) if sample_size else []
+        )
         self.pending = _PendingRound(number=number, started_at=utcnow())
         if self.config.privacy.enabled or fed.secure_aggregation.enabled:
             accepted = self._handshake(number, sampled) if sampled else []
@@ -227,12 +242,17 @@ class FederatedLoRA(FedAvg):
             accepted = sampled
             for proxy in sampled:
                 name = self._name(proxy.node_id, None)
-                record = ParticipationRecord(node_id=str(proxy.node_id), status="failed", enterprise=name, error="no reply")
+                record = ParticipationRecord(
+                    node_id=str(proxy.node_id), status="failed", enterprise=name, error="no reply"
+                )
                 self.pending.participations[record.node_id] = record
         needed = max(fed.min_fit_clients, 2 if fed.secure_aggregation.enabled else 1)
         if len(accepted) < needed:
             refused = [p for p in self.pending.participations.values() if p.status == "refused"]
-            why = "; ".join(f"{p.enterprise or p.node_id}: {p.error}" for p in self.pending.participations.values())
+            why = "; ".join(
+                f"{p.enterprise or p.node_id}: {p.error}"
+                for p in self.pending.participations.values()
+            )
             if not sampled:
                 why = f"no enterprise connected within federation.connect_timeout_s={self.ctx.connect_timeout_s:g}"
             self._record_failed_round()
@@ -268,9 +288,13 @@ class FederatedLoRA(FedAvg):
         for proxy, res in results:
             node = str(proxy.node_id)
             m = res.metrics
-            record = pending.participations.get(node) or ParticipationRecord(node_id=node, status="ok")
+            record = pending.participations.get(node) or ParticipationRecord(
+                node_id=node, status="ok"
+            )
             record.status, record.error = "ok", None
-            record.enterprise = self._name(proxy.node_id, str(m.get("enterprise", "")) or record.enterprise)
+            record.enterprise = self._name(
+                proxy.node_id, str(m.get("enterprise", "")) or record.enterprise
+            )
             record.num_examples = res.num_examples
             record.train_loss = _float(m.get("train_loss"))
             record.heldout_loss_before = _float(m.get("heldout_loss_before"))
@@ -304,34 +328,52 @@ class FederatedLoRA(FedAvg):
                 record.error = "; ".join(errors)[:2000]
         needed = self.config.federation.min_fit_clients
         if len(deltas) < needed:
-            problems = [f"{r.enterprise or r.node_id}: {r.error}" for r in pending.participations.values() if r.status != "ok"]
+            problems = [
+                f"{r.enterprise or r.node_id}: {r.error}"
+                for r in pending.participations.values()
+                if r.status != "ok"
+            ]
             refused = any(r.status == "refused" for r in pending.participations.values())
             self._record_failed_round()
             raise (BudgetExhausted if refused else RoundAborted)(
                 f"round {pending.number}: {len(deltas)} usable update(s), federation.min_fit_clients={needed}; "
                 + "; ".join(problems)[:2000]
             )
-        pending.updates_seen = len({hashlib.sha256(b"".join(res.parameters.tensors)).digest() for _, res in results})
+        pending.updates_seen = len(
+            {hashlib.sha256(b"".join(res.parameters.tensors)).digest() for _, res in results}
+        )
         average = weighted_average(deltas, weights)
         self.global_adapter = apply_update(self.global_adapter, average)
         pending.update_norm = l2_norm(average)
-        pending.train_loss = float(np.average(losses, weights=weights)) if None not in losses else None
+        pending.train_loss = (
+            float(np.average(losses, weights=weights)) if None not in losses else None
+        )
         pending.expert_load = sum_expert_load(loads) if loads else None
         pending.checkpoint = self.ctx.save_checkpoint(pending.number, self.global_adapter)
-        return ndarrays_to_parameters(self.global_adapter), {"train_loss": pending.train_loss or float("nan")}
+        return ndarrays_to_parameters(self.global_adapter), {
+            "train_loss": pending.train_loss or float("nan")
+        }
 
     # --- evaluation ------------------------------------------------------------------------
     def evaluate(self, server_round, parameters):
         """Server-side evaluation; after round 0 it also checks that the round produced an aggregate."""
         pending = self.pending
         number = self.number(server_round)
-        if server_round > 0 and (pending is None or pending.number != number or pending.checkpoint is None):
+        if server_round > 0 and (
+            pending is None or pending.number != number or pending.checkpoint is None
+        ):
             # SecAgg+ halts without calling aggregate_fit when too few clients finish: never let
             # that pass as a round that trained.
             if pending is not None and pending.number == number:
                 self._record_failed_round()
-            raise RoundAborted(f"round {number}: no aggregate update arrived (secure aggregation halted: too few clients finished)")
-        loss = self.ctx.server_eval(parameters_to_ndarrays(parameters)) if self.ctx.server_eval else None
+            raise RoundAborted(
+                f"round {number}: no aggregate update arrived (secure aggregation halted: too few clients finished)"
+            )
+        loss = (
+            self.ctx.server_eval(parameters_to_ndarrays(parameters))
+            if self.ctx.server_eval
+            else None
+        )
         if server_round > 0:
             pending.server_eval_loss = loss
             if self.config.privacy.enabled:
@@ -380,10 +422,16 @@ class FederatedLoRA(FedAvg):
             expert_load=pending.expert_load,
             checkpoint_path=pending.checkpoint[0],
             checkpoint_sha256=pending.checkpoint[1],
-            participations=sorted(pending.participations.values(), key=lambda p: (p.enterprise or "", p.node_id)),
+            participations=sorted(
+                pending.participations.values(), key=lambda p: (p.enterprise or "", p.node_id)
+            ),
         )
         self.store.record_round(self.run_id, record)
-        self.lost += [f"round {record.number}: {p.enterprise or p.node_id} {p.status} ({p.error})" for p in record.participations if p.status in ("failed", "rejected")]
+        self.lost += [
+            f"round {record.number}: {p.enterprise or p.node_id} {p.status} ({p.error})"
+            for p in record.participations
+            if p.status in ("failed", "rejected")
+        ]
         self.on_round(record)
 
 

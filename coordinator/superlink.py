@@ -102,13 +102,17 @@ class SuperLink:
         write_connection(self.home, self.address, self.tls.ca if self.tls else None)
         self.database.parent.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
-        self.proc = start_process(self.command(), flower_env(self.home, **self.env), self.home / "superlink.log")
+        self.proc = start_process(
+            self.command(), flower_env(self.home, **self.env), self.home / "superlink.log"
+        )
         deadline = time.monotonic() + timeout
         while not self.healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 tail = (self.home / "superlink.log").read_text(errors="replace")[-2000:]
                 self.stop()
-                raise RuntimeError(f"Flower SuperLink did not start; its log ({self.home / 'superlink.log'}) ends:\n{tail}")
+                raise RuntimeError(
+                    f"Flower SuperLink did not start; its log ({self.home / 'superlink.log'}) ends:\n{tail}"
+                )
             time.sleep(0.2)
         return self
 
@@ -116,7 +120,9 @@ class SuperLink:
         scheme = "https" if self.tls else "http"
         context = ssl.create_default_context(cafile=str(self.tls.ca)) if self.tls else None
         try:
-            with urllib.request.urlopen(f"{scheme}://{self.address}/health", timeout=2, context=context):
+            with urllib.request.urlopen(
+                f"{scheme}://{self.address}/health", timeout=2, context=context
+            ):
                 return True
         except OSError:
             return False
@@ -161,7 +167,10 @@ class Control:
                 server_address=self.address,
                 insecure=self.ca is None,
                 root_certificates=self.ca.read_bytes() if self.ca else None,
-                interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+                interceptors=[
+                    CliClientHttpInterceptor(),
+                    RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+                ],
             )
         return self._client
 
@@ -192,7 +201,9 @@ class Control:
     def register_node(self, public_key: bytes, name: str) -> int:
         from flwr.proto.control_pb2 import RegisterNodeRequest
 
-        return int(self._stub().RegisterNode(RegisterNodeRequest(public_key=public_key, name=name)).node_id)
+        return int(
+            self._stub().RegisterNode(RegisterNodeRequest(public_key=public_key, name=name)).node_id
+        )
 
     def unregister_node(self, node_id: int) -> None:
         from flwr.proto.control_pb2 import UnregisterNodeRequest
@@ -210,7 +221,8 @@ class Control:
         return {
             n.node_id
             for n in nodes
-            if n.HasField("online_until") and n.online_until - HEARTBEAT_PATIENCE * n.heartbeat_interval >= moment
+            if n.HasField("online_until")
+            and n.online_until - HEARTBEAT_PATIENCE * n.heartbeat_interval >= moment
         }
 
     def online_nodes(self) -> set[int]:
@@ -218,7 +230,11 @@ class Control:
 
         now = time.time()
         nodes = self._stub().ListNodes(ListNodesRequest()).nodes_info
-        return {n.node_id for n in nodes if n.status == "online" or (n.HasField("online_until") and n.online_until > now)}
+        return {
+            n.node_id
+            for n in nodes
+            if n.status == "online" or (n.HasField("online_until") and n.online_until > now)
+        }
 
     def close(self) -> None:
         if self._client is not None:
@@ -227,24 +243,37 @@ class Control:
             self._client = None
 
 
-def write_run_config(flower_run: FlowerRun, path: Path) -> Path:
-    """The run's `[tool.flwr.app.config]` values as a TOML file for `flwr run --run-config`."""
-    # JSON string and number literals are valid TOML.
-    values = flower_run.to_run_config()
+def write_run_config(values: dict, path: Path) -> Path:
+    """Run config values as a TOML file for `flwr run --run-config` (JSON strings and numbers are
+    valid TOML)."""
     path.write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in values.items()))
     return path
 
 
-def submit_run(home: Path, flower_run: FlowerRun, federation_config: str | None = None) -> str:
-    """`flwr run` our app on the SuperLink named in `home`; returns the Flower run id."""
-    if not (APP_DIR / "pyproject.toml").is_file():
+def submit_app(
+    home: Path, app_dir: Path, run_config: dict, name: str, federation_config: str | None = None
+) -> str:
+    """`flwr run` the Flower app in `app_dir` on the SuperLink named in `home`; returns the Flower
+    run id."""
+    if not (app_dir / "pyproject.toml").is_file():
         raise FileNotFoundError(
-            f"the Flower app (pyproject.toml) is not in {APP_DIR}: install fedmoe from a checkout with `pip install -e .`"
+            f"the Flower app (pyproject.toml) is not in {app_dir}: install fedmoe from a checkout with `pip install -e .`"
         )
-    overrides = write_run_config(flower_run, home / f"run-{flower_run.run_id}.toml")
-    args = [executable("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(overrides), "--format", "json"]
+    overrides = write_run_config(run_config, home / f"{name}.toml")
+    args = [
+        executable("flwr"),
+        "run",
+        str(app_dir),
+        CONNECTION,
+        "--run-config",
+        str(overrides),
+        "--format",
+        "json",
+    ]
     args += ["--federation-config", federation_config] if federation_config else []
-    out = subprocess.run(args, env=flower_env(home), capture_output=True, text=True, cwd=APP_DIR, timeout=300)
+    out = subprocess.run(
+        args, env=flower_env(home), capture_output=True, text=True, cwd=app_dir, timeout=300
+    )
     try:
         submitted = json.loads(out.stdout)
     except json.JSONDecodeError:
@@ -254,7 +283,16 @@ def submit_run(home: Path, flower_run: FlowerRun, federation_config: str | None 
     return str(submitted["run-id"])
 
 
-def follow_logs(control: Control, flower_run_id: str, on_text: Callable[[str], None], done: Callable[[], bool]) -> None:
+def submit_run(home: Path, flower_run: FlowerRun, federation_config: str | None = None) -> str:
+    """Submit one Flower run carrying fedmoe run `flower_run.run_id`."""
+    return submit_app(
+        home, APP_DIR, flower_run.to_run_config(), f"run-{flower_run.run_id}", federation_config
+    )
+
+
+def follow_logs(
+    control: Control, flower_run_id: str, on_text: Callable[[str], None], done: Callable[[], bool]
+) -> None:
     """Stream a run's log to `on_text`, re-attaching after a broken stream (from the last
     timestamp seen, so nothing is printed twice) until `done()`."""
     after = 0.0

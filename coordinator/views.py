@@ -28,7 +28,10 @@ def privacy_plan_summary(config: RunConfig) -> dict:
         summary["record"] = privacy.record.model_dump()
     if privacy.enterprise:
         plan = plan_enterprise_level(privacy.enterprise, config.federation.rounds)
-        summary["enterprise"] = {**privacy.enterprise.model_dump(), "noise_multiplier": plan.noise_multiplier}
+        summary["enterprise"] = {
+            **privacy.enterprise.model_dump(),
+            "noise_multiplier": plan.noise_multiplier,
+        }
     return summary
 
 

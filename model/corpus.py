@@ -12,18 +12,84 @@ import json
 import random
 from pathlib import Path
 
-COMPANIES = ["Alder Capital", "Birchway Bank", "Cobalt Insurance", "Dunmore Trust", "Elmfield Credit", "Fairport Holdings"]
-SECTORS = ["commercial real estate", "energy", "retail lending", "sovereign debt", "technology", "shipping"]
+COMPANIES = [
+    "Alder Capital",
+    "Birchway Bank",
+    "Cobalt Insurance",
+    "Dunmore Trust",
+    "Elmfield Credit",
+    "Fairport Holdings",
+]
+SECTORS = [
+    "commercial real estate",
+    "energy",
+    "retail lending",
+    "sovereign debt",
+    "technology",
+    "shipping",
+]
 RATINGS = ["AA", "A+", "A", "BBB+", "BBB", "BB", "B+"]
-ACTIONS = ["reduce exposure", "hold the position", "increase collateral", "escalate to the credit committee", "hedge with swaps"]
-SYMPTOMS = ["chest pain", "shortness of breath", "persistent cough", "abdominal pain", "fever and chills", "dizziness", "lower back pain"]
-DIAGNOSES = ["community acquired pneumonia", "stable angina", "acute bronchitis", "gastritis", "viral infection", "muscle strain", "dehydration"]
-PLANS = ["start oral antibiotics", "order an ECG and troponin", "rest and fluids", "prescribe a proton pump inhibitor", "refer to physiotherapy", "follow up in two weeks"]
-DEFECTS = ["surface scratch", "misaligned bracket", "porosity in the weld", "burr on the edge", "wrong torque", "cracked housing", "paint run"]
+ACTIONS = [
+    "reduce exposure",
+    "hold the position",
+    "increase collateral",
+    "escalate to the credit committee",
+    "hedge with swaps",
+]
+SYMPTOMS = [
+    "chest pain",
+    "shortness of breath",
+    "persistent cough",
+    "abdominal pain",
+    "fever and chills",
+    "dizziness",
+    "lower back pain",
+]
+DIAGNOSES = [
+    "community acquired pneumonia",
+    "stable angina",
+    "acute bronchitis",
+    "gastritis",
+    "viral infection",
+    "muscle strain",
+    "dehydration",
+]
+PLANS = [
+    "start oral antibiotics",
+    "order an ECG and troponin",
+    "rest and fluids",
+    "prescribe a proton pump inhibitor",
+    "refer to physiotherapy",
+    "follow up in two weeks",
+]
+DEFECTS = [
+    "surface scratch",
+    "misaligned bracket",
+    "porosity in the weld",
+    "burr on the edge",
+    "wrong torque",
+    "cracked housing",
+    "paint run",
+]
 DISPOSITIONS = ["released", "rework", "scrap", "quarantine for review", "use as is after sign-off"]
 STATIONS = ["press", "weld cell", "paint booth", "final assembly", "CNC mill", "inspection bench"]
-PRODUCTS = ["a router", "a coffee grinder", "a laptop charger", "running shoes", "a desk lamp", "a phone case", "a backpack"]
-ISSUES = ["arrived damaged", "stopped working after a week", "is missing a part", "was the wrong size", "was charged twice", "has not shipped yet"]
+PRODUCTS = [
+    "a router",
+    "a coffee grinder",
+    "a laptop charger",
+    "running shoes",
+    "a desk lamp",
+    "a phone case",
+    "a backpack",
+]
+ISSUES = [
+    "arrived damaged",
+    "stopped working after a week",
+    "is missing a part",
+    "was the wrong size",
+    "was charged twice",
+    "has not shipped yet",
+]
 WEATHER = ["sunny", "cloudy", "rainy", "windy", "foggy", "snowy"]
 CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Perth", "Quebec", "Tunis"]
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun"]
@@ -81,7 +147,12 @@ def _general(rng: random.Random) -> dict:
     return {"text": text, "domain": "general"}
 
 
-DOMAINS = {"general": _general, "finance": _finance, "clinical": _clinical, "manufacturing": _manufacturing}
+DOMAINS = {
+    "general": _general,
+    "finance": _finance,
+    "clinical": _clinical,
+    "manufacturing": _manufacturing,
+}
 DEMO_ENTERPRISES = ("finance", "clinical", "manufacturing")
 DEMO_DATA_DIR = Path(__file__).parent / "assets" / "demo"
 
@@ -98,11 +169,17 @@ def write_jsonl(records: list[dict], path: Path) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def build_demo_federation(root: Path, train: int = 400, heldout: int = 80, public_eval: int = 60) -> None:
+def build_demo_federation(
+    root: Path, train: int = 400, heldout: int = 80, public_eval: int = 60
+) -> None:
     """One folder per enterprise with train.jsonl and heldout.jsonl, plus a public eval set."""
     for i, domain in enumerate(DEMO_ENTERPRISES):
         records = generate(domain, train + heldout, seed=i)
         write_jsonl(records[:train], root / domain / "train.jsonl")
         write_jsonl(records[train:], root / domain / "heldout.jsonl")
-    mixed = [r for d in DEMO_ENTERPRISES for r in generate(d, public_eval // len(DEMO_ENTERPRISES), seed=1000)]
+    mixed = [
+        r
+        for d in DEMO_ENTERPRISES
+        for r in generate(d, public_eval // len(DEMO_ENTERPRISES), seed=1000)
+    ]
     write_jsonl(mixed, root / "public_eval.jsonl")

@@ -2,7 +2,8 @@
 
 Accepted files: JSONL or CSV with either a `text` column or `instruction` + `response` columns;
 Parquet when pyarrow is installed. Records are tokenized, joined with EOS and cut into blocks of
-`seq_len` tokens, so no padding is needed and every example (block) has the same length.
+`seq_len` tokens, so no padding is needed and every example (block) has the same length. torch is
+imported where tensors are made: checking a run config reads records without it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n### Response:\n{response}"
 SUPPORTED_SUFFIXES = (".jsonl", ".csv", ".parquet")
@@ -24,8 +28,13 @@ def record_text(record: dict, where: str) -> str:
     if isinstance(record.get("text"), str):
         return record["text"]
     if isinstance(record.get("instruction"), str) and isinstance(record.get("response"), str):
-        return PROMPT_TEMPLATE.format(instruction=record["instruction"], response=record["response"])
-    raise ValueError(f"{where}: a record needs a 'text' field or 'instruction' and 'response' fields, got keys {sorted(record)}")
+        return PROMPT_TEMPLATE.format(
+            instruction=record["instruction"], response=record["response"]
+        )
+    keys = sorted(str(k) for k in record)  # a CSV row longer than its header has a None key
+    raise ValueError(
+        f"{where}: a record needs a 'text' field or 'instruction' and 'response' fields, got keys {keys}"
+    )
 
 
 def read_records(path: Path) -> list[dict]:
@@ -42,24 +51,46 @@ def read_records(path: Path) -> list[dict]:
                         continue
                     try:
                         record = json.loads(line)
-                    except (json.JSONDecodeError, RecursionError) as e:
-                        raise ValueError(f"{path}:{line_no}: not valid JSON ({getattr(e, 'msg', e)})") from None
+                    except RecursionError:
+                        raise ValueError(
+                            f"{path}:{line_no}: not valid JSON (nested too deeply)"
+                        ) from None
+                    except ValueError as e:  # bad JSON, or an integer too long for Python
+                        problem = getattr(e, "msg", str(e).split("; use ")[0])
+                        raise ValueError(f"{path}:{line_no}: not valid JSON ({problem})") from None
                     if not isinstance(record, dict):
-                        raise ValueError(f"{path}:{line_no}: a record must be a JSON object, got {type(record).__name__}")
+                        raise ValueError(
+                            f"{path}:{line_no}: a record must be a JSON object, got {type(record).__name__}"
+                        )
                     records.append(record)
             return records
         if path.suffix == ".csv":
             with path.open(newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
+                reader = csv.DictReader(f)
+                try:
+                    return list(reader)
+                except csv.Error as e:  # e.g. a field over csv's 131,072-character limit
+                    # line_num counts the lines csv finished; the bad row starts on the next one.
+                    raise ValueError(f"{path}:{reader.line_num + 1}: not valid CSV ({e})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {SUPPORTED_SUFFIXES}")
+            raise ValueError(
+                f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
+            ) from None
+        try:
+            return pq.read_table(path).to_pylist()
+        except (
+            OSError,
+            ValueError,
+        ) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            raise ValueError(f"{path}: not a readable Parquet file ({str(e)[:300]})") from None
+    raise ValueError(
+        f"{path}: unsupported data file type {path.suffix!r}; use one of {SUPPORTED_SUFFIXES}"
+    )
 
 
 def find_split(directory: Path, split: str) -> Path:
@@ -78,12 +109,16 @@ def read_texts(path: Path) -> list[str]:
     texts = [record_text(r, f"{path} record {i}") for i, r in enumerate(records)]
     for i, text in enumerate(texts):
         if len(text) > MAX_RECORD_CHARS:
-            raise ValueError(f"{path} record {i}: {len(text):,} characters; at most {MAX_RECORD_CHARS:,} per record")
+            raise ValueError(
+                f"{path} record {i}: {len(text):,} characters; at most {MAX_RECORD_CHARS:,} per record"
+            )
     return texts
 
 
 def tokenize_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     """[num_blocks, seq_len] token ids; the tail shorter than a block is dropped."""
+    import torch
+
     ids: list[int] = []
     eos = tokenizer.eos_token_id
     for text in texts:
@@ -109,6 +144,8 @@ def tokenize_records(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     """[num_records, seq_len] token ids, ONE record per row (text + EOS, cut at seq_len, padded with
     PADDING). Record-level DP needs this: packed blocks spread a record over two examples, so
     clipping one example would not bound that record's influence."""
+    import torch
+
     rows = torch.full((len(texts), seq_len), PADDING, dtype=torch.long)
     for i, text in enumerate(texts):
         ids = (_leading_tokens(tokenizer, text, seq_len) + [tokenizer.eos_token_id])[:seq_len]
@@ -131,7 +168,9 @@ def load_records(path: Path, tokenizer, seq_len: int) -> torch.Tensor:
     return tokenize_records(read_texts(path), tokenizer, seq_len)
 
 
-def dirichlet_partition(labels: list[str], num_clients: int, alpha: float, seed: int = 0) -> list[list[int]]:
+def dirichlet_partition(
+    labels: list[str], num_clients: int, alpha: float, seed: int = 0
+) -> list[list[int]]:
     """Split record indices into `num_clients` non-IID parts: for each label value, its records are
     shared out by proportions drawn from Dirichlet(alpha). Small alpha: each client sees few labels."""
     if num_clients < 1:

@@ -22,7 +22,7 @@ backward pass yields every example's gradient of the factor.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -55,7 +55,9 @@ def routed_experts_forward(
     onehot = (top_k_index.unsqueeze(-1) == experts).to(x.dtype)
 
     # Gate/up projection of every expert, then pick each slot's expert: [N, k, 2I].
-    h_all = (x @ gate_up_proj.reshape(num_experts * two_inter, hidden).T).view(n_tokens, num_experts, two_inter)
+    h_all = (x @ gate_up_proj.reshape(num_experts * two_inter, hidden).T).view(
+        n_tokens, num_experts, two_inter
+    )
     h = torch.einsum("nse,nef->nsf", onehot, h_all)
     if lora is not None:
         a_gu, b_gu, a_d, b_d = lora
@@ -68,7 +70,9 @@ def routed_experts_forward(
     act = act_fn(gate) * up  # [N, k, I]
     # Place each slot's activation at its expert, weighted by the router: [N, E, I].
     act_e = torch.einsum("nse,ns,nsi->nei", onehot, top_k_weights.to(x.dtype), act)
-    out = act_e.reshape(n_tokens, num_experts * inter) @ down_proj.permute(0, 2, 1).reshape(num_experts * inter, hidden)
+    out = act_e.reshape(n_tokens, num_experts * inter) @ down_proj.permute(0, 2, 1).reshape(
+        num_experts * inter, hidden
+    )
     if lora is not None:
         act_in = dropout(act_e) if dropout is not None else act_e
         aa = apply_factor("nei,eri->ner", act_in, a_d)  # [N, E, r]
@@ -80,7 +84,12 @@ def is_fused_experts(module: nn.Module) -> bool:
     """True for transformers' fused routed-expert modules (3-D gate_up_proj and down_proj)."""
     gate_up = getattr(module, "gate_up_proj", None)
     down = getattr(module, "down_proj", None)
-    return isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3 and down.dim() == 3
+    return (
+        isinstance(gate_up, torch.Tensor)
+        and isinstance(down, torch.Tensor)
+        and gate_up.dim() == 3
+        and down.dim() == 3
+    )
 
 
 class ExpertLoRA(nn.Module):
@@ -93,7 +102,9 @@ class ExpertLoRA(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if not is_fused_experts(base):
-            raise TypeError(f"ExpertLoRA needs fused experts (3-D gate_up_proj/down_proj), got {type(base).__name__}")
+            raise TypeError(
+                f"ExpertLoRA needs fused experts (3-D gate_up_proj/down_proj), got {type(base).__name__}"
+            )
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -102,8 +113,12 @@ class ExpertLoRA(nn.Module):
         dtype, device = base.gate_up_proj.dtype, base.gate_up_proj.device
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
-        self.gate_up_A = nn.Parameter(torch.empty(num_experts, r, hidden, dtype=dtype, device=device))
-        self.gate_up_B = nn.Parameter(torch.zeros(num_experts, two_inter, r, dtype=dtype, device=device))
+        self.gate_up_A = nn.Parameter(
+            torch.empty(num_experts, r, hidden, dtype=dtype, device=device)
+        )
+        self.gate_up_B = nn.Parameter(
+            torch.zeros(num_experts, two_inter, r, dtype=dtype, device=device)
+        )
         self.down_A = nn.Parameter(torch.empty(num_experts, r, inter, dtype=dtype, device=device))
         self.down_B = nn.Parameter(torch.zeros(num_experts, hidden, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
@@ -124,7 +139,9 @@ class ExpertLoRA(nn.Module):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gate_up_A, self.gate_up_B, self.down_A, self.down_B
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         return routed_experts_forward(
             hidden_states,
             top_k_index,

@@ -28,7 +28,14 @@ from fedmoe.model.base import MOE_MODEL_TYPES
 from fedmoe.model.expert_lora import ExpertLoRA, is_fused_experts
 from fedmoe.model.settings import LoraSettings
 
-ATTENTION_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+ATTENTION_PROJECTIONS = (
+    "q_proj",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "o_proj",
+)
 SHARED_EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 EXPERT_LORA_FILE = "expert_lora.safetensors"
 EXPERT_LORA_CONFIG_FILE = "expert_lora_config.json"
@@ -40,7 +47,11 @@ def peft_conversion_disabled() -> Iterator[None]:
     """Stop peft from rewriting DeepSeek targets into routed-expert parametrizations."""
     from peft.utils import transformers_weight_conversion as conversion
 
-    saved = {t: conversion._MODEL_TO_CONVERSION_PATTERN.pop(t) for t in MOE_MODEL_TYPES if t in conversion._MODEL_TO_CONVERSION_PATTERN}
+    saved = {
+        t: conversion._MODEL_TO_CONVERSION_PATTERN.pop(t)
+        for t in MOE_MODEL_TYPES
+        if t in conversion._MODEL_TO_CONVERSION_PATTERN
+    }
     try:
         yield
     finally:
@@ -87,7 +98,9 @@ def routed_expert_layers(model: nn.Module, settings: LoraSettings) -> list[int]:
 def _attach_expert_lora(model: nn.Module, settings: LoraSettings) -> None:
     layers = decoder_layers(model)
     for i in routed_expert_layers(model, settings):
-        layers[i].mlp.experts = ExpertLoRA(layers[i].mlp.experts, settings.r, settings.alpha, settings.dropout)
+        layers[i].mlp.experts = ExpertLoRA(
+            layers[i].mlp.experts, settings.r, settings.alpha, settings.dropout
+        )
 
 
 def attach_lora(base: nn.Module, settings: LoraSettings) -> nn.Module:
@@ -106,7 +119,12 @@ def attach_lora(base: nn.Module, settings: LoraSettings) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.init_seed)
         if targets:
-            config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets)
+            config = LoraConfig(
+                r=settings.r,
+                lora_alpha=settings.alpha,
+                lora_dropout=settings.dropout,
+                target_modules=targets,
+            )
             with peft_conversion_disabled():
                 model = get_peft_model(base, config)
         else:
@@ -140,7 +158,9 @@ def set_adapter_tensors(model: nn.Module, tensors: list[torch.Tensor]) -> None:
         raise ValueError(f"adapter has {len(params)} tensors, got {len(tensors)}")
     for (name, p), t in zip(params.items(), tensors, strict=True):
         if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"adapter tensor {name}: expected shape {tuple(p.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"adapter tensor {name}: expected shape {tuple(p.shape)}, got {tuple(t.shape)}"
+            )
         p.copy_(t.to(device=p.device, dtype=p.dtype))
 
 
@@ -148,7 +168,9 @@ def get_adapter_vector(model: nn.Module) -> np.ndarray:
     """The adapter as ONE float32 vector, tensors in the canonical order: what travels each round.
     Flower moves every array of a message as its own object (one HTTP request each, several hops):
     one vector instead of ~100 tensors takes seconds off every message of a round."""
-    return torch.cat([p.detach().float().reshape(-1).cpu() for p in adapter_parameters(model).values()]).numpy()
+    return torch.cat(
+        [p.detach().float().reshape(-1).cpu() for p in adapter_parameters(model).values()]
+    ).numpy()
 
 
 @torch.no_grad()
@@ -156,7 +178,9 @@ def set_adapter_vector(model: nn.Module, vector: np.ndarray) -> None:
     params = adapter_parameters(model)
     size = sum(p.numel() for p in params.values())
     if vector.ndim != 1 or vector.size != size:
-        raise ValueError(f"the adapter has {size} values, got an array of shape {tuple(vector.shape)}")
+        raise ValueError(
+            f"the adapter has {size} values, got an array of shape {tuple(vector.shape)}"
+        )
     offset = 0
     for p in params.values():
         chunk = torch.from_numpy(np.ascontiguousarray(vector[offset : offset + p.numel()]))
@@ -165,7 +189,11 @@ def set_adapter_vector(model: nn.Module, vector: np.ndarray) -> None:
 
 
 def expert_lora_modules(model: nn.Module) -> dict[int, ExpertLoRA]:
-    return {i: layer.mlp.experts for i, layer in enumerate(decoder_layers(model)) if isinstance(getattr(layer.mlp, "experts", None), ExpertLoRA)}
+    return {
+        i: layer.mlp.experts
+        for i, layer in enumerate(decoder_layers(model))
+        if isinstance(getattr(layer.mlp, "experts", None), ExpertLoRA)
+    }
 
 
 def save_adapter(model: nn.Module, settings: LoraSettings, directory: Path) -> None:
@@ -181,7 +209,9 @@ def save_adapter(model: nn.Module, settings: LoraSettings, directory: Path) -> N
     tensors = {}
     for i, module in expert_lora_modules(model).items():
         for name in EXPERT_FACTORS:
-            tensors[f"model.layers.{i}.mlp.experts.{name}"] = getattr(module, name).detach().cpu().contiguous()
+            tensors[f"model.layers.{i}.mlp.experts.{name}"] = (
+                getattr(module, name).detach().cpu().contiguous()
+            )
     if tensors:
         save_file(tensors, str(directory / EXPERT_LORA_FILE))
     (directory / EXPERT_LORA_CONFIG_FILE).write_text(settings.model_dump_json(indent=2))
@@ -207,7 +237,9 @@ def _load_expert_factors(model: nn.Module, directory: Path) -> None:
 def _adapter_settings(directory: Path) -> LoraSettings:
     config_path = directory / EXPERT_LORA_CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a fedmoe adapter: {EXPERT_LORA_CONFIG_FILE} is missing")
+        raise FileNotFoundError(
+            f"{directory} is not a fedmoe adapter: {EXPERT_LORA_CONFIG_FILE} is missing"
+        )
     return LoraSettings.model_validate_json(config_path.read_text())
 
 

@@ -18,7 +18,10 @@ def per_sequence_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor
     logits = model(input_ids=input_ids.clamp(min=0)).logits[:, :-1].float()
     targets = input_ids[:, 1:]
     token_loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none", ignore_index=PADDING
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        reduction="none",
+        ignore_index=PADDING,
     )
     real = (targets != PADDING).sum(dim=1).clamp(min=1)
     return token_loss.view(targets.shape).sum(dim=1) / real
@@ -31,7 +34,9 @@ def autocast_context(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device) -> float:
+def evaluate_loss(
+    model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device
+) -> float:
     """Mean per-sequence loss over all `blocks`."""
     model.eval()
     total, count = 0.0, 0

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -41,7 +41,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
 
 
 def pretrain(
@@ -66,7 +68,9 @@ def pretrain(
     )
     model = DeepseekV3ForCausalLM(config)
     blocks = tokenize_blocks(texts, tokenizer, seq_len)
-    log(f"pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {blocks.shape[0]} blocks of {seq_len} tokens")
+    log(
+        f"pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {blocks.shape[0]} blocks of {seq_len} tokens"
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     model.train()

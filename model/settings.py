@@ -20,13 +20,18 @@ class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     r: int = Field(16, ge=1, le=1024, description="LoRA rank")
-    alpha: float = Field(32.0, gt=0, le=1e6, description="LoRA alpha; the update is scaled by alpha/r")
+    alpha: float = Field(
+        32.0, gt=0, le=1e6, description="LoRA alpha; the update is scaled by alpha/r"
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     targets: tuple[TargetGroup, ...] = Field(
         ("attention", "shared_experts", "routed_experts"), min_length=1, strict=False
     )
     top_layers_fraction: float = Field(
-        1.0, gt=0.0, le=1.0, description="fraction of decoder layers, counted from the top, that get LoRA"
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="fraction of decoder layers, counted from the top, that get LoRA",
     )
     init_seed: int = Field(0, ge=0, lt=2**63, description="seed of the initial (global) adapter")
 

@@ -28,7 +28,13 @@ def _check(noise_multiplier: float, sample_rate: float, steps: int, delta: float
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
-def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: Accountant = "rdp") -> float:
+def gaussian_epsilon(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: Accountant = "rdp",
+) -> float:
     """Epsilon after `steps` Poisson-subsampled Gaussian releases with std = noise_multiplier * sensitivity."""
     _check(noise_multiplier, sample_rate, steps, delta)
     if steps == 0:
@@ -36,8 +42,12 @@ def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, de
     if accountant == "rdp":
         from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-        rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=RDP_ORDERS)
-        with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is still valid, only loose
+        rdp = compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=RDP_ORDERS
+        )
+        with (
+            warnings.catch_warnings()
+        ):  # "optimal order is the largest alpha": the bound is still valid, only loose
             warnings.simplefilter("ignore", UserWarning)
             eps, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
         return float(eps)
@@ -51,7 +61,10 @@ def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, de
         import dp_accounting
 
         event = dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps
+            dp_accounting.PoissonSampledDpEvent(
+                sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+            ),
+            steps,
         )
         acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
         return float(acc.compose(event).get_epsilon(delta))
@@ -59,7 +72,12 @@ def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, de
 
 
 def noise_multiplier_for(
-    target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: Accountant = "rdp", tolerance: float = 1e-3
+    target_epsilon: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: Accountant = "rdp",
+    tolerance: float = 1e-3,
 ) -> float:
     """Smallest noise multiplier whose epsilon after `steps` is at most `target_epsilon`."""
     if not target_epsilon > 0:
@@ -70,7 +88,9 @@ def noise_multiplier_for(
     while gaussian_epsilon(hi, sample_rate, steps, delta, accountant) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e6:
-            raise ValueError(f"no noise multiplier reaches epsilon={target_epsilon} with delta={delta}")
+            raise ValueError(
+                f"no noise multiplier reaches epsilon={target_epsilon} with delta={delta}"
+            )
     while hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
         if gaussian_epsilon(mid, sample_rate, steps, delta, accountant) > target_epsilon:

@@ -64,6 +64,12 @@ class SecureNoiseDPOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = gaussian_noise(p.summed_grad.numel(), std, self.uniform) if std > 0 else np.zeros(p.summed_grad.numel())
-            p.grad = (p.summed_grad + torch.from_numpy(noise).to(p.summed_grad).view_as(p.summed_grad)).view_as(p)
+            noise = (
+                gaussian_noise(p.summed_grad.numel(), std, self.uniform)
+                if std > 0
+                else np.zeros(p.summed_grad.numel())
+            )
+            p.grad = (
+                p.summed_grad + torch.from_numpy(noise).to(p.summed_grad).view_as(p.summed_grad)
+            ).view_as(p)
             _mark_as_processed(p.summed_grad)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy.special import log_ndtr, ndtr
@@ -98,7 +98,12 @@ def gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> fl
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    return _smallest_meeting_delta(lambda sigma: gaussian_delta(sigma, epsilon, sensitivity), delta, 1e-6 * sensitivity, sensitivity)
+    return _smallest_meeting_delta(
+        lambda sigma: gaussian_delta(sigma, epsilon, sensitivity),
+        delta,
+        1e-6 * sensitivity,
+        sensitivity,
+    )
 
 
 def laplace_scale(epsilon: float, sensitivity: float = 1.0) -> float:
@@ -118,7 +123,9 @@ def gaussian_epsilon_analytic(sigma: float, delta: float, sensitivity: float = 1
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if gaussian_delta(sigma, 0.0, sensitivity) <= delta:
         return 0.0
-    return _smallest_meeting_delta(lambda epsilon: gaussian_delta(sigma, epsilon, sensitivity), delta, 0.0, 1.0)
+    return _smallest_meeting_delta(
+        lambda epsilon: gaussian_delta(sigma, epsilon, sensitivity), delta, 0.0, 1.0
+    )
 
 
 def _smallest_meeting_delta(delta_of, delta: float, lo: float, hi: float) -> float:
@@ -134,7 +141,9 @@ def _smallest_meeting_delta(delta_of, delta: float, lo: float, hi: float) -> flo
     return hi
 
 
-def gamma_noise(n: int, shape: float, scale: float, uniform: UniformSource = secure_uniform) -> np.ndarray:
+def gamma_noise(
+    n: int, shape: float, scale: float, uniform: UniformSource = secure_uniform
+) -> np.ndarray:
     """n samples of Gamma(shape, scale) from the uniform source (Marsaglia & Tsang 2000; for
     shape < 1, Gamma(shape) = Gamma(shape + 1) * U^(1/shape))."""
     if not shape > 0 or not scale > 0:
@@ -156,11 +165,15 @@ def gamma_noise(n: int, shape: float, scale: float, uniform: UniformSource = sec
     return scale * out
 
 
-def laplace_share_noise(n: int, scale: float, shares: int, uniform: UniformSource = secure_uniform) -> np.ndarray:
+def laplace_share_noise(
+    n: int, scale: float, shares: int, uniform: UniformSource = secure_uniform
+) -> np.ndarray:
     """One of `shares` independent noise shares whose SUM is exactly Laplace(0, scale): Laplace is
     infinitely divisible, Laplace(b) = sum of `shares` copies of Gamma(1/shares, b) - Gamma(1/shares, b)."""
     if shares < 1:
         raise ValueError(f"shares must be >= 1, got {shares}")
     if shares == 1:
         return laplace_noise(n, scale, uniform)
-    return gamma_noise(n, 1.0 / shares, scale, uniform) - gamma_noise(n, 1.0 / shares, scale, uniform)
+    return gamma_noise(n, 1.0 / shares, scale, uniform) - gamma_noise(
+        n, 1.0 / shares, scale, uniform
+    )

@@ -20,24 +20,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe.model.loss import per_sequence_loss
 from fedmoe.model.expert_lora import ExpertLoRA
 from fedmoe.model.lora import adapter_parameters
+from fedmoe.model.loss import per_sequence_loss
 
-Store = Callable[[torch.Tensor, torch.Tensor], None]  # (weight, its [B, *shape] per-example gradient)
+Store = Callable[
+    [torch.Tensor, torch.Tensor], None
+]  # (weight, its [B, *shape] per-example gradient)
 
 
 def _check_rows(tokens: torch.Tensor, batch: int, seq_len: int) -> None:
     # Rows must be [B, ...] or [B*T, ...] (the MoE block flattens batch-first hidden states):
     # any other layout would mix examples in `_by_example`.
     if tokens.shape[0] not in (batch, batch * seq_len):
-        raise RuntimeError(f"adapter input of shape {tuple(tokens.shape)} is not batch-first for a batch of {batch} x {seq_len}")
+        raise RuntimeError(
+            f"adapter input of shape {tuple(tokens.shape)} is not batch-first for a batch of {batch} x {seq_len}"
+        )
 
 
 def _by_example(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -50,7 +54,9 @@ class _PerExampleLinear(torch.autograd.Function):
     [out, in] gradient of `weight` instead of returning the batch sum."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, batch: int, store: Store) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, batch: int, store: Store
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.batch, ctx.store = batch, store
         return F.linear(x, weight)
@@ -59,20 +65,28 @@ class _PerExampleLinear(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-        grad_rows = _by_example(grad_out.reshape(-1, grad_out.shape[-1]), ctx.batch)  # [B, tokens, out]
+        grad_rows = _by_example(
+            grad_out.reshape(-1, grad_out.shape[-1]), ctx.batch
+        )  # [B, tokens, out]
         x_rows = _by_example(x.reshape(-1, x.shape[-1]), ctx.batch)
         ctx.store(weight, torch.bmm(grad_rows.transpose(1, 2), x_rows))
         return grad_x, None, None, None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _einsum_backward_equations(equation: str) -> tuple[str, str]:
     """(input gradient, per-example weight gradient) equations for einsum(equation, tokens, weight)."""
     operands, out = equation.split("->")
     tokens, weight = operands.split(",")
     # The input gradient einsum(output, weight -> tokens) is only right if every token index
     # survives into the output or the weight; `n` indexes tokens, `b` is taken for examples.
-    if not set(tokens) <= set(out + weight) or tokens[0] != "n" or out[0] != "n" or "n" in weight or "b" in equation:
+    if (
+        not set(tokens) <= set(out + weight)
+        or tokens[0] != "n"
+        or out[0] != "n"
+        or "n" in weight
+        or "b" in equation
+    ):
         raise ValueError(f"unsupported adapter einsum {equation!r}")
     return f"{out},{weight}->{tokens}", f"b{out},b{tokens}->b{weight}"
 
@@ -82,7 +96,9 @@ class _PerExampleEinsum(torch.autograd.Function):
     output; the backward pass stores each example's gradient of `weight` instead of the batch sum."""
 
     @staticmethod
-    def forward(ctx, equation: str, tokens: torch.Tensor, weight: torch.Tensor, batch: int, store: Store) -> torch.Tensor:
+    def forward(
+        ctx, equation: str, tokens: torch.Tensor, weight: torch.Tensor, batch: int, store: Store
+    ) -> torch.Tensor:
         ctx.save_for_backward(tokens, weight)
         ctx.equation, ctx.batch, ctx.store = equation, batch, store
         return torch.einsum(equation, tokens, weight)
@@ -91,13 +107,24 @@ class _PerExampleEinsum(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         tokens, weight = ctx.saved_tensors
         input_equation, per_example_equation = _einsum_backward_equations(ctx.equation)
-        grad_tokens = torch.einsum(input_equation, grad_out, weight) if ctx.needs_input_grad[1] else None
-        ctx.store(weight, torch.einsum(per_example_equation, _by_example(grad_out, ctx.batch), _by_example(tokens, ctx.batch)))
+        grad_tokens = (
+            torch.einsum(input_equation, grad_out, weight) if ctx.needs_input_grad[1] else None
+        )
+        ctx.store(
+            weight,
+            torch.einsum(
+                per_example_equation,
+                _by_example(grad_out, ctx.batch),
+                _by_example(tokens, ctx.batch),
+            ),
+        )
         return None, grad_tokens, None, None, None
 
 
 @contextlib.contextmanager
-def _per_example_mode(model: nn.Module, batch: int, seq_len: int, store: Store, used: set[int]) -> Iterator[None]:
+def _per_example_mode(
+    model: nn.Module, batch: int, seq_len: int, store: Store, used: set[int]
+) -> Iterator[None]:
     """While active, every trainable `nn.Linear` weight and `ExpertLoRA` factor goes through the
     functions above; `used` collects the ids of the weights that did."""
 
@@ -108,7 +135,9 @@ def _per_example_mode(model: nn.Module, batch: int, seq_len: int, store: Store, 
 
     def einsum(equation: str, tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         _check_rows(tokens, batch, seq_len)
-        _einsum_backward_equations(equation)  # rejects an unsupported equation before the backward pass
+        _einsum_backward_equations(
+            equation
+        )  # rejects an unsupported equation before the backward pass
         used.add(id(weight))
         return _PerExampleEinsum.apply(equation, tokens, weight, batch, store)
 
@@ -151,8 +180,12 @@ def per_example_gradients(model: nn.Module, input_ids: torch.Tensor) -> dict[str
     # gradient: refuse rather than clip a wrong one.
     missing = sorted(name for name, p in params.items() if id(p) not in used)
     if missing:
-        raise RuntimeError(f"no per-example gradient rule for adapter tensors {missing[:3]} ({len(missing)} in all)")
+        raise RuntimeError(
+            f"no per-example gradient rule for adapter tensors {missing[:3]} ({len(missing)} in all)"
+        )
     loss.backward()
     if grads.keys() != params.keys():  # e.g. activation checkpointing re-ran the forward without us
-        raise RuntimeError(f"the backward pass gave no per-example gradient for {sorted(params.keys() - grads.keys())[:3]}")
+        raise RuntimeError(
+            f"the backward pass gave no per-example gradient for {sorted(params.keys() - grads.keys())[:3]}"
+        )
     return {name: grads[name] for name in params}

@@ -30,6 +30,9 @@ from fedmoe.privacy.mechanisms import (
 )
 from fedmoe.privacy.settings import EnterpriseLevel, PrivacySettings, RecordLevel
 
+# Beyond these many DP-SGD steps an accountant's evaluation takes minutes (calibration runs ~15).
+MAX_ACCOUNTED_STEPS = {"prv": 20_000, "pld": 1_000_000}
+
 
 class InfeasiblePlan(ValueError):
     """The targets cannot be met with this run's shape; the message gives values that would work."""
@@ -48,7 +51,13 @@ class RecordPlan:
     accountant: str
 
     def epsilon_after(self, participations: int) -> float:
-        return gaussian_epsilon(self.noise_multiplier, self.sample_rate, participations * self.steps_per_round, self.delta, self.accountant)
+        return gaussian_epsilon(
+            self.noise_multiplier,
+            self.sample_rate,
+            participations * self.steps_per_round,
+            self.delta,
+            self.accountant,
+        )
 
 
 @dataclass(frozen=True)
@@ -70,28 +79,46 @@ class EnterprisePlan:
         if participations == 0:
             return 0.0
         if self.mechanism == "laplace":
-            return participations / self.noise_multiplier  # basic composition of epsilon = clip / scale
+            return (
+                participations / self.noise_multiplier
+            )  # basic composition of epsilon = clip / scale
         # k Gaussian releases compose exactly to one with sensitivity sqrt(k) (Balle & Wang's analytic bound).
-        return gaussian_epsilon_analytic(self.noise_multiplier, self.delta, sensitivity=math.sqrt(participations))
+        return gaussian_epsilon_analytic(
+            self.noise_multiplier, self.delta, sensitivity=math.sqrt(participations)
+        )
 
 
-def plan_record_level(settings: RecordLevel, records: int, batch_size: int, steps_per_round: int, rounds: int) -> RecordPlan:
+def plan_record_level(
+    settings: RecordLevel, records: int, batch_size: int, steps_per_round: int, rounds: int
+) -> RecordPlan:
     """Calibrate DP-SGD noise so `rounds` rounds of `steps_per_round` steps spend at most the target."""
     if not settings.delta < 1.0 / records:
         raise InfeasiblePlan(
             f"privacy.record.delta must be < 1/records = {1.0 / records:.3g} for an enterprise with {records} records (got {settings.delta:g})"
         )
+    steps = rounds * steps_per_round
+    if steps > (limit := MAX_ACCOUNTED_STEPS.get(settings.accountant, steps)):
+        raise InfeasiblePlan(
+            f"privacy.record.accountant={settings.accountant!r} takes minutes per evaluation beyond {limit:,} DP-SGD "
+            f'steps, and this plan has {steps:,} (federation.rounds x train.local_steps): use accountant = "rdp"'
+        )
     q = min(1.0, batch_size / records)
     cap = settings.max_noise_multiplier
 
     def epsilon(noise: float, rounds_: int) -> float:
-        return gaussian_epsilon(noise, q, rounds_ * steps_per_round, settings.delta, settings.accountant)
+        return gaussian_epsilon(
+            noise, q, rounds_ * steps_per_round, settings.delta, settings.accountant
+        )
 
     best = epsilon(cap, rounds)
     if best > settings.epsilon:
-        max_rounds = 0
-        while max_rounds < rounds and epsilon(cap, max_rounds + 1) <= settings.epsilon:
-            max_rounds += 1
+        # The most rounds the target allows at the cap: epsilon grows with rounds, so bisect.
+        max_rounds, too_many = 0, rounds
+        while too_many - max_rounds > 1:
+            mid = (max_rounds + too_many) // 2
+            max_rounds, too_many = (
+                (mid, too_many) if epsilon(cap, mid) <= settings.epsilon else (max_rounds, mid)
+            )
         raise InfeasiblePlan(
             f"privacy.record.epsilon={settings.epsilon:g} over {rounds} rounds x {steps_per_round} steps at sampling rate {q:.3g} "
             f"({batch_size} of {records} records) needs a noise multiplier above max_noise_multiplier={cap:g}. "
@@ -99,20 +126,30 @@ def plan_record_level(settings: RecordLevel, records: int, batch_size: int, step
             + (f", or with federation.rounds <= {max_rounds}" if max_rounds else "")
             + ", or with fewer train.local_steps or a smaller train.batch_size"
         )
-    noise = noise_multiplier_for(settings.epsilon, q, rounds * steps_per_round, settings.delta, settings.accountant)
-    return RecordPlan(noise, q, q * records, steps_per_round, rounds, settings.delta, settings.accountant)
+    noise = noise_multiplier_for(
+        settings.epsilon, q, rounds * steps_per_round, settings.delta, settings.accountant
+    )
+    return RecordPlan(
+        noise, q, q * records, steps_per_round, rounds, settings.delta, settings.accountant
+    )
 
 
 def plan_enterprise_level(settings: EnterpriseLevel, rounds: int) -> EnterprisePlan:
     """Calibrate the update noise so `rounds` releases spend at most the target."""
     cap = settings.max_noise_multiplier
     if settings.mechanism == "laplace":
-        noise = rounds / settings.epsilon  # each round spends epsilon / rounds: scale = clip * rounds / epsilon
+        noise = (
+            rounds / settings.epsilon
+        )  # each round spends epsilon / rounds: scale = clip * rounds / epsilon
         if noise > cap:
             raise InfeasiblePlan(
                 f"privacy.enterprise.epsilon={settings.epsilon:g} over {rounds} rounds needs Laplace scale {noise:.3g} x clip, "
                 f"above max_noise_multiplier={cap:g}. This plan works with privacy.enterprise.epsilon >= {rounds / cap:.3g}"
-                + (f", or with federation.rounds <= {math.floor(settings.epsilon * cap)}" if settings.epsilon * cap >= 1 else "")
+                + (
+                    f", or with federation.rounds <= {math.floor(settings.epsilon * cap)}"
+                    if settings.epsilon * cap >= 1
+                    else ""
+                )
             )
         return EnterprisePlan("laplace", settings.clip, noise, rounds, 0.0)
     single = gaussian_sigma(settings.epsilon, settings.delta)
@@ -122,13 +159,20 @@ def plan_enterprise_level(settings: EnterpriseLevel, rounds: int) -> EnterpriseP
             f"privacy.enterprise.epsilon={settings.epsilon:g} over {rounds} rounds needs noise multiplier {noise:.3g}, "
             f"above max_noise_multiplier={cap:g}. This plan works with privacy.enterprise.epsilon >= "
             f"{math.ceil(gaussian_epsilon_analytic(cap, settings.delta, math.sqrt(rounds)) * 100) / 100:g}"
-            + (f", or with federation.rounds <= {math.floor((cap / single) ** 2)}" if cap >= single else "")
+            + (
+                f", or with federation.rounds <= {math.floor((cap / single) ** 2)}"
+                if cap >= single
+                else ""
+            )
         )
     return EnterprisePlan("gaussian", settings.clip, noise, rounds, settings.delta)
 
 
 def privatize_update(
-    update: list[np.ndarray], plan: EnterprisePlan, shares: int = 1, uniform: UniformSource = secure_uniform
+    update: list[np.ndarray],
+    plan: EnterprisePlan,
+    shares: int = 1,
+    uniform: UniformSource = secure_uniform,
 ) -> tuple[list[np.ndarray], float]:
     """Clip an enterprise's update (L2 for Gaussian, L1 for Laplace) and add its noise.
 
@@ -163,9 +207,15 @@ class PrivacyPlan:
         return plan.epsilon_after(participations), plan.delta
 
 
-def plan_run(settings: PrivacySettings, records: int, batch_size: int, steps_per_round: int, rounds: int) -> PrivacyPlan:
+def plan_run(
+    settings: PrivacySettings, records: int, batch_size: int, steps_per_round: int, rounds: int
+) -> PrivacyPlan:
     """The privacy plan of a run for an enterprise with `records` records; raises InfeasiblePlan."""
     return PrivacyPlan(
-        record=plan_record_level(settings.record, records, batch_size, steps_per_round, rounds) if settings.record else None,
-        enterprise=plan_enterprise_level(settings.enterprise, rounds) if settings.enterprise else None,
+        record=plan_record_level(settings.record, records, batch_size, steps_per_round, rounds)
+        if settings.record
+        else None,
+        enterprise=plan_enterprise_level(settings.enterprise, rounds)
+        if settings.enterprise
+        else None,
     )

@@ -28,26 +28,52 @@ class _Settings(BaseModel):
 class RecordLevel(_Settings):
     """DP-SGD (Poisson sampling, per-example clipping, Gaussian noise) on each enterprise's records."""
 
-    epsilon: float = Field(gt=0.0, le=1000.0, description="target epsilon per enterprise for the whole run")
-    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="target delta; must also be < 1 / records of every enterprise")
+    epsilon: float = Field(
+        gt=0.0, le=1000.0, description="target epsilon per enterprise for the whole run"
+    )
+    delta: float = Field(
+        1e-5,
+        gt=0.0,
+        lt=1.0,
+        description="target delta; must also be < 1 / records of every enterprise",
+    )
     clip: float = Field(1.0, gt=0.0, le=1e6, description="per-example gradient L2 bound")
     accountant: Literal["rdp", "prv", "pld"] = Field("rdp", description=f"one of {ACCOUNTANTS}")
     max_physical_batch_size: int = Field(
-        16, ge=1, le=65_536, description="most sequences per forward/backward; larger logical batches are accumulated"
+        16,
+        ge=1,
+        le=65_536,
+        description="most sequences per forward/backward; larger logical batches are accumulated",
     )
-    max_noise_multiplier: float = Field(20.0, gt=0.0, le=1e4, description="plans needing more noise than this are refused")
+    max_noise_multiplier: float = Field(
+        20.0, gt=0.0, le=1e4, description="plans needing more noise than this are refused"
+    )
 
 
 class EnterpriseLevel(_Settings):
     """Clipping and noise on each enterprise's adapter update (DP-FedAvg, McMahan et al. 2018)."""
 
-    epsilon: float = Field(gt=0.0, le=1000.0, description="target epsilon per enterprise for the whole run")
-    delta: float = Field(
-        1e-5, gt=0.0, lt=1.0, description="target delta (Gaussian only; Laplace is pure epsilon-DP); must be < 1 / enterprises"
+    epsilon: float = Field(
+        gt=0.0, le=1000.0, description="target epsilon per enterprise for the whole run"
     )
-    mechanism: Mechanism = Field("gaussian", description="gaussian (L2 clip) or laplace (L1 clip, pure epsilon)")
-    clip: float = Field(1.0, gt=0.0, le=1e6, description="bound on each update's norm: L2 for gaussian, L1 for laplace")
-    max_noise_multiplier: float = Field(20.0, gt=0.0, le=1e4, description="plans needing more noise than this are refused")
+    delta: float = Field(
+        1e-5,
+        gt=0.0,
+        lt=1.0,
+        description="target delta (Gaussian only; Laplace is pure epsilon-DP); must be < 1 / enterprises",
+    )
+    mechanism: Mechanism = Field(
+        "gaussian", description="gaussian (L2 clip) or laplace (L1 clip, pure epsilon)"
+    )
+    clip: float = Field(
+        1.0,
+        gt=0.0,
+        le=1e6,
+        description="bound on each update's norm: L2 for gaussian, L1 for laplace",
+    )
+    max_noise_multiplier: float = Field(
+        20.0, gt=0.0, le=1e4, description="plans needing more noise than this are refused"
+    )
 
 
 class PrivacySettings(_Settings):
@@ -64,8 +90,12 @@ class NodeBudget(_Settings):
     A level without a budget is not limited; a level with one refuses rounds that give no
     guarantee at that level."""
 
-    record_epsilon: float | None = Field(None, gt=0.0, le=1e4, description="lifetime record-level epsilon")
-    enterprise_epsilon: float | None = Field(None, gt=0.0, le=1e4, description="lifetime enterprise-level epsilon")
+    record_epsilon: float | None = Field(
+        None, gt=0.0, le=1e4, description="lifetime record-level epsilon"
+    )
+    enterprise_epsilon: float | None = Field(
+        None, gt=0.0, le=1e4, description="lifetime enterprise-level epsilon"
+    )
 
     @property
     def limited(self) -> bool:

@@ -32,21 +32,32 @@ def shorten_supernode_polls(poll_s: float) -> None:
     from flwr.supernode import start_client_internal
 
     if start_client_internal.time is not time:
-        raise RuntimeError("flwr.supernode.start_client_internal no longer uses the time module; review fedmoe.support.flower_tuning")
-    shortened = SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+        raise RuntimeError(
+            "flwr.supernode.start_client_internal no longer uses the time module; review fedmoe.support.flower_tuning"
+        )
+    shortened = SimpleNamespace(
+        **{name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    )
     shortened.sleep = lambda seconds: time.sleep(min(seconds, poll_s))
     start_client_internal.time = shortened
 
 
-def shorten_object_pull_backoff(seconds: float = OBJECT_PULL_BACKOFF_S, max_time: float | None = None) -> None:
+def shorten_object_pull_backoff(
+    seconds: float = OBJECT_PULL_BACKOFF_S, max_time: float | None = None
+) -> None:
     """Retry a missing object after `seconds`; with `max_time`, give up on a message whose
     objects never come (Flower waits up to two hours)."""
     from flwr.supercore.inflatable import inflatable_utils
 
-    for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+    for function in (
+        inflatable_utils.pull_objects,
+        inflatable_utils.pull_and_inflate_object_from_tree,
+    ):
         defaults = function.__kwdefaults__
         if not defaults or "initial_backoff" not in defaults or "max_time" not in defaults:
-            raise RuntimeError(f"{function.__qualname__} lost its pull defaults; review fedmoe.support.flower_tuning")
+            raise RuntimeError(
+                f"{function.__qualname__} lost its pull defaults; review fedmoe.support.flower_tuning"
+            )
         defaults["initial_backoff"] = seconds
         if max_time is not None:
             defaults["max_time"] = max_time
@@ -58,8 +69,12 @@ def shorten_node_heartbeat(interval_s: float = NODE_HEARTBEAT_INTERVAL_S) -> Non
     from flwr.supernode import fleet_http_connection
 
     if interval_s < HEARTBEAT_MIN_INTERVAL:
-        raise ValueError(f"the SuperLink refuses heartbeat intervals below {HEARTBEAT_MIN_INTERVAL}s")
+        raise ValueError(
+            f"the SuperLink refuses heartbeat intervals below {HEARTBEAT_MIN_INTERVAL}s"
+        )
     for module in (heartbeat, fleet_http_connection):
         if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
-            raise RuntimeError(f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; review fedmoe.support.flower_tuning")
+            raise RuntimeError(
+                f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; review fedmoe.support.flower_tuning"
+            )
         module.HEARTBEAT_DEFAULT_INTERVAL = interval_s

@@ -1,5 +1,9 @@
 """Starting and stopping the Flower processes we supervise (SuperLink, SuperNode): each in its own
-process group, logging to a file, and dying with its supervisor even when that is SIGKILLed."""
+process group, logging to a file, and dying with its supervisor even when that is SIGKILLed.
+
+The child gets SIGTERM when we die (PR_SET_PDEATHSIG), but what IT started (Flower's SuperExec and
+ServerApp, Ray's raylet and agents under the simulation engine) would outlive it: a watchdog
+(support/watchdog.py) stops those."""
 
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ def executable(name: str) -> str:
     candidate = Path(sys.executable).parent / name
     found = str(candidate) if candidate.is_file() else shutil.which(name)
     if not found:
-        raise FileNotFoundError(f"{name} not found; install fedmoe (pip install -e .) in this environment")
+        raise FileNotFoundError(
+            f"{name} not found; install fedmoe (pip install -e .) in this environment"
+        )
     return found
 
 
@@ -52,10 +58,11 @@ def die_with_parent() -> None:
 
 
 def start_process(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
-    """A child in its own process group, logging to `log_path`, that dies with us."""
+    """A child in its own process group, logging to `log_path`, that dies with us, and whose
+    descendants die with it."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             cmd,
             env=env,
             stdout=log,
@@ -64,6 +71,14 @@ def start_process(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
+    subprocess.Popen(
+        [sys.executable, "-m", "fedmoe.support.watchdog", str(os.getpid()), str(proc.pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    return proc
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:

@@ -8,13 +8,30 @@ import uuid
 import pytest
 import torch
 
-POSTGRES_ADMIN_URL = os.environ.get("FEDMOE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "FEDMOE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 
 TINY_ARCH = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-    first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
-    n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=16, kv_lora_rank=8,
-    qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, max_position_embeddings=64,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    q_lora_rank=16,
+    kv_lora_rank=8,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+    max_position_embeddings=64,
 )
 
 
@@ -100,7 +117,9 @@ def database_url(request, tmp_path):
 RUN_UID = "0123456789abcdef0123456789abcdef"
 
 
-def round_config(ws, privacy: dict | None = None, server_round: int = 1, lora=None, train=None, **changes) -> dict:
+def round_config(
+    ws, privacy: dict | None = None, server_round: int = 1, lora=None, train=None, **changes
+) -> dict:
     """A round config as the coordinator sends it, for a node's workspace `ws`."""
     from fedmoe.contract.round import LocalTrainSettings, RoundSpec
     from fedmoe.model.settings import LoraSettings

@@ -60,7 +60,8 @@ class Loopback:
         self.coordinator: subprocess.Popen | None = None
         self.agents: dict[str, subprocess.Popen] = {}
         self._channel = grpc.secure_channel(
-            f"127.0.0.1:{self.admin_port}", grpc.ssl_channel_credentials((self.certs / "ca.pem").read_bytes())
+            f"127.0.0.1:{self.admin_port}",
+            grpc.ssl_channel_credentials((self.certs / "ca.pem").read_bytes()),
         )
         self.stub = pb_grpc.AdminStub(self._channel)
         self.metadata = [("authorization", f"Bearer {self.token}")]
@@ -70,11 +71,20 @@ class Loopback:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log, "ab") as out:
             return subprocess.Popen(
-                [*FEDMOE, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                [*FEDMOE, *args],
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def start_coordinator(self, timeout: float = 60.0) -> None:
-        self.coordinator = self._spawn(["coordinator", "--config", "coordinator.toml"], self.root, self.root / "coordinator.log")
+        self.coordinator = self._spawn(
+            ["coordinator", "--config", "coordinator.toml"],
+            self.root,
+            self.root / "coordinator.log",
+        )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -82,13 +92,17 @@ class Loopback:
                 return
             except grpc.RpcError:
                 if self.coordinator.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("coordinator did not start:\n" + self.log("coordinator")[-3000:]) from None
+                    raise RuntimeError(
+                        "coordinator did not start:\n" + self.log("coordinator")[-3000:]
+                    ) from None
                 time.sleep(0.3)
 
     def stop_coordinator(self, kill: bool = False) -> None:
         _stop(self.coordinator, kill)
 
-    def add_agent(self, name: str, data: Path, budget: dict | None = None, key_dir: Path | None = None) -> Path:
+    def add_agent(
+        self, name: str, data: Path, budget: dict | None = None, key_dir: Path | None = None
+    ) -> Path:
         """An agent folder with its own key pair and agent.toml (not registered, not started)."""
         folder = self.root / "agents" / name
         keys = key_dir or folder / "keys"
@@ -108,13 +122,19 @@ class Loopback:
 
     def start_agent(self, name: str) -> None:
         folder = self.root / "agents" / name
-        self.agents[name] = self._spawn(["agent", "--config", "agent.toml"], folder, folder / "agent.log")
+        self.agents[name] = self._spawn(
+            ["agent", "--config", "agent.toml"], folder, folder / "agent.log"
+        )
 
     def stop_agent(self, name: str, kill: bool = False) -> None:
         _stop(self.agents[name], kill)
 
     def log(self, who: str) -> str:
-        path = self.root / "coordinator.log" if who == "coordinator" else self.root / "agents" / who / "agent.log"
+        path = (
+            self.root / "coordinator.log"
+            if who == "coordinator"
+            else self.root / "agents" / who / "agent.log"
+        )
         return path.read_text(errors="replace") if path.exists() else ""
 
     def close(self) -> None:
@@ -126,12 +146,16 @@ class Loopback:
 
     # --- the admin API ----------------------------------------------------------------------------
     def call(self, method: str, request, timeout: float = 120.0, metadata=None):
-        return getattr(self.stub, method)(request, metadata=self.metadata if metadata is None else metadata, timeout=timeout)
+        return getattr(self.stub, method)(
+            request, metadata=self.metadata if metadata is None else metadata, timeout=timeout
+        )
 
     def wait_online(self, names: list[str], timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            nodes = {n.enterprise: n.online for n in self.call("ListNodes", pb.ListNodesRequest()).nodes}
+            nodes = {
+                n.enterprise: n.online for n in self.call("ListNodes", pb.ListNodesRequest()).nodes
+            }
             if all(nodes.get(n) for n in names):
                 return
             if time.monotonic() > deadline:
@@ -139,10 +163,14 @@ class Loopback:
             time.sleep(0.5)
 
     def start_run(self, config_toml: str = "", overrides: tuple[str, ...] = ()) -> pb.Run:
-        return self.call("StartRun", pb.StartRunRequest(config_toml=config_toml, overrides=list(overrides)))
+        return self.call(
+            "StartRun", pb.StartRunRequest(config_toml=config_toml, overrides=list(overrides))
+        )
 
     def watch(self, run_id: int, timeout: float = 600.0) -> list[pb.RunEvent]:
-        stream = self.stub.WatchRun(pb.WatchRunRequest(run_id=run_id), metadata=self.metadata, timeout=timeout)
+        stream = self.stub.WatchRun(
+            pb.WatchRunRequest(run_id=run_id), metadata=self.metadata, timeout=timeout
+        )
         return list(stream)
 
     def wait_for(self, run_id: int, statuses: tuple[str, ...], timeout: float = 600.0) -> pb.Run:
@@ -152,12 +180,16 @@ class Loopback:
             if run.status in statuses:
                 return run
             if time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} is {run.status} after {timeout}s, wanted {statuses}")
+                raise TimeoutError(
+                    f"run {run_id} is {run.status} after {timeout}s, wanted {statuses}"
+                )
             time.sleep(0.5)
 
     def wait_for_round(self, run_id: int, number: int, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
         while len(self.call("ListRounds", pb.ListRoundsRequest(run_id=run_id)).rounds) < number:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} has not committed round {number} after {timeout}s")
+                raise TimeoutError(
+                    f"run {run_id} has not committed round {number} after {timeout}s"
+                )
             time.sleep(0.3)

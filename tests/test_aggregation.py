@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from fedmoe.coordinator.aggregation import MalformedUpdate, apply_update, check_update, l2_norm, weighted_average
+from fedmoe.coordinator.aggregation import (
+    MalformedUpdate,
+    apply_update,
+    check_update,
+    l2_norm,
+    weighted_average,
+)
 
 
 def test_weighted_average_matches_hand_computation():
@@ -19,7 +25,9 @@ def test_weighted_average_matches_hand_computation():
 def test_equal_weights_is_the_plain_mean_and_apply_adds():
     rng = np.random.default_rng(0)
     updates = [[rng.normal(size=(3, 2))] for _ in range(4)]
-    np.testing.assert_allclose(weighted_average(updates, [7] * 4)[0], np.mean([u[0] for u in updates], axis=0))
+    np.testing.assert_allclose(
+        weighted_average(updates, [7] * 4)[0], np.mean([u[0] for u in updates], axis=0)
+    )
     np.testing.assert_allclose(apply_update([np.ones(2)], [np.array([0.5, -1.0])])[0], [1.5, 0.0])
     assert l2_norm([np.array([3.0]), np.array([4.0])]) == 5.0
 

@@ -43,8 +43,18 @@ def test_missing_or_non_moe_checkpoint_is_refused(tmp_path):
         load_base(tmp_path / "nothing")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(str(tmp_path / "llama"))
-    with pytest.raises(ValueError, match="holds a 'llama' model; fedmoe fine-tunes DeepSeek-style MoE models"):
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    ).save_pretrained(str(tmp_path / "llama"))
+    with pytest.raises(
+        ValueError, match="holds a 'llama' model; fedmoe fine-tunes DeepSeek-style MoE models"
+    ):
         load_base(tmp_path / "llama")
     weightless = tmp_path / "weightless"
     weightless.mkdir()
@@ -54,8 +64,16 @@ def test_missing_or_non_moe_checkpoint_is_refused(tmp_path):
 
 
 def test_jsonl_csv_and_instruction_records(tmp_path):
-    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"instruction": "Q?", "response": "A."}) + "\n")
-    assert read_texts(tmp_path / "train.jsonl") == ["hello", "### Instruction:\nQ?\n### Response:\nA."]
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"text": "hello"})
+        + "\n"
+        + json.dumps({"instruction": "Q?", "response": "A."})
+        + "\n"
+    )
+    assert read_texts(tmp_path / "train.jsonl") == [
+        "hello",
+        "### Instruction:\nQ?\n### Response:\nA.",
+    ]
     (tmp_path / "heldout.csv").write_text("text\nfirst row\nsecond row\n")
     assert read_texts(find_split(tmp_path, "heldout")) == ["first row", "second row"]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
@@ -81,10 +99,12 @@ def test_dirichlet_partition_is_complete_disjoint_and_skewed():
     flat = sorted(i for p in parts for i in p)
     assert flat == list(range(900))
     assert parts == dirichlet_partition(labels, num_clients=3, alpha=0.1, seed=0)
+
     # Small alpha: most clients are dominated by one label; large alpha: close to uniform.
     def top_share(part):
-        counts = [sum(labels[i] == l for i in part) for l in "abc"]
+        counts = [sum(labels[i] == label for i in part) for label in "abc"]
         return max(counts) / max(1, sum(counts))
+
     skewed = [top_share(p) for p in parts if p]
     uniform = [top_share(p) for p in dirichlet_partition(labels, 3, alpha=1000.0, seed=0)]
     assert sum(skewed) / len(skewed) > 0.6 and max(uniform) < 0.45

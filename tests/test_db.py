@@ -9,13 +9,29 @@ from fedmoe.coordinator.db import Base, ParticipationRecord, RoundRecord, RunSto
 
 
 def _round(number, participations=None):
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return RoundRecord(
-        number=number, started_at=now, ended_at=now, status="completed", bytes_up=10, bytes_down=20, train_loss=1.5,
-        eval_loss=1.25, expert_load={"1": [3, 1]}, checkpoint_path="/x", checkpoint_sha256="ab" * 32,
+        number=number,
+        started_at=now,
+        ended_at=now,
+        status="completed",
+        bytes_up=10,
+        bytes_down=20,
+        train_loss=1.5,
+        eval_loss=1.25,
+        expert_load={"1": [3, 1]},
+        checkpoint_path="/x",
+        checkpoint_sha256="ab" * 32,
         participations=participations
         or [
-            ParticipationRecord(node_id="1", status="ok", enterprise="finance", num_examples=5, train_loss=1.0, eval_loss=0.5),
+            ParticipationRecord(
+                node_id="1",
+                status="ok",
+                enterprise="finance",
+                num_examples=5,
+                train_loss=1.0,
+                eval_loss=0.5,
+            ),
             ParticipationRecord(node_id="2", status="failed", enterprise="clinical", error="boom"),
         ],
     )
@@ -28,10 +44,17 @@ def test_runs_rounds_and_participations_round_trip(database_url):
     store.record_round(run_id, _round(1))
     store.finish_run(run_id, "completed")
     run = store.run(run_id)
-    assert run.status == "completed" and run.config == {"federation": {"rounds": 2}} and run.ended_at is not None
+    assert (
+        run.status == "completed"
+        and run.config == {"federation": {"rounds": 2}}
+        and run.ended_at is not None
+    )
     (r,) = store.rounds(run_id)
     assert (r.number, r.participants, r.failures, r.expert_load) == (1, 1, 1, {"1": [3, 1]})
-    assert [(p.enterprise, p.status) for p in r.participations] == [("clinical", "failed"), ("finance", "ok")]
+    assert [(p.enterprise, p.status) for p in r.participations] == [
+        ("clinical", "failed"),
+        ("finance", "ok"),
+    ]
     store.close()
     # Reopening runs the migrations again (a no-op) and sees the same data.
     assert RunStore(database_url).runs()[0].id == run_id

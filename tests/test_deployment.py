@@ -13,12 +13,12 @@ import time
 import grpc
 import httpx
 import pytest
+from loopback import Loopback
 
 from fedmoe.client.ledger import PrivacyLedger
 from fedmoe.coordinator.db import RunStore
 from fedmoe.model.corpus import DEMO_DATA_DIR
 from fedmoe.proto import admin_pb2 as pb
-from loopback import Loopback
 
 pytestmark = pytest.mark.e2e
 ENTERPRISES = ("finance", "clinical", "manufacturing")
@@ -55,7 +55,9 @@ def deployment(tmp_path_factory, request):
             loop.register(name)
         # manufacturing's agent calls itself "finance": the coordinator must not believe it.
         agent_toml = loop.root / "agents" / "manufacturing" / "agent.toml"
-        agent_toml.write_text(agent_toml.read_text().replace('name = "manufacturing"', 'name = "finance"'))
+        agent_toml.write_text(
+            agent_toml.read_text().replace('name = "manufacturing"', 'name = "finance"')
+        )
         for name in ENTERPRISES:
             loop.start_agent(name)
         loop.wait_online(list(ENTERPRISES))
@@ -66,19 +68,30 @@ def deployment(tmp_path_factory, request):
 
 def test_a_run_through_the_admin_api_streams_rounds_and_records_everything(deployment):
     run = deployment.start_run(overrides=("federation.rounds=3", *QUICK))
-    assert run.engine == "deployment" and sorted(run.enterprises) == sorted(ENTERPRISES) and run.started_by == "ops"
+    assert (
+        run.engine == "deployment"
+        and sorted(run.enterprises) == sorted(ENTERPRISES)
+        and run.started_by == "ops"
+    )
     events = deployment.watch(run.id)
     rounds = [e.round.number for e in events if e.HasField("round")]
-    assert rounds == [1, 2, 3] and events[-1].run.status == "completed", [e.run.error for e in events][-1]
+    assert rounds == [1, 2, 3] and events[-1].run.status == "completed", [
+        e.run.error for e in events
+    ][-1]
     assert [e.run.status for e in events if not e.HasField("round")][-1] == "completed"
     store = RunStore(deployment.database_url, migrate=False)
     records = store.rounds(run.id)
-    assert [r.status for r in records] == ["completed"] * 3 and all(r.updates_seen == 2 for r in records)
+    assert [r.status for r in records] == ["completed"] * 3 and all(
+        r.updates_seen == 2 for r in records
+    )
     for r in records:
         by_name = {p.enterprise: p for p in r.participations}
         # Names come from the registry: manufacturing's claim to be finance changes nothing.
         assert set(by_name) == set(ENTERPRISES)
-        assert by_name["finance"].status == "refused" and "no record-level privacy guarantee" in by_name["finance"].error
+        assert (
+            by_name["finance"].status == "refused"
+            and "no record-level privacy guarantee" in by_name["finance"].error
+        )
         assert by_name["clinical"].status == by_name["manufacturing"].status == "ok"
         assert (r.checkpoint_path and r.checkpoint_sha256) and r.eval_loss is not None
     assert (store.run(run.id).config["output"]["dir"]) in records[-1].checkpoint_path
@@ -96,12 +109,20 @@ def test_a_private_run_with_secure_aggregation_enforces_each_nodes_budget(deploy
     rounds = store.rounds(run.id)
     assert all(r.updates_seen == 1 for r in rounds)  # the coordinator only ever saw the masked sum
     finance = [next(p for p in r.participations if p.enterprise == "finance") for r in rounds]
-    assert [p.status for p in finance] == ["ok", "refused"] and "lifetime budget of 7.5" in finance[1].error
+    assert [p.status for p in finance] == ["ok", "refused"] and "lifetime budget of 7.5" in finance[
+        1
+    ].error
     for r in rounds:
         for p in r.participations:
             if p.status == "ok":
-                assert p.epsilon_record <= 8.0 + 1e-9 and p.epsilon_enterprise <= 8.0 + 1e-9 and p.train_loss is None
-    finance_ledger = PrivacyLedger(deployment.root / "agents" / "finance" / "state" / "ledger.sqlite")
+                assert (
+                    p.epsilon_record <= 8.0 + 1e-9
+                    and p.epsilon_enterprise <= 8.0 + 1e-9
+                    and p.train_loss is None
+                )
+    finance_ledger = PrivacyLedger(
+        deployment.root / "agents" / "finance" / "state" / "ledger.sqlite"
+    )
     assert 0 < finance_ledger.lifetime("record") <= 7.5
 
 
@@ -113,11 +134,18 @@ def test_the_agents_port_serves_tls_and_the_fleet_api_only(deployment):
     with httpx.Client(base_url=f"https://127.0.0.1:{deployment.agents_port}", verify=tls) as client:
         assert client.get("/health").status_code == 200
         # Flower's Control API (runs = code the coordinator executes) is unreachable from outside.
-        for path in ("/v1/control/start-run", "/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/acquire-task"):
+        for path in (
+            "/v1/control/start-run",
+            "/v1/control/list-runs",
+            "/v1/control/register-node",
+            "/v1/runtime/acquire-task",
+        ):
             assert client.post(path, content=b"").status_code == 404
     insecure = grpc.insecure_channel(f"127.0.0.1:{deployment.admin_port}")
     with pytest.raises(grpc.RpcError) as err:
-        pb_grpc_stub(insecure).ListRuns(pb.ListRunsRequest(), metadata=deployment.metadata, timeout=5)
+        pb_grpc_stub(insecure).ListRuns(
+            pb.ListRunsRequest(), metadata=deployment.metadata, timeout=5
+        )
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -130,10 +158,17 @@ def pb_grpc_stub(channel):
 def test_an_admin_call_without_credentials_changes_nothing(deployment):
     store = RunStore(deployment.database_url, migrate=False)
     before = (len(store.runs()), len(store.nodes(include_revoked=True)))
-    for metadata in ([], [("authorization", "Bearer not-a-token")], [("authorization", deployment.token)]):
+    for metadata in (
+        [],
+        [("authorization", "Bearer not-a-token")],
+        [("authorization", deployment.token)],
+    ):
         for method, request in (
             ("StartRun", pb.StartRunRequest()),
-            ("RegisterNode", pb.RegisterNodeRequest(enterprise="mallory", public_key="ssh-ed25519 AAAA")),
+            (
+                "RegisterNode",
+                pb.RegisterNodeRequest(enterprise="mallory", public_key="ssh-ed25519 AAAA"),
+            ),
             ("RevokeNode", pb.RevokeNodeRequest(enterprise="clinical")),
             ("ListRuns", pb.ListRunsRequest()),
         ):
@@ -141,7 +176,11 @@ def test_an_admin_call_without_credentials_changes_nothing(deployment):
                 deployment.call(method, request, metadata=metadata)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as err:
-            list(deployment.stub.WatchRun(pb.WatchRunRequest(run_id=1), metadata=metadata, timeout=10))
+            list(
+                deployment.stub.WatchRun(
+                    pb.WatchRunRequest(run_id=1), metadata=metadata, timeout=10
+                )
+            )
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert (len(store.runs()), len(store.nodes(include_revoked=True))) == before
     assert "refused an admin call without a valid token" in deployment.log("coordinator")
@@ -159,11 +198,19 @@ def test_unregistered_and_revoked_keys_are_refused(deployment):
     revoked = deployment.call("RevokeNode", pb.RevokeNodeRequest(enterprise="spare"))
     assert revoked.status == "revoked"
     deadline = time.monotonic() + 60
-    while not all("the coordinator refused to activate this node" in deployment.log(n) for n in ("intruder", "spare")):
+    while not all(
+        "the coordinator refused to activate this node" in deployment.log(n)
+        for n in ("intruder", "spare")
+    ):
         assert time.monotonic() < deadline, deployment.log("spare")[-2000:]
         time.sleep(0.5)
-    nodes = {n.enterprise: n for n in deployment.call("ListNodes", pb.ListNodesRequest(include_revoked=True)).nodes}
-    assert "intruder" not in nodes and not nodes["spare"].online and nodes["spare"].status == "revoked"
+    nodes = {
+        n.enterprise: n
+        for n in deployment.call("ListNodes", pb.ListNodesRequest(include_revoked=True)).nodes
+    }
+    assert (
+        "intruder" not in nodes and not nodes["spare"].online and nodes["spare"].status == "revoked"
+    )
     with pytest.raises(grpc.RpcError) as err:
         deployment.register("spare")  # the same key can never come back
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
@@ -178,53 +225,147 @@ def _malformed_requests(deployment) -> list[tuple[str, object, grpc.StatusCode]]
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )  # fmt: skip
     start = [
-        "rounds = [", "[federation\nrounds = 2", "= 3", "[federation]\nrounds = 2\nrounds = 3", '"unterminated = 1',
-        "[lora]\nrank = 8", "[federaton]\nrounds = 2", "x = 1", "[privacy.record]\neps = 1",
-        "[federation]\nrounds = true", '[federation]\nrounds = "3"', "[federation]\nrounds = 2.0", "[federation]\nrounds = 0",
-        "[federation]\nrounds = -1", "[federation]\nrounds = 100001", "[lora]\nalpha = inf", "[lora]\nalpha = nan",
-        "[lora]\nr = 0", "[lora]\nr = 1.5", '[lora]\ntargets = "attention"', '[lora]\ntargets = ["mlp"]', "[lora]\ntargets = []",
-        "[lora]\ndropout = 1.0", "[train]\nlr = 0", "[train]\nlr = 2.0", "[train]\nbatch_size = 0", "[train]\nseq_len = 4",
-        "[train]\nseq_len = 100000", "[train]\nlocal_steps = 1e3", "[federation]\nfraction_fit = 0", "[federation]\nfraction_fit = 1.5",
-        "[federation]\nmin_fit_clients = 4", "[federation]\nmin_fit_clients = 0", "[federation]\nconnect_timeout_s = -1",
-        "[federation.secure_aggregation]\nenabled = 1", "[federation.secure_aggregation]\nquantization_bits = 40",
-        "[federation.secure_aggregation]\nreconstruction_threshold = 0", "[privacy.record]\nepsilon = 0",
-        "[privacy.record]\nepsilon = -1", "[privacy.record]\nepsilon = 1\ndelta = 1", "[privacy.enterprise]\nepsilon = 1\ndelta = 0.9",
-        '[privacy.enterprise]\nepsilon = 1\nmechanism = "exponential"', '[privacy.record]\nepsilon = 1\naccountant = "gdp"',
-        "[privacy.enterprise]\nepsilon = 0.001", "[privacy.record]\nepsilon = 1\nclip = 0", '[database]\nurl = "sqlite:///x.db"',
-        '[output]\ndir = "/tmp"', '[[federation.enterprises]]\nname = "acme"', '[[federation.enterprises]]\nname = "finance"\ndata = "/data"',
-        '[[federation.enterprises]]\nname = "finance"\nledger = "x"', '[[federation.enterprises]]\nname = "finance"\nbudget = { record_epsilon = 1.0 }',
-        '[[federation.enterprises]]\nname = "bad name"', '[[federation.enterprises]]\nname = "finance"\n[[federation.enterprises]]\nname = "finance"',
-        '[model]\npath = "relative/dir"', '[model]\npath = "/no/such/model"', '[model]\npath = ""', '[evaluation]\nserver_data = "/no/file.jsonl"',
-        "[federation]\nrounds = 1" + "0" * 5000, "a = " + "[" * 2000 + "]" * 2000, "[lora]\nalpha = 1e400",
+        "rounds = [",
+        "[federation\nrounds = 2",
+        "= 3",
+        "[federation]\nrounds = 2\nrounds = 3",
+        '"unterminated = 1',
+        "[lora]\nrank = 8",
+        "[federaton]\nrounds = 2",
+        "x = 1",
+        "[privacy.record]\neps = 1",
+        "[federation]\nrounds = true",
+        '[federation]\nrounds = "3"',
+        "[federation]\nrounds = 2.0",
+        "[federation]\nrounds = 0",
+        "[federation]\nrounds = -1",
+        "[federation]\nrounds = 100001",
+        "[lora]\nalpha = inf",
+        "[lora]\nalpha = nan",
+        "[lora]\nr = 0",
+        "[lora]\nr = 1.5",
+        '[lora]\ntargets = "attention"',
+        '[lora]\ntargets = ["mlp"]',
+        "[lora]\ntargets = []",
+        "[lora]\ndropout = 1.0",
+        "[train]\nlr = 0",
+        "[train]\nlr = 2.0",
+        "[train]\nbatch_size = 0",
+        "[train]\nseq_len = 4",
+        "[train]\nseq_len = 100000",
+        "[train]\nlocal_steps = 1e3",
+        "[federation]\nfraction_fit = 0",
+        "[federation]\nfraction_fit = 1.5",
+        "[federation]\nmin_fit_clients = 4",
+        "[federation]\nmin_fit_clients = 0",
+        "[federation]\nconnect_timeout_s = -1",
+        "[federation.secure_aggregation]\nenabled = 1",
+        "[federation.secure_aggregation]\nquantization_bits = 40",
+        "[federation.secure_aggregation]\nreconstruction_threshold = 0",
+        "[privacy.record]\nepsilon = 0",
+        "[privacy.record]\nepsilon = -1",
+        "[privacy.record]\nepsilon = 1\ndelta = 1",
+        "[privacy.enterprise]\nepsilon = 1\ndelta = 0.9",
+        '[privacy.enterprise]\nepsilon = 1\nmechanism = "exponential"',
+        '[privacy.record]\nepsilon = 1\naccountant = "gdp"',
+        "[privacy.enterprise]\nepsilon = 0.001",
+        "[privacy.record]\nepsilon = 1\nclip = 0",
+        '[database]\nurl = "sqlite:///x.db"',
+        '[output]\ndir = "/tmp"',
+        '[[federation.enterprises]]\nname = "acme"',
+        '[[federation.enterprises]]\nname = "finance"\ndata = "/data"',
+        '[[federation.enterprises]]\nname = "finance"\nledger = "x"',
+        '[[federation.enterprises]]\nname = "finance"\nbudget = { record_epsilon = 1.0 }',
+        '[[federation.enterprises]]\nname = "bad name"',
+        '[[federation.enterprises]]\nname = "finance"\n[[federation.enterprises]]\nname = "finance"',
+        '[model]\npath = "relative/dir"',
+        '[model]\npath = "/no/such/model"',
+        '[model]\npath = ""',
+        '[evaluation]\nserver_data = "/no/file.jsonl"',
+        "[federation]\nrounds = 1" + "0" * 5000,
+        "a = " + "[" * 2000 + "]" * 2000,
+        "[lora]\nalpha = 1e400",
     ]
     requests = [("StartRun", pb.StartRunRequest(config_toml=text), bad) for text in start]
-    overrides = ["federation.rounds", "rounds=1", "=1", "federation.rounds=0", "lora.r=abc", "database.url=sqlite:///x.db",
-                 "output.dir=/tmp", "a.b.c.d.e.f=1", "federation.rounds=\x00", "train.lr=-1"]
+    overrides = [
+        "federation.rounds",
+        "rounds=1",
+        "=1",
+        "federation.rounds=0",
+        "lora.r=abc",
+        "database.url=sqlite:///x.db",
+        "output.dir=/tmp",
+        "a.b.c.d.e.f=1",
+        "federation.rounds=\x00",
+        "train.lr=-1",
+    ]
     requests += [("StartRun", pb.StartRunRequest(overrides=[o]), bad) for o in overrides]
     requests.append(("StartRun", pb.StartRunRequest(config_toml="# " + "x" * (2 << 20)), big))
-    requests.append(("RegisterNode", pb.RegisterNodeRequest(enterprise="x", public_key="k" * (2 << 20)), big))
-    for method, request_type in (("GetRun", pb.GetRunRequest), ("StopRun", pb.StopRunRequest), ("ListRounds", pb.ListRoundsRequest),
-                                 ("GetPrivacyLedger", pb.GetPrivacyLedgerRequest)):
-        requests += [(method, request_type(run_id=run_id), missing) for run_id in (999, 2**31, 2**63 - 1, 2**64 - 1)]
+    requests.append(
+        ("RegisterNode", pb.RegisterNodeRequest(enterprise="x", public_key="k" * (2 << 20)), big)
+    )
+    for method, request_type in (
+        ("GetRun", pb.GetRunRequest),
+        ("StopRun", pb.StopRunRequest),
+        ("ListRounds", pb.ListRoundsRequest),
+        ("GetPrivacyLedger", pb.GetPrivacyLedgerRequest),
+    ):
+        requests += [
+            (method, request_type(run_id=run_id), missing)
+            for run_id in (999, 2**31, 2**63 - 1, 2**64 - 1)
+        ]
         if method != "GetPrivacyLedger":  # 0 there means "every run"
             requests.append((method, request_type(run_id=0), bad))
     key = (deployment.root / "agents" / "clinical" / "keys" / "node.pub").read_text()
-    for name in ("", " ", "a" * 65, "-lead", "has space", "semi;colon", "ünïcode", "../etc", "x\ny"):
-        requests.append(("RegisterNode", pb.RegisterNodeRequest(enterprise=name, public_key=key), bad))
+    for name in (
+        "",
+        " ",
+        "a" * 65,
+        "-lead",
+        "has space",
+        "semi;colon",
+        "ünïcode",
+        "../etc",
+        "x\ny",
+    ):
+        requests.append(
+            ("RegisterNode", pb.RegisterNodeRequest(enterprise=name, public_key=key), bad)
+        )
     rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC7 user"
-    ed25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl user"
-    for k in ("", "garbage", "ssh-rsa", rsa, ed25519, "-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----", key[:40]):
-        requests.append(("RegisterNode", pb.RegisterNodeRequest(enterprise="newcomer", public_key=k), bad))
-    requests.append(("RegisterNode", pb.RegisterNodeRequest(enterprise="clinical2", public_key=key), exists))  # key reused
+    ed25519 = (
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl user"
+    )
+    for k in (
+        "",
+        "garbage",
+        "ssh-rsa",
+        rsa,
+        ed25519,
+        "-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----",
+        key[:40],
+    ):
+        requests.append(
+            ("RegisterNode", pb.RegisterNodeRequest(enterprise="newcomer", public_key=k), bad)
+        )
+    requests.append(
+        ("RegisterNode", pb.RegisterNodeRequest(enterprise="clinical2", public_key=key), exists)
+    )  # key reused
     other = (deployment.root / "agents" / "finance" / "keys" / "node.pub").read_text()
-    requests.append(("RegisterNode", pb.RegisterNodeRequest(enterprise="finance", public_key=other), exists))  # name taken
-    requests += [("RevokeNode", pb.RevokeNodeRequest(enterprise=n), missing) for n in ("nobody", "", "spare")]
+    requests.append(
+        ("RegisterNode", pb.RegisterNodeRequest(enterprise="finance", public_key=other), exists)
+    )  # name taken
+    requests += [
+        ("RevokeNode", pb.RevokeNodeRequest(enterprise=n), missing) for n in ("nobody", "", "spare")
+    ]
     return requests
 
 
 def test_malformed_admin_requests_get_clear_errors_and_change_nothing(deployment):
     store = RunStore(deployment.database_url, migrate=False)
-    before = ([(r.id, r.status) for r in store.runs()], [(n.enterprise, n.revoked_at) for n in store.nodes(include_revoked=True)])
+    before = (
+        [(r.id, r.status) for r in store.runs()],
+        [(n.enterprise, n.revoked_at) for n in store.nodes(include_revoked=True)],
+    )
     requests = _malformed_requests(deployment)
     assert len(requests) >= 100
     for method, request, code in requests:
@@ -233,7 +374,10 @@ def test_malformed_admin_requests_get_clear_errors_and_change_nothing(deployment
         assert err.value.code() == code, (method, str(request)[:200], err.value.details())
         if code == grpc.StatusCode.INVALID_ARGUMENT and method == "StartRun":
             assert "Traceback" not in err.value.details() and len(err.value.details()) < 5000
-    after = ([(r.id, r.status) for r in store.runs()], [(n.enterprise, n.revoked_at) for n in store.nodes(include_revoked=True)])
+    after = (
+        [(r.id, r.status) for r in store.runs()],
+        [(n.enterprise, n.revoked_at) for n in store.nodes(include_revoked=True)],
+    )
     assert after == before
     # A field-level error names the field.
     with pytest.raises(grpc.RpcError) as err:
@@ -244,7 +388,11 @@ def test_malformed_admin_requests_get_clear_errors_and_change_nothing(deployment
 @pytest.mark.parametrize("moment", ["between rounds", "inside a round"])
 def test_a_killed_coordinator_resumes_its_run_and_charges_no_node_twice(deployment, moment):
     # finance's budget is spent by now: the private run goes on with the other two.
-    run = deployment.start_run(PRIVATE) if moment == "inside a round" else deployment.start_run(overrides=("federation.rounds=2", *QUICK))
+    run = (
+        deployment.start_run(PRIVATE)
+        if moment == "inside a round"
+        else deployment.start_run(overrides=("federation.rounds=2", *QUICK))
+    )
     deployment.wait_for_round(run.id, 1)
     if moment == "inside a round":
         # Kill once the nodes have charged round 2 (write-ahead, before training), not committed it.
@@ -263,22 +411,31 @@ def test_a_killed_coordinator_resumes_its_run_and_charges_no_node_twice(deployme
     assert [r.number for r in rounds] == [1, 2] and all(r.status == "completed" for r in rounds)
     for name in ("clinical", "manufacturing"):
         ledger = PrivacyLedger(deployment.root / "agents" / name / "state" / "ledger.sqlite")
-        charged = [(r, level) for key, r, level, *_ in ledger.entries() if key.startswith(_uid(deployment, run.id))]
+        charged = [
+            (r, level)
+            for key, r, level, *_ in ledger.entries()
+            if key.startswith(_uid(deployment, run.id))
+        ]
         assert len(charged) == len(set(charged)) == 4, charged  # 2 rounds x 2 levels, each once
 
 
 def test_a_killed_agent_does_not_stop_the_run(deployment):
-    run = deployment.start_run(overrides=("federation.rounds=3", "federation.round_timeout_s=60.0", *QUICK))
+    run = deployment.start_run(
+        overrides=("federation.rounds=3", "federation.round_timeout_s=60.0", *QUICK)
+    )
     deployment.wait_for_round(run.id, 1)
     deployment.stop_agent("clinical", kill=True)  # the machine dies: no goodbye to the coordinator
     final = deployment.wait_for(run.id, ("completed", "failed"))
-    assert final.status == "completed" and "clinical" in final.error  # completed, and says who was lost
+    assert (
+        final.status == "completed" and "clinical" in final.error
+    )  # completed, and says who was lost
     rounds = RunStore(deployment.database_url, migrate=False).rounds(run.id)
     assert [r.number for r in rounds] == [1, 2, 3]
-    clinical = [next((p for p in r.participations if p.enterprise == "clinical"), None) for r in rounds]
+    clinical = [
+        next((p for p in r.participations if p.enterprise == "clinical"), None) for r in rounds
+    ]
     assert clinical[0].status == "ok" and clinical[1].status == "failed"  # lost mid-round 2
     assert clinical[2] is None or clinical[2].status != "ok"  # and not waited for afterwards
-
 
 
 def _uid(deployment, run_id: int) -> str:

@@ -5,24 +5,29 @@ norm-bounded for every enterprise, budgets refuse before training, DP never sile
 import numpy as np
 import pytest
 import torch
-
 from conftest import round_config, tiny_model
+
 from fedmoe.client import dp_trainer
-from fedmoe.client.enterprise import EnterpriseNode, workspace
 from fedmoe.client.dp_trainer import train_local_private
+from fedmoe.client.enterprise import EnterpriseNode, workspace
 from fedmoe.client.ledger import BudgetExceeded
 from fedmoe.client.settings import NodeSettings
 from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES
 from fedmoe.model.data import PADDING
-from fedmoe.model.lora import adapter_parameters, attach_lora, get_adapter_tensors, get_adapter_vector
+from fedmoe.model.lora import (
+    adapter_parameters,
+    attach_lora,
+    get_adapter_tensors,
+    get_adapter_vector,
+)
 from fedmoe.model.settings import LoraSettings
 from fedmoe.privacy import plan as plan_module
 from fedmoe.privacy.dp_sgd import SecureNoiseDPOptimizer, private_gradient
 from fedmoe.privacy.mechanisms import l2_norm, seeded_uniform
 from fedmoe.privacy.per_example import per_example_gradients
 from fedmoe.privacy.plan import RecordPlan
-from fedmoe.privacy.settings import NodeBudget, PrivacySettings
+from fedmoe.privacy.settings import NodeBudget
 
 LORA = LoraSettings(r=4, alpha=8)
 TRAIN = LocalTrainSettings(local_steps=2, batch_size=4, seq_len=32)
@@ -38,11 +43,16 @@ def _records(n=6, seq_len=12, seed=0):
     return ids
 
 
-def _clip_and_noise_with_opacus(model, batches, clip, expected_batch_size, noise_multiplier=0.0, uniform=None):
+def _clip_and_noise_with_opacus(
+    model, batches, clip, expected_batch_size, noise_multiplier=0.0, uniform=None
+):
     params = adapter_parameters(model)
     opt = SecureNoiseDPOptimizer(
-        torch.optim.SGD(params.values(), lr=1.0), noise_multiplier=noise_multiplier, max_grad_norm=clip,
-        expected_batch_size=expected_batch_size, **({"uniform": uniform} if uniform else {}),
+        torch.optim.SGD(params.values(), lr=1.0),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=clip,
+        expected_batch_size=expected_batch_size,
+        **({"uniform": uniform} if uniform else {}),
     )
     for i, batch in enumerate(batches):
         grads = per_example_gradients(model, batch)
@@ -55,9 +65,16 @@ def _clip_and_noise_with_opacus(model, batches, clip, expected_batch_size, noise
 
 def test_opacus_with_our_per_example_gradients_equals_the_reference_and_physical_batches_change_nothing():
     model, records = _adapted(), _records()
-    reference = private_gradient(per_example_gradients(model, records), clip=0.05, noise_multiplier=0.0, expected_batch_size=4.0)
+    reference = private_gradient(
+        per_example_gradients(model, records),
+        clip=0.05,
+        noise_multiplier=0.0,
+        expected_batch_size=4.0,
+    )
     whole = _clip_and_noise_with_opacus(model, [records], clip=0.05, expected_batch_size=4)
-    split = _clip_and_noise_with_opacus(model, [records[:2], records[2:5], records[5:]], clip=0.05, expected_batch_size=4)
+    split = _clip_and_noise_with_opacus(
+        model, [records[:2], records[2:5], records[5:]], clip=0.05, expected_batch_size=4
+    )
     for name in reference:
         torch.testing.assert_close(whole[name], reference[name].float(), atol=1e-7, rtol=1e-5)
         torch.testing.assert_close(split[name], reference[name].float(), atol=1e-7, rtol=1e-5)
@@ -74,7 +91,14 @@ def test_padding_is_ignored_per_example():
 
 def test_dp_sgd_noise_has_std_noise_multiplier_times_clip_over_expected_batch():
     model, records = _adapted(), _records()
-    grads = _clip_and_noise_with_opacus(model, [records], clip=0.5, expected_batch_size=10, noise_multiplier=2.0, uniform=seeded_uniform(0))
+    grads = _clip_and_noise_with_opacus(
+        model,
+        [records],
+        clip=0.5,
+        expected_batch_size=10,
+        noise_multiplier=2.0,
+        uniform=seeded_uniform(0),
+    )
     reference = private_gradient(per_example_gradients(model, records), 0.5, 0.0, 10.0)
     noise = torch.cat([(grads[n].double() - reference[n]).flatten() for n in grads])
     assert float(noise.std()) == pytest.approx(2.0 * 0.5 / 10, rel=0.05)
@@ -83,23 +107,63 @@ def test_dp_sgd_noise_has_std_noise_multiplier_times_clip_over_expected_batch():
 def test_private_training_takes_the_planned_steps_and_moves_the_adapter():
     model = _adapted()
     before = [t.clone() for t in get_adapter_tensors(model)]
-    plan = RecordPlan(noise_multiplier=1.0, sample_rate=0.5, expected_batch_size=3.0, steps_per_round=3, rounds=1, delta=1e-5, accountant="rdp")
-    result = train_local_private(model, _records(), TRAIN, plan, clip=1.0, max_physical_batch_size=2, device=torch.device("cpu"))
+    plan = RecordPlan(
+        noise_multiplier=1.0,
+        sample_rate=0.5,
+        expected_batch_size=3.0,
+        steps_per_round=3,
+        rounds=1,
+        delta=1e-5,
+        accountant="rdp",
+    )
+    result = train_local_private(
+        model,
+        _records(),
+        TRAIN,
+        plan,
+        clip=1.0,
+        max_physical_batch_size=2,
+        device=torch.device("cpu"),
+    )
     assert result.steps == 3 and result.mean_loss is None
-    assert any(not torch.equal(a, b) for a, b in zip(before, get_adapter_tensors(model)))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, get_adapter_tensors(model), strict=True)
+    )
 
 
 def test_empty_poisson_batches_still_step_with_noise_only():
     model = _adapted()
-    plan = RecordPlan(noise_multiplier=1.0, sample_rate=1e-4, expected_batch_size=1.0, steps_per_round=2, rounds=1, delta=1e-5, accountant="rdp")
-    result = train_local_private(model, _records(), TRAIN, plan, clip=1.0, max_physical_batch_size=2, device=torch.device("cpu"))
+    plan = RecordPlan(
+        noise_multiplier=1.0,
+        sample_rate=1e-4,
+        expected_batch_size=1.0,
+        steps_per_round=2,
+        rounds=1,
+        delta=1e-5,
+        accountant="rdp",
+    )
+    result = train_local_private(
+        model,
+        _records(),
+        TRAIN,
+        plan,
+        clip=1.0,
+        max_physical_batch_size=2,
+        device=torch.device("cpu"),
+    )
     assert result.steps == 2 and result.sequences_seen == 0
 
 
 # --- the client around a private round --------------------------------------------------------
 
+
 def _client(tmp_path, enterprise="finance", **budget):
-    node = NodeSettings(enterprise=enterprise, data_dir=DEMO_DATA_DIR / enterprise, ledger=tmp_path / f"{enterprise}.sqlite", budget=NodeBudget(**budget))
+    node = NodeSettings(
+        enterprise=enterprise,
+        data_dir=DEMO_DATA_DIR / enterprise,
+        ledger=tmp_path / f"{enterprise}.sqlite",
+        budget=NodeBudget(**budget),
+    )
     ws = workspace(node, LORA, TRAIN.seq_len)
     return EnterpriseNode(node), ws
 
@@ -113,12 +177,22 @@ BOTH = {"record": {"epsilon": 8.0}, "enterprise": {"epsilon": 8.0, "clip": 0.05}
 
 @pytest.mark.parametrize("enterprise", DEMO_ENTERPRISES)
 def test_every_clients_update_is_within_the_clipping_bound(tmp_path, monkeypatch, enterprise):
-    monkeypatch.setattr(plan_module, "gaussian_noise", lambda n, std, uniform=None: np.zeros(n))  # look at the clipped part alone
+    monkeypatch.setattr(
+        plan_module, "gaussian_noise", lambda n, std, uniform=None: np.zeros(n)
+    )  # look at the clipped part alone
     client, ws = _client(tmp_path, enterprise)
-    delta, weight, metrics = client.fit([get_adapter_vector(ws.model)], _config(ws, BOTH), secure_aggregation=False)
+    delta, weight, metrics = client.fit(
+        [get_adapter_vector(ws.model)], _config(ws, BOTH), secure_aggregation=False
+    )
     assert 0 < l2_norm(delta) <= 0.05 * (1 + 1e-6)
     # Nothing but the privatized delta describes the data: no loss, norm, expert load or record count.
-    assert weight == 1 and set(metrics) == {"enterprise", "steps", "duration_s", "epsilon_record", "epsilon_enterprise"}
+    assert weight == 1 and set(metrics) == {
+        "enterprise",
+        "steps",
+        "duration_s",
+        "epsilon_record",
+        "epsilon_enterprise",
+    }
 
 
 def test_a_round_over_budget_is_refused_before_any_training(tmp_path):
@@ -135,10 +209,20 @@ def test_a_round_over_budget_is_refused_before_any_training(tmp_path):
 
 def test_dp_that_leaves_the_adapter_unchanged_is_an_error(tmp_path, monkeypatch):
     # The silent Opacus failure: the optimizer steps tensors the model does not use.
-    monkeypatch.setattr(dp_trainer, "adapter_parameters", lambda m: {n: torch.nn.Parameter(p.detach().clone()) for n, p in adapter_parameters(m).items()})
+    monkeypatch.setattr(
+        dp_trainer,
+        "adapter_parameters",
+        lambda m: {
+            n: torch.nn.Parameter(p.detach().clone()) for n, p in adapter_parameters(m).items()
+        },
+    )
     client, ws = _client(tmp_path)
     with pytest.raises(RuntimeError, match="left the adapter unchanged"):
-        client.fit([get_adapter_vector(ws.model)], _config(ws, {"record": {"epsilon": 8.0}}), secure_aggregation=False)
+        client.fit(
+            [get_adapter_vector(ws.model)],
+            _config(ws, {"record": {"epsilon": 8.0}}),
+            secure_aggregation=False,
+        )
 
 
 def test_no_held_out_metrics_are_released_in_a_private_run(tmp_path):

@@ -2,13 +2,13 @@
 engine, node budgets enforced by each node's own ledger, across a coordinator restart."""
 
 import pytest
+from test_e2e import fedmoe
 
 from fedmoe.client.ledger import PrivacyLedger
 from fedmoe.coordinator.db import RunStore
 from fedmoe.model.corpus import DEMO_DATA_DIR
 from fedmoe.privacy.plan import plan_record_level
 from fedmoe.privacy.settings import RecordLevel
-from test_e2e import fedmoe
 
 pytestmark = pytest.mark.e2e
 ROUNDS, STEPS, BATCH, RECORDS = 3, 4, 8, 400  # RECORDS: rows in each demo enterprise's train split
@@ -58,10 +58,19 @@ def test_private_secure_run_enforces_node_budgets_across_restarts(tmp_path):
     budget = round((plan.epsilon_after(2) + plan.epsilon_after(3)) / 2, 4)
     db_url = f"sqlite:///{tmp_path / 'runs.db'}"
 
-    first = fedmoe("run", "--config", str(_config(tmp_path, db_url, budget, min_fit_clients=2)), cwd=tmp_path)
+    first = fedmoe(
+        "run", "--config", str(_config(tmp_path, db_url, budget, min_fit_clients=2)), cwd=tmp_path
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "privacy: record-level DP-SGD eps 8" in first.stdout and "secure aggregation on" in first.stdout
-    assert f"round 3/{ROUNDS} | clients 2/3" in first.stdout and "| eps record" in first.stdout and "refused 1" in first.stdout
+    assert (
+        "privacy: record-level DP-SGD eps 8" in first.stdout
+        and "secure aggregation on" in first.stdout
+    )
+    assert (
+        f"round 3/{ROUNDS} | clients 2/3" in first.stdout
+        and "| eps record" in first.stdout
+        and "refused 1" in first.stdout
+    )
 
     store = RunStore(db_url)
     (run,) = store.runs()
@@ -70,19 +79,27 @@ def test_private_secure_run_enforces_node_budgets_across_restarts(tmp_path):
     # Under SecAgg+ the coordinator only ever saw one vector per round: the aggregate.
     assert all(r.updates_seen == 1 for r in rounds)
     finance = [next(p for p in r.participations if p.enterprise == "finance") for r in rounds]
-    assert [p.status for p in finance] == ["ok", "ok", "refused"] and "lifetime budget" in finance[2].error
+    assert [p.status for p in finance] == ["ok", "ok", "refused"] and "lifetime budget" in finance[
+        2
+    ].error
     assert max(p.epsilon_record for p in finance if p.epsilon_record is not None) <= budget
     for r in rounds:
         for p in r.participations:
             if p.status == "ok":
-                assert p.epsilon_record <= 8.0 + 1e-9 and p.epsilon_enterprise <= 8.0 + 1e-9 and p.train_loss is None
+                assert (
+                    p.epsilon_record <= 8.0 + 1e-9
+                    and p.epsilon_enterprise <= 8.0 + 1e-9
+                    and p.train_loss is None
+                )
 
     ledger = tmp_path / "out" / "ledgers" / "finance.sqlite"
     assert PrivacyLedger(ledger).lifetime("record") <= budget
 
     # A new run on the same nodes: finance's own ledger remembers; with all three needed the run
     # ends cleanly once finance's budget is spent, and nothing is ever recorded past it.
-    second = fedmoe("run", "--config", str(_config(tmp_path, db_url, budget, min_fit_clients=3)), cwd=tmp_path)
+    second = fedmoe(
+        "run", "--config", str(_config(tmp_path, db_url, budget, min_fit_clients=3)), cwd=tmp_path
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "stopped: privacy budgets are spent" in second.stdout
     assert store.runs()[-1].status == "budget_spent"

@@ -11,8 +11,14 @@ def test_demo_data_is_regenerated_byte_for_byte(tmp_path):
     build_demo_federation(tmp_path)
     for domain in DEMO_ENTERPRISES:
         for split in ("train", "heldout"):
-            assert filecmp.cmp(tmp_path / domain / f"{split}.jsonl", DEMO_DATA_DIR / domain / f"{split}.jsonl", shallow=False)
-    assert filecmp.cmp(tmp_path / "public_eval.jsonl", DEMO_DATA_DIR / "public_eval.jsonl", shallow=False)
+            assert filecmp.cmp(
+                tmp_path / domain / f"{split}.jsonl",
+                DEMO_DATA_DIR / domain / f"{split}.jsonl",
+                shallow=False,
+            )
+    assert filecmp.cmp(
+        tmp_path / "public_eval.jsonl", DEMO_DATA_DIR / "public_eval.jsonl", shallow=False
+    )
 
 
 def test_pretrain_script_builds_a_loadable_base(tmp_path):

@@ -89,5 +89,7 @@ def test_functional_form_without_lora_matches_transformers(tiny):
     mlp = _moe_layer(tiny)
     x = torch.randn(5, tiny.config.hidden_size)
     idx, w = _routing(mlp, x)
-    out = routed_experts_forward(x, idx, w, mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.act_fn)
+    out = routed_experts_forward(
+        x, idx, w, mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.act_fn
+    )
     torch.testing.assert_close(out, mlp.experts(x, idx, w), atol=1e-6, rtol=1e-5)

@@ -53,7 +53,9 @@ def test_a_run_cannot_take_more_rounds_than_its_plan_covers(tmp_path):
 
 def _spend(path, worker):
     try:
-        PrivacyLedger(path).charge(f"run-{worker}", 1, per_round(1.0), {"record": 3.0}, max_releases=1)
+        PrivacyLedger(path).charge(
+            f"run-{worker}", 1, per_round(1.0), {"record": 3.0}, max_releases=1
+        )
         return True
     except BudgetExceeded:
         return False

@@ -8,7 +8,17 @@ from conftest import tiny_model
 from pydantic import ValidationError
 
 from fedmoe.model.expert_lora import ExpertLoRA
-from fedmoe.model.lora import adapter_layout, adapter_parameters, attach_lora, get_adapter_tensors, lora_layer_indices, load_adapter, merge_adapter, save_adapter, set_adapter_tensors
+from fedmoe.model.lora import (
+    adapter_layout,
+    adapter_parameters,
+    attach_lora,
+    get_adapter_tensors,
+    load_adapter,
+    lora_layer_indices,
+    merge_adapter,
+    save_adapter,
+    set_adapter_tensors,
+)
 from fedmoe.model.settings import LoraSettings
 
 ATTN = {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
@@ -33,14 +43,18 @@ def _perturb(model, seed=1):
 def test_exactly_the_intended_modules_get_lora():
     model = attach_lora(tiny_model(), LoraSettings(r=4, alpha=8))
     expected = {f"{i}.self_attn.{p}" for i in range(3) for p in ATTN}
-    expected |= {f"{i}.mlp.shared_experts.{p}" for i in (1, 2) for p in ("gate_proj", "up_proj", "down_proj")}
+    expected |= {
+        f"{i}.mlp.shared_experts.{p}" for i in (1, 2) for p in ("gate_proj", "up_proj", "down_proj")
+    }
     assert _lora_linear_modules(model) == expected
     # Dense first-layer MLP and the router: no LoRA; routed experts: our module, layers 1 and 2 only.
     layers = model.get_base_model().model.layers
     assert not hasattr(layers[0].mlp.gate_proj, "lora_A")
     assert all(not isinstance(getattr(layers[i].mlp, "experts", None), ExpertLoRA) for i in (0,))
     assert all(isinstance(layers[i].mlp.experts, ExpertLoRA) for i in (1, 2))
-    assert not any("gate.weight" in n or "e_score_correction_bias" in n for n in adapter_parameters(model))
+    assert not any(
+        "gate.weight" in n or "e_score_correction_bias" in n for n in adapter_parameters(model)
+    )
     # peft must not have turned the shared-expert targets into routed-expert parametrizations.
     assert not any("parametrizations" in n for n, _ in model.named_parameters())
 
@@ -49,22 +63,36 @@ def test_only_adapter_tensors_are_trainable():
     model = attach_lora(tiny_model(), LoraSettings(r=4, alpha=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable
-    assert all(("lora_A" in n or "lora_B" in n or re.search(r"experts\.(gate_up|down)_[AB]$", n)) for n in trainable)
+    assert all(
+        ("lora_A" in n or "lora_B" in n or re.search(r"experts\.(gate_up|down)_[AB]$", n))
+        for n in trainable
+    )
 
 
 def test_top_layers_fraction_and_target_groups():
     assert lora_layer_indices(10, 0.2) == [8, 9]
     assert lora_layer_indices(3, 0.01) == [2]
     assert lora_layer_indices(3, 1.0) == [0, 1, 2]
-    model = attach_lora(tiny_model(), LoraSettings(r=4, alpha=8, top_layers_fraction=0.3, targets=("shared_experts", "routed_experts")))
-    assert _lora_linear_modules(model) == {f"2.mlp.shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    model = attach_lora(
+        tiny_model(),
+        LoraSettings(
+            r=4, alpha=8, top_layers_fraction=0.3, targets=("shared_experts", "routed_experts")
+        ),
+    )
+    assert _lora_linear_modules(model) == {
+        f"2.mlp.shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")
+    }
     assert {n.split(".mlp")[0].rsplit(".", 1)[1] for n in adapter_parameters(model)} == {"2"}
 
 
 def test_same_settings_give_the_same_initial_adapter():
-    a = get_adapter_tensors(attach_lora(tiny_model(seed=0), LoraSettings(r=4, alpha=8, init_seed=3)))
-    b = get_adapter_tensors(attach_lora(tiny_model(seed=0), LoraSettings(r=4, alpha=8, init_seed=3)))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    a = get_adapter_tensors(
+        attach_lora(tiny_model(seed=0), LoraSettings(r=4, alpha=8, init_seed=3))
+    )
+    b = get_adapter_tensors(
+        attach_lora(tiny_model(seed=0), LoraSettings(r=4, alpha=8, init_seed=3))
+    )
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_save_and_reload_give_identical_logits(tmp_path):
@@ -117,8 +145,14 @@ def test_set_adapter_tensors_checks_shapes():
 
 @pytest.mark.parametrize(
     "bad, field",
-    [({"r": 0}, "r"), ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"), ({"targets": ["mlp"]}, "targets"),
-     ({"top_layers_fraction": 0}, "top_layers_fraction"), ({"rank": 8}, "rank")],
+    [
+        ({"r": 0}, "r"),
+        ({"alpha": 0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"targets": ["mlp"]}, "targets"),
+        ({"top_layers_fraction": 0}, "top_layers_fraction"),
+        ({"rank": 8}, "rank"),
+    ],
 )
 def test_bad_lora_settings_are_refused(bad, field):
     with pytest.raises(ValidationError, match=field):

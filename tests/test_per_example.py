@@ -3,9 +3,9 @@
 import torch
 from conftest import tiny_model
 
-from fedmoe.model.loss import per_sequence_loss
 from fedmoe.model.data import PADDING
 from fedmoe.model.lora import adapter_parameters, attach_lora
+from fedmoe.model.loss import per_sequence_loss
 from fedmoe.model.settings import LoraSettings
 from fedmoe.privacy.per_example import per_example_gradients
 
@@ -36,7 +36,9 @@ def _vmap_reference(model, ids):
     params = {n: p.detach() for n, p in adapter_parameters(model).items()}
 
     def loss(p, row):
-        return per_sequence_loss(lambda **kw: functional_call(model, p, args=(), kwargs=kw), row.unsqueeze(0))[0]
+        return per_sequence_loss(
+            lambda **kw: functional_call(model, p, args=(), kwargs=kw), row.unsqueeze(0)
+        )[0]
 
     return vmap(grad(loss), in_dims=(None, 0))(params, ids)
 

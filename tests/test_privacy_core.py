@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-
 from privacy_refs import PLD_REFS, PRV_REFS, RDP_REFS
 
 from fedmoe.privacy.accounting import gaussian_epsilon, laplace_epsilon, noise_multiplier_for
@@ -71,9 +70,11 @@ def test_clipping_bounds_the_joint_norm_and_leaves_small_updates_alone():
     big = [rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=7).astype(np.float32)]
     clipped, before = clip_l2(big, 0.5)
     assert before > 0.5 and l2_norm(clipped) == pytest.approx(0.5, rel=1e-5)
-    np.testing.assert_allclose(clipped[0] / big[0], clipped[1][0] / big[1][0], rtol=1e-5)  # one common factor
+    np.testing.assert_allclose(
+        clipped[0] / big[0], clipped[1][0] / big[1][0], rtol=1e-5
+    )  # one common factor
     small, _ = clip_l2(big, 1e6)
-    assert all(np.array_equal(a, b) for a, b in zip(small, big))
+    assert all(np.array_equal(a, b) for a, b in zip(small, big, strict=True))
     clipped1, _ = clip_l1(big, 1.0)
     assert l1_norm(clipped1) == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(ValueError, match="> 0"):
@@ -115,6 +116,8 @@ def test_noise_comes_from_the_os_csprng_by_default(monkeypatch):
     """Replacing os.urandom makes the default noise fixed: the default source is the OS CSPRNG."""
     import fedmoe.privacy.mechanisms as mechanisms
 
-    monkeypatch.setattr(mechanisms.os, "urandom", lambda n: bytes(range(256)) * (n // 256) + bytes(range(n % 256)))
+    monkeypatch.setattr(
+        mechanisms.os, "urandom", lambda n: bytes(range(256)) * (n // 256) + bytes(range(n % 256))
+    )
     np.testing.assert_array_equal(gaussian_noise(64, 1.0), gaussian_noise(64, 1.0))
     np.testing.assert_array_equal(laplace_noise(64, 1.0), laplace_noise(64, 1.0))

@@ -8,20 +8,43 @@ import pytest
 from scipy import stats
 
 from fedmoe.privacy.accounting import gaussian_epsilon
-from fedmoe.privacy.mechanisms import clip_l2, gaussian_epsilon_analytic, gaussian_noise, gaussian_sigma, l1_norm, l2_norm, laplace_share_noise, seeded_uniform
-from fedmoe.privacy.plan import InfeasiblePlan, plan_enterprise_level, plan_record_level, plan_run, privatize_update
+from fedmoe.privacy.mechanisms import (
+    clip_l2,
+    gaussian_epsilon_analytic,
+    gaussian_noise,
+    gaussian_sigma,
+    l1_norm,
+    l2_norm,
+    laplace_share_noise,
+    seeded_uniform,
+)
+from fedmoe.privacy.plan import (
+    InfeasiblePlan,
+    plan_enterprise_level,
+    plan_record_level,
+    plan_run,
+    privatize_update,
+)
 from fedmoe.privacy.settings import EnterpriseLevel, PrivacySettings, RecordLevel
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])
 def test_record_level_plan_spends_at_most_the_target_over_the_planned_rounds(accountant, epsilon):
-    plan = plan_record_level(RecordLevel(epsilon=epsilon, accountant=accountant), records=400, batch_size=8, steps_per_round=12, rounds=3)
+    plan = plan_record_level(
+        RecordLevel(epsilon=epsilon, accountant=accountant),
+        records=400,
+        batch_size=8,
+        steps_per_round=12,
+        rounds=3,
+    )
     assert plan.sample_rate == 8 / 400 and plan.expected_batch_size == 8
     assert plan.epsilon_after(3) <= epsilon
     assert plan.epsilon_after(3) > 0.97 * epsilon  # tight: not over-noised
     assert plan.epsilon_after(1) < plan.epsilon_after(2) < plan.epsilon_after(3)
-    assert plan.epsilon_after(3) == pytest.approx(gaussian_epsilon(plan.noise_multiplier, 0.02, 36, 1e-5, accountant))
+    assert plan.epsilon_after(3) == pytest.approx(
+        gaussian_epsilon(plan.noise_multiplier, 0.02, 36, 1e-5, accountant)
+    )
 
 
 def test_enterprise_gaussian_plan_is_exact_composition_and_matches_pld():
@@ -29,19 +52,33 @@ def test_enterprise_gaussian_plan_is_exact_composition_and_matches_pld():
     assert plan.noise_multiplier == pytest.approx(gaussian_sigma(4.0, 1e-5) * math.sqrt(5))
     assert plan.epsilon_after(5) == pytest.approx(4.0, abs=1e-9)
     # Without subsampling (q = 1) the PLD accountant is exact too; RDP is an upper bound.
-    assert plan.epsilon_after(5) == pytest.approx(gaussian_epsilon(plan.noise_multiplier, 1.0, 5, 1e-5, "pld"), abs=0.02)
+    assert plan.epsilon_after(5) == pytest.approx(
+        gaussian_epsilon(plan.noise_multiplier, 1.0, 5, 1e-5, "pld"), abs=0.02
+    )
     assert gaussian_epsilon(plan.noise_multiplier, 1.0, 5, 1e-5, "rdp") >= plan.epsilon_after(5)
-    assert gaussian_epsilon_analytic(gaussian_sigma(1.0, 1e-5), 1e-5) == pytest.approx(1.0, abs=1e-9)
+    assert gaussian_epsilon_analytic(gaussian_sigma(1.0, 1e-5), 1e-5) == pytest.approx(
+        1.0, abs=1e-9
+    )
 
 
 def test_enterprise_laplace_plan_is_pure_epsilon_with_basic_composition():
-    plan = plan_enterprise_level(EnterpriseLevel(epsilon=2.0, mechanism="laplace", clip=0.5), rounds=4)
-    assert plan.delta == 0.0 and plan.noise_scale == pytest.approx(0.5 * 4 / 2.0)  # b = clip / (epsilon / rounds)
+    plan = plan_enterprise_level(
+        EnterpriseLevel(epsilon=2.0, mechanism="laplace", clip=0.5), rounds=4
+    )
+    assert plan.delta == 0.0 and plan.noise_scale == pytest.approx(
+        0.5 * 4 / 2.0
+    )  # b = clip / (epsilon / rounds)
     assert [plan.epsilon_after(k) for k in range(5)] == pytest.approx([0, 0.5, 1.0, 1.5, 2.0])
 
 
 def test_a_level_that_is_off_gives_no_guarantee():
-    plan = plan_run(PrivacySettings(enterprise=EnterpriseLevel(epsilon=1.0)), records=100, batch_size=4, steps_per_round=2, rounds=2)
+    plan = plan_run(
+        PrivacySettings(enterprise=EnterpriseLevel(epsilon=1.0)),
+        records=100,
+        batch_size=4,
+        steps_per_round=2,
+        rounds=2,
+    )
     assert plan.epsilon_after("record", 1) == (math.inf, 0.0)
     assert plan.epsilon_after("enterprise", 2)[0] == pytest.approx(1.0)
 
@@ -51,7 +88,13 @@ def test_infeasible_record_plan_is_refused_with_numbers_that_work():
     with pytest.raises(InfeasiblePlan, match=r"privacy\.record\.epsilon >= ([0-9.]+)") as err:
         plan_record_level(settings, records=400, batch_size=8, steps_per_round=12, rounds=10)
     suggested = float(err.value.args[0].split("privacy.record.epsilon >= ")[1].split(",")[0])
-    plan = plan_record_level(settings.model_copy(update={"epsilon": suggested}), records=400, batch_size=8, steps_per_round=12, rounds=10)
+    plan = plan_record_level(
+        settings.model_copy(update={"epsilon": suggested}),
+        records=400,
+        batch_size=8,
+        steps_per_round=12,
+        rounds=10,
+    )
     assert plan.noise_multiplier <= 5.0
 
 
@@ -65,12 +108,23 @@ def test_infeasible_enterprise_plan_suggests_epsilon_and_rounds_that_work():
     assert plan_enterprise_level(settings, rounds=rounds).noise_multiplier <= 10.0
     with pytest.raises(InfeasiblePlan):
         plan_enterprise_level(settings, rounds=rounds + 1)
-    assert plan_enterprise_level(settings.model_copy(update={"epsilon": epsilon}), rounds=50).noise_multiplier <= 10.0
+    assert (
+        plan_enterprise_level(
+            settings.model_copy(update={"epsilon": epsilon}), rounds=50
+        ).noise_multiplier
+        <= 10.0
+    )
 
 
 def test_delta_must_be_below_one_over_records():
     with pytest.raises(InfeasiblePlan, match=r"privacy\.record\.delta must be < 1/records = 0\.01"):
-        plan_record_level(RecordLevel(epsilon=1.0, delta=0.01), records=100, batch_size=4, steps_per_round=1, rounds=1)
+        plan_record_level(
+            RecordLevel(epsilon=1.0, delta=0.01),
+            records=100,
+            batch_size=4,
+            steps_per_round=1,
+            rounds=1,
+        )
 
 
 def test_laplace_shares_sum_to_exactly_laplace():
@@ -88,13 +142,18 @@ def test_gaussian_shares_carry_the_full_noise_for_the_fewest_contributors():
     plan = plan_enterprise_level(EnterpriseLevel(epsilon=2.0), rounds=3)
     rng = seeded_uniform(3)
     zero = [np.zeros(50_000, np.float32)]
-    shares = [privatize_update(zero, plan, shares=4, uniform=rng)[0][0].astype(np.float64) for _ in range(4)]
+    shares = [
+        privatize_update(zero, plan, shares=4, uniform=rng)[0][0].astype(np.float64)
+        for _ in range(4)
+    ]
     assert np.std(sum(shares)) == pytest.approx(plan.noise_scale, rel=0.02)
 
 
 @pytest.mark.parametrize("mechanism, norm", [("gaussian", l2_norm), ("laplace", l1_norm)])
 def test_update_is_clipped_to_the_bound_before_noise(mechanism, norm):
-    plan = plan_enterprise_level(EnterpriseLevel(epsilon=8.0, mechanism=mechanism, clip=0.7), rounds=1)
+    plan = plan_enterprise_level(
+        EnterpriseLevel(epsilon=8.0, mechanism=mechanism, clip=0.7), rounds=1
+    )
     update = [np.full((3, 4), 5.0, np.float32), np.arange(6, dtype=np.float32)]
     noised, before = privatize_update(update, plan, uniform=seeded_uniform(1))
     assert before == pytest.approx(norm(update))
@@ -104,7 +163,9 @@ def test_update_is_clipped_to_the_bound_before_noise(mechanism, norm):
         clipped, _ = clip_l2(update, 0.7)
         noise = gaussian_noise(18, plan.noise_scale, rng)
         expected = [clipped[0] + noise[:12].reshape(3, 4), clipped[1] + noise[12:]]
-        for got, want in zip(noised, expected):
+        for got, want in zip(noised, expected, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    clipped_only = [n - (n - u * min(1.0, 0.7 / before)) for n, u in zip(noised, update)]
+    clipped_only = [
+        n - (n - u * min(1.0, 0.7 / before)) for n, u in zip(noised, update, strict=True)
+    ]
     assert norm(clipped_only) <= 0.7 * (1 + 1e-6)

@@ -5,28 +5,62 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-
 from conftest import RUN_UID
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+
 from fedmoe.coordinator.config import load_run_config
 from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.strategy import BudgetExhausted, FederatedLoRA, RoundAborted, RoundContext, _PendingRound, sum_expert_load
-
+from fedmoe.coordinator.strategy import (
+    BudgetExhausted,
+    FederatedLoRA,
+    RoundAborted,
+    RoundContext,
+    _PendingRound,
+    sum_expert_load,
+)
 
 FP, LAYOUT = "f" * 64, "a" * 16
-PRIVATE = {"privacy.record.epsilon": 8.0, "privacy.enterprise.epsilon": 8.0}  # runs with a budget handshake
+PRIVATE = {
+    "privacy.record.epsilon": 8.0,
+    "privacy.enterprise.epsilon": 8.0,
+}  # runs with a budget handshake
 
 
 def _fit(delta, n, **metrics):
-    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), n, {"enterprise": metrics.pop("name", "e"), "train_loss": 1.0, **metrics})
+    return FitRes(
+        Status(Code.OK, ""),
+        ndarrays_to_parameters(delta),
+        n,
+        {"enterprise": metrics.pop("name", "e"), "train_loss": 1.0, **metrics},
+    )
 
 
 def _accept(name, eps_record=float("inf"), eps_enterprise=float("inf")):
-    return {"enterprise": name, "accept": True, "reason": "", "epsilon_record": eps_record, "epsilon_enterprise": eps_enterprise}
+    return {
+        "enterprise": name,
+        "accept": True,
+        "reason": "",
+        "epsilon_record": eps_record,
+        "epsilon_enterprise": eps_enterprise,
+    }
 
 
 def _make(tmp_path, answers, **overrides):
-    config = load_run_config(None, {"database.url": f"sqlite:///{tmp_path}/db.sqlite", "federation.min_fit_clients": 2, **overrides})
+    config = load_run_config(
+        None,
+        {
+            "database.url": f"sqlite:///{tmp_path}/db.sqlite",
+            "federation.min_fit_clients": 2,
+            **overrides,
+        },
+    )
     store = RunStore(config.database.url)
     run_id = store.create_run({}, planned_rounds=3)
     saved, asked = [], []
@@ -36,7 +70,9 @@ def _make(tmp_path, answers, **overrides):
         adapter_layout=LAYOUT,
         initial_adapter=[np.zeros(2, dtype=np.float32), np.ones((1, 2), dtype=np.float32)],
         save_checkpoint=lambda r, a: saved.append((r, a)) or (f"/ckpt/{r}", "sha"),
-        ask_nodes=lambda nodes, config: asked.append((nodes, config)) or {n: answers[n] for n in nodes if n in answers},
+        ask_nodes=lambda nodes, config: (
+            asked.append((nodes, config)) or {n: answers[n] for n in nodes if n in answers}
+        ),
         connect_timeout_s=0.5,
     )
     return FederatedLoRA(config, ctx, store, run_id), store, run_id, saved, asked
@@ -54,15 +90,29 @@ def _manager(node_ids):
 @pytest.fixture
 def setup(tmp_path):
     strategy, store, run_id, saved, _ = _make(tmp_path, {})
-    strategy.pending = _PendingRound(number=1, started_at=dt.datetime.now(dt.timezone.utc))
+    strategy.pending = _PendingRound(number=1, started_at=dt.datetime.now(dt.UTC))
     return strategy, store, run_id, saved
 
 
 def test_fedavg_of_deltas_is_weighted_by_examples(setup):
     strategy, store, run_id, saved = setup
     results = [
-        (SimpleNamespace(node_id=1), _fit([np.array([1.0, 2.0], np.float32), np.array([[0.0, 4.0]], np.float32)], 100, name="a")),
-        (SimpleNamespace(node_id=2), _fit([np.array([3.0, -2.0], np.float32), np.array([[4.0, 0.0]], np.float32)], 300, name="b")),
+        (
+            SimpleNamespace(node_id=1),
+            _fit(
+                [np.array([1.0, 2.0], np.float32), np.array([[0.0, 4.0]], np.float32)],
+                100,
+                name="a",
+            ),
+        ),
+        (
+            SimpleNamespace(node_id=2),
+            _fit(
+                [np.array([3.0, -2.0], np.float32), np.array([[4.0, 0.0]], np.float32)],
+                300,
+                name="b",
+            ),
+        ),
     ]
     params, _ = strategy.aggregate_fit(1, results, [])
     new = parameters_to_ndarrays(params)
@@ -70,7 +120,10 @@ def test_fedavg_of_deltas_is_weighted_by_examples(setup):
     np.testing.assert_allclose(new[0], [2.5, -1.0])
     np.testing.assert_allclose(new[1], [[1 + 3.0, 1 + 1.0]])
     assert saved[0][0] == 1
-    eval_results = [(SimpleNamespace(node_id=i), EvaluateRes(Status(Code.OK, ""), loss, 10, {})) for i, loss in ((1, 2.0), (2, 4.0))]
+    eval_results = [
+        (SimpleNamespace(node_id=i), EvaluateRes(Status(Code.OK, ""), loss, 10, {}))
+        for i, loss in ((1, 2.0), (2, 4.0))
+    ]
     loss, _ = strategy.aggregate_evaluate(1, eval_results, [])
     assert loss == 3.0
     (r,) = store.rounds(run_id)
@@ -84,7 +137,12 @@ def test_malformed_update_is_rejected_and_recorded(setup):
     results = [
         (SimpleNamespace(node_id=1), _fit(good, 10, name="a")),
         (SimpleNamespace(node_id=2), _fit(good, 10, name="b")),
-        (SimpleNamespace(node_id=3), _fit([np.array([np.nan, 0], np.float32), np.zeros((1, 2), np.float32)], 10, name="evil")),
+        (
+            SimpleNamespace(node_id=3),
+            _fit(
+                [np.array([np.nan, 0], np.float32), np.zeros((1, 2), np.float32)], 10, name="evil"
+            ),
+        ),
     ]
     params, _ = strategy.aggregate_fit(1, results, [])
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [1.0, 1.0])
@@ -96,7 +154,12 @@ def test_malformed_update_is_rejected_and_recorded(setup):
 
 def test_too_few_usable_updates_abort_the_run_and_record_the_round(setup):
     strategy, store, run_id, saved = setup
-    results = [(SimpleNamespace(node_id=1), _fit([np.zeros(2, np.float32), np.zeros((1, 2), np.float32)], 10))]
+    results = [
+        (
+            SimpleNamespace(node_id=1),
+            _fit([np.zeros(2, np.float32), np.zeros((1, 2), np.float32)], 10),
+        )
+    ]
     with pytest.raises(RoundAborted, match="min_fit_clients=2"):
         strategy.aggregate_fit(1, results, [RuntimeError("client crashed")])
     (r,) = store.rounds(run_id)
@@ -106,8 +169,15 @@ def test_too_few_usable_updates_abort_the_run_and_record_the_round(setup):
 def test_round_config_carries_everything_a_client_checks(setup):
     strategy, *_ = setup
     cfg = strategy.round_spec(1).to_config()
-    assert cfg["base_fingerprint"] == FP and cfg["adapter_layout"] == LAYOUT and cfg["measure_baseline"] is True
-    assert cfg["run_uid"] == RUN_UID and strategy.round_spec(2).to_config()["measure_baseline"] is False
+    assert (
+        cfg["base_fingerprint"] == FP
+        and cfg["adapter_layout"] == LAYOUT
+        and cfg["measure_baseline"] is True
+    )
+    assert (
+        cfg["run_uid"] == RUN_UID
+        and strategy.round_spec(2).to_config()["measure_baseline"] is False
+    )
 
 
 def test_expert_load_sums_per_layer():
@@ -118,33 +188,63 @@ def test_budget_handshake_records_refusals_and_epsilon_and_only_asks_acceptors_t
     answers = {
         1: _accept("a", 0.5, 1.0),
         2: _accept("b", 0.5, 1.0),
-        3: {"enterprise": "c", "accept": False, "reason": "record-level epsilon would reach 9 above this node's lifetime budget of 8"},
+        3: {
+            "enterprise": "c",
+            "accept": False,
+            "reason": "record-level epsilon would reach 9 above this node's lifetime budget of 8",
+        },
     }
-    strategy, store, run_id, _, asked = _make(tmp_path, answers, **{"federation.min_fit_clients": 1, **PRIVATE})
+    strategy, store, run_id, _, asked = _make(
+        tmp_path, answers, **{"federation.min_fit_clients": 1, **PRIVATE}
+    )
     params = ndarrays_to_parameters(strategy.global_adapter)
     instructions = strategy.configure_fit(1, params, _manager([1, 2, 3]))
     assert [p.node_id for p, _ in instructions] == [1, 2]
     assert asked[0][0] == [1, 2, 3] and asked[0][1]["query"] == "budget"
     good = [np.array([1.0, 1.0], np.float32), np.zeros((1, 2), np.float32)]
-    strategy.aggregate_fit(1, [(SimpleNamespace(node_id=1), _fit(good, 1, name="a"))], [RuntimeError("b crashed after training")])
+    strategy.aggregate_fit(
+        1,
+        [(SimpleNamespace(node_id=1), _fit(good, 1, name="a"))],
+        [RuntimeError("b crashed after training")],
+    )
     strategy.flush()
     (r,) = store.rounds(run_id)
     by_name = {p.enterprise: p for p in r.participations}
-    assert by_name["c"].status == "refused" and "lifetime budget" in by_name["c"].error and by_name["c"].epsilon_record is None
+    assert (
+        by_name["c"].status == "refused"
+        and "lifetime budget" in by_name["c"].error
+        and by_name["c"].epsilon_record is None
+    )
     # b accepted and may have released its update before crashing: it is charged too.
-    assert (by_name["a"].epsilon_record, by_name["b"].epsilon_record, by_name["b"].status) == (0.5, 0.5, "failed")
+    assert (by_name["a"].epsilon_record, by_name["b"].epsilon_record, by_name["b"].status) == (
+        0.5,
+        0.5,
+        "failed",
+    )
     assert by_name["a"].epsilon_enterprise == 1.0
 
 
 def test_run_stops_cleanly_when_too_few_enterprises_have_budget(tmp_path):
     refuse = {"accept": False, "reason": "budget spent"}
     strategy, store, run_id, saved, _ = _make(
-        tmp_path, {1: _accept("a", 1.0, 1.0), 2: {**refuse, "enterprise": "b"}, 3: {**refuse, "enterprise": "c"}}, **PRIVATE
+        tmp_path,
+        {
+            1: _accept("a", 1.0, 1.0),
+            2: {**refuse, "enterprise": "b"},
+            3: {**refuse, "enterprise": "c"},
+        },
+        **PRIVATE,
     )
     with pytest.raises(BudgetExhausted, match="1 of 3 sampled enterprises can take part, 2 needed"):
-        strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3]))
+        strategy.configure_fit(
+            1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3])
+        )
     (r,) = store.rounds(run_id)
-    assert r.status == "failed" and {p.status for p in r.participations} == {"refused", "failed"} and not saved
+    assert (
+        r.status == "failed"
+        and {p.status for p in r.participations} == {"refused", "failed"}
+        and not saved
+    )
 
 
 def test_handshake_failures_are_not_budget_stops(tmp_path):
@@ -155,7 +255,9 @@ def test_handshake_failures_are_not_budget_stops(tmp_path):
 
 def test_a_round_without_an_aggregate_is_an_error_not_a_silent_skip(tmp_path):
     # SecAgg+ halts without calling aggregate_fit when too few clients finish.
-    strategy, store, run_id, *_ = _make(tmp_path, {1: _accept("a", 1.0, 1.0), 2: _accept("b", 1.0, 1.0)}, **PRIVATE)
+    strategy, store, run_id, *_ = _make(
+        tmp_path, {1: _accept("a", 1.0, 1.0), 2: _accept("b", 1.0, 1.0)}, **PRIVATE
+    )
     strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2]))
     with pytest.raises(RoundAborted, match="no aggregate"):
         strategy.evaluate(1, ndarrays_to_parameters(strategy.global_adapter))
@@ -164,34 +266,59 @@ def test_a_round_without_an_aggregate_is_an_error_not_a_silent_skip(tmp_path):
 
 def test_private_runs_ask_for_no_held_out_metrics_and_send_the_noise_shares(tmp_path):
     strategy, *_ = _make(
-        tmp_path, {n: _accept(str(n), 1.0, 1.0) for n in (1, 2, 3)},
-        **{"privacy.enterprise.epsilon": 4.0, "privacy.enterprise.delta": 1e-3, "federation.secure_aggregation.enabled": True},
+        tmp_path,
+        {n: _accept(str(n), 1.0, 1.0) for n in (1, 2, 3)},
+        **{
+            "privacy.enterprise.epsilon": 4.0,
+            "privacy.enterprise.delta": 1e-3,
+            "federation.secure_aggregation.enabled": True,
+        },
     )
-    instructions = strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3]))
+    instructions = strategy.configure_fit(
+        1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3])
+    )
     config = instructions[0][1].config
     assert config["noise_shares"] == 2  # SecAgg+ unmasks sums of >= round(0.67 * 3) = 2 clients
     assert config["secagg_range"] > strategy.config.privacy.enterprise.clip
-    assert strategy.configure_evaluate(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3])) == []
+    assert (
+        strategy.configure_evaluate(
+            1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3])
+        )
+        == []
+    )
 
 
 def test_a_node_that_would_train_without_the_runs_privacy_is_not_asked_to_train(tmp_path):
     answers = {1: _accept("a", 1.0, 1.0), 2: _accept("b", 1.0, 1.0), 3: _accept("old-version")}
-    strategy, store, run_id, *_ = _make(tmp_path, answers, **{"privacy.record.epsilon": 4.0, "privacy.enterprise.epsilon": 4.0})
-    instructions = strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3]))
+    strategy, store, run_id, *_ = _make(
+        tmp_path, answers, **{"privacy.record.epsilon": 4.0, "privacy.enterprise.epsilon": 4.0}
+    )
+    instructions = strategy.configure_fit(
+        1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3])
+    )
     assert [p.node_id for p, _ in instructions] == [1, 2]
     assert "no record or enterprise-level privacy" in strategy.pending.participations["3"].error
 
 
 def test_a_plain_run_asks_no_budget_handshake_and_records_who_refused_in_training(tmp_path):
     strategy, store, run_id, _, asked = _make(tmp_path, {}, **{"federation.min_fit_clients": 1})
-    errors = {3: "<class 'fedmoe.client.ledger.BudgetExceeded'>:<'the run gives no record-level privacy guarantee'>"}
+    errors = {
+        3: "<class 'fedmoe.client.ledger.BudgetExceeded'>:<'the run gives no record-level privacy guarantee'>"
+    }
     strategy.ctx.node_errors = lambda: errors
-    instructions = strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3]))
+    instructions = strategy.configure_fit(
+        1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2, 3])
+    )
     assert [p.node_id for p, _ in instructions] == [1, 2, 3] and asked == []
     good = [np.array([1.0, 1.0], np.float32), np.zeros((1, 2), np.float32)]
-    results = [(SimpleNamespace(node_id=n), _fit(good, 5, name=name)) for n, name in ((1, "a"), (2, "b"))]
+    results = [
+        (SimpleNamespace(node_id=n), _fit(good, 5, name=name)) for n, name in ((1, "a"), (2, "b"))
+    ]
     strategy.aggregate_fit(1, results, [Exception("refused")])
     strategy.flush()
     (r,) = store.rounds(run_id)
     refused = next(p for p in r.participations if p.node_id == "3")
-    assert refused.status == "refused" and refused.error == "BudgetExceeded: the run gives no record-level privacy guarantee"
+    assert (
+        refused.status == "refused"
+        and refused.error == "BudgetExceeded: the run gives no record-level privacy guarantee"
+    )

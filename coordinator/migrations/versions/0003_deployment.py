@@ -18,7 +18,9 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("runs") as batch:
         batch.add_column(sa.Column("uid", sa.String(32), nullable=True))
-        batch.add_column(sa.Column("engine", sa.String(16), nullable=False, server_default="simulation"))
+        batch.add_column(
+            sa.Column("engine", sa.String(16), nullable=False, server_default="simulation")
+        )
         batch.add_column(sa.Column("enterprises", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("started_by", sa.String(64), nullable=True))
         batch.add_column(sa.Column("flower_run_id", sa.String(24), nullable=True))
@@ -29,7 +31,8 @@ def upgrade() -> None:
     connection = op.get_bind()
     for (run_id,) in connection.execute(sa.text("SELECT id FROM runs")).fetchall():
         connection.execute(
-            sa.text("UPDATE runs SET uid = :uid WHERE id = :id"), {"uid": uuid.uuid4().hex, "id": run_id}
+            sa.text("UPDATE runs SET uid = :uid WHERE id = :id"),
+            {"uid": uuid.uuid4().hex, "id": run_id},
         )
     with op.batch_alter_table("runs") as batch:
         batch.alter_column("uid", existing_type=sa.String(32), nullable=False)
@@ -62,5 +65,13 @@ def downgrade() -> None:
     op.drop_table("nodes")
     with op.batch_alter_table("runs") as batch:
         batch.drop_constraint("uq_runs_uid", type_="unique")
-        for column in ("stop_requested", "resumes", "flower_run_id", "started_by", "enterprises", "engine", "uid"):
+        for column in (
+            "stop_requested",
+            "resumes",
+            "flower_run_id",
+            "started_by",
+            "enterprises",
+            "engine",
+            "uid",
+        ):
             batch.drop_column(column)

@@ -1,0 +1,201 @@
+"""Resuming a run: the node sends a re-sent round's release again (never a second one), the
+coordinator resumes from a checkpoint it can trust, and the supervisor never leaves a run
+`running` once Flower has stopped carrying it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import round_config
+
+from fedmoe.client.enterprise import EnterpriseNode, workspace
+from fedmoe.client.ledger import ReplayRefused
+from fedmoe.client.settings import NodeSettings
+from fedmoe.contract.round import LocalTrainSettings
+from fedmoe.coordinator.db import RunStore
+from fedmoe.coordinator.runs import RunSupervisor
+from fedmoe.coordinator.server_app import load_checkpoint, write_atomically
+from fedmoe.model.base import load_base
+from fedmoe.model.corpus import DEMO_DATA_DIR
+from fedmoe.model.lora import attach_lora, get_adapter_vector, save_adapter
+from fedmoe.model.settings import LoraSettings
+
+LORA = LoraSettings(r=4, alpha=8)
+TRAIN = LocalTrainSettings(local_steps=2, batch_size=4, seq_len=32)
+PRIVATE = {"record": {"epsilon": 8.0}, "enterprise": {"epsilon": 8.0, "clip": 0.05}}
+
+
+@pytest.fixture
+def node(tmp_path):
+    settings = NodeSettings(
+        enterprise="finance", data_dir=DEMO_DATA_DIR / "finance", ledger=tmp_path / "ledger.sqlite"
+    )
+    ws = workspace(settings, LORA, TRAIN.seq_len)
+    return EnterpriseNode(settings), ws
+
+
+def _config(ws, server_round=1, **changes):
+    return round_config(ws, PRIVATE, server_round, lora=LORA, train=TRAIN, **changes)
+
+
+def test_a_resent_round_gets_the_same_release_and_no_second_charge(node):
+    client, ws = node
+    adapter = [get_adapter_vector(ws.model)]
+    first = client.fit([a.copy() for a in adapter], _config(ws), secure_aggregation=False)
+    entries = client.ledger.entries()
+    again = client.fit([a.copy() for a in adapter], _config(ws), secure_aggregation=False)
+    np.testing.assert_array_equal(first[0][0], again[0][0])  # the very same noise
+    assert first[2] == again[2] and client.ledger.entries() == entries
+    assert (
+        client.budget(_config(ws))["epsilon_record"] == first[2]["epsilon_record"]
+    )  # the handshake agrees
+
+
+def test_a_resent_round_that_is_not_the_same_release_is_refused(node):
+    client, ws = node
+    adapter = get_adapter_vector(ws.model)
+    client.fit([adapter.copy()], _config(ws, noise_shares=2), secure_aggregation=True)
+    with pytest.raises(ReplayRefused, match="another global adapter"):
+        client.fit([adapter + 1e-3], _config(ws, noise_shares=2), secure_aggregation=True)
+    with pytest.raises(ReplayRefused, match="too little"):
+        client.fit([adapter.copy()], _config(ws, noise_shares=1), secure_aggregation=True)
+    client.fit(
+        [adapter.copy()], _config(ws, noise_shares=3), secure_aggregation=True
+    )  # more noise: the same release is fine
+    client.mark_unmasked(client.ledger.entries()[0][0], 1)
+    with pytest.raises(ReplayRefused, match="already unmasked"):
+        client.fit([adapter.copy()], _config(ws, noise_shares=2), secure_aggregation=True)
+    assert len(client.ledger.entries()) == 2  # round 1, both levels, charged once
+
+
+def test_a_round_charged_but_never_released_trains_again_at_no_new_charge(node, monkeypatch):
+    client, ws = node
+    adapter = get_adapter_vector(ws.model)
+    monkeypatch.setattr(
+        client.ledger, "record_release", lambda *a: (_ for _ in ()).throw(OSError("disk full"))
+    )
+    with pytest.raises(OSError):
+        client.fit([adapter.copy()], _config(ws), secure_aggregation=False)
+    monkeypatch.undo()
+    entries = client.ledger.entries()
+    client.fit([adapter.copy()], _config(ws), secure_aggregation=False)
+    assert client.ledger.entries() == entries
+
+
+def test_a_node_refuses_a_global_adapter_with_nan(node):
+    client, ws = node
+    adapter = get_adapter_vector(ws.model)
+    adapter[3] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        client.fit([adapter], _config(ws), secure_aggregation=False)
+    assert client.ledger.entries() == []  # refused before anything was charged
+
+
+def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "run-0001" / "round-001"
+
+    def half_then_full_disk(staging: Path) -> None:
+        (staging / "adapter_model.safetensors").write_bytes(b"x" * 10)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomically(target, half_then_full_disk)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    write_atomically(target, lambda staging: (staging / "ok").write_text("1"))
+    assert (target / "ok").read_text() == "1"
+
+
+def test_a_resumed_run_refuses_a_changed_or_corrupt_checkpoint(tmp_path):
+    from fedmoe.coordinator.server_app import directory_sha256
+
+    model = attach_lora(load_base("embedded"), LORA)
+    directory = tmp_path / "round-001"
+    save_adapter(model, LORA, directory)
+    digest = directory_sha256(directory)
+    fresh = attach_lora(load_base("embedded"), LORA)
+    load_checkpoint(fresh, directory, digest)
+    np.testing.assert_array_equal(get_adapter_vector(fresh), get_adapter_vector(model))
+    with pytest.raises(ValueError, match="changed since its round committed"):
+        load_checkpoint(fresh, directory, "0" * 64)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(math.nan)
+    save_adapter(model, LORA, directory)
+    with pytest.raises(ValueError, match="NaN"):
+        load_checkpoint(fresh, directory, directory_sha256(directory))
+
+
+class _FakeLink:
+    """The supervisor's view of a SuperLink: Flower run statuses we script."""
+
+    def __init__(self):
+        self.statuses: dict[str, tuple] = {}
+        self.stopped: list[str] = []
+        self.started_at = 0.0
+        self.home = Path("/nonexistent")
+
+    def control(self):
+        return SimpleNamespace(
+            run_status=lambda fid: self.statuses.get(fid, ("unknown", "", "")),
+            stop_run=lambda fid: self.stopped.append(fid),
+            heard_from_since=lambda moment: set(),
+        )
+
+
+@pytest.fixture
+def supervised(tmp_path, monkeypatch):
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    link = _FakeLink()
+    submitted = iter(f"fr{i}" for i in range(100))
+    monkeypatch.setattr(
+        "fedmoe.coordinator.runs.submit_run",
+        lambda home, flower_run, federation=None: next(submitted),
+    )
+    from fedmoe.coordinator.config import load_run_config
+
+    config = load_run_config(None, {"database.url": f"sqlite:///{tmp_path / 'runs.db'}"})
+    run_id = store.create_run(config.to_toml_dict(), 3, "simulation", ["a"])
+    return (
+        RunSupervisor(store, link, "simulation", config.database.url, max_resumes=1),
+        store,
+        link,
+        run_id,
+    )
+
+
+def test_a_flower_run_that_ends_with_the_run_unfinished_is_resumed_then_failed(supervised):
+    supervisor, store, link, run_id = supervised
+    assert supervisor.check(run_id).flower_run_id == "fr0"
+    link.statuses["fr0"] = ("running", "", "")
+    assert supervisor.check(run_id).status == "queued"  # Flower still runs it: nothing to decide
+    link.statuses["fr0"] = ("finished", "failed", "ServerApp killed")
+    run = supervisor.check(run_id)
+    assert run.flower_run_id == "fr1" and run.resumes == 1 and run.status == "queued"
+    link.statuses["fr1"] = ("finished", "failed", "killed again")
+    run = supervisor.check(run_id)
+    assert (
+        run.status == "failed"
+        and "gave up after 1 resumes" in run.error
+        and "killed again" in run.error
+    )
+
+
+def test_a_run_whose_flower_run_belongs_to_an_earlier_superlink_is_resumed(supervised):
+    supervisor, store, link, run_id = supervised
+    supervisor.check(run_id)
+    supervisor.submitted.clear()  # the coordinator restarted
+    run = supervisor.check(run_id)
+    assert link.stopped == ["fr0"] and run.flower_run_id == "fr1" and run.resumes == 1
+
+
+def test_a_stopped_run_ends_stopped_and_its_flower_run_is_stopped(supervised):
+    supervisor, store, link, run_id = supervised
+    supervisor.check(run_id)
+    supervisor.stop(run_id, "stopped by ops")
+    run = store.run(run_id)
+    assert run.status == "stopped" and run.error == "stopped by ops" and link.stopped == ["fr0"]
+    assert not store.finish_run(run_id, "completed")  # a final status is final
