@@ -7,8 +7,9 @@ setup:
 run: setup
 	.venv/bin/fedmoe run
 
+# Two workers, one test file each at a time: end-to-end tests mostly wait on Flower's timers.
 test: setup
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2 --dist loadfile
 
 # The formatter decides how code looks; the linter checks imports, bugbears, dead names.
 lint: setup

@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from fedmoe.cli import admin, agent, coordinator, model
 from fedmoe.cli.common import UsageError, console
+from fedmoe.support.processes import Stopped
 
 COMMAND_MODULES = (coordinator, agent, admin, model)
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except admin.AdminCallFailed as err:
         console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         console.print("interrupted", highlight=False)
         return 130
 

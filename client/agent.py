@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -31,21 +30,20 @@ from fedmoe.client.client_app import build_client_app
 from fedmoe.client.enterprise import EnterpriseNode
 from fedmoe.client.executor import run_tasks
 from fedmoe.client.supernode import POLL_ENV
-from fedmoe.support.processes import flower_env, free_port, start_process, stop_process_group
+from fedmoe.support.processes import (
+    Stopped,
+    flower_env,
+    free_port,
+    start_process,
+    stop_on_signals,
+    stop_process_group,
+)
 
 HEALTH_FILE = "health.json"
 HEALTH_EVERY_S = 5.0
 RECONNECT_AFTER_S = 10
 MAX_BACKOFF_S = 5.0
 REFUSED_HINTS = ("Failed to activate SuperNode", "Invalid SuperNode authentication")
-
-
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum, frame) -> None:
-    raise _Stop(signal.Signals(signum).name)
 
 
 class Agent:
@@ -134,48 +132,46 @@ class Agent:
         executor.start()
         env = flower_env(self.state / "flower", **{POLL_ENV: str(c.poll_interval_s)})
         log_path = self.state / "supernode.log"
-        previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         proc, backoff, port = None, 1.0, free_port()
         try:
-            while True:
-                started = time.monotonic()
-                offset = log_path.stat().st_size if log_path.exists() else 0
-                proc = start_process(self.supernode_command(port, secret_file), env, log_path)
-                self.runtime_address = f"127.0.0.1:{port}"
-                self.say(
-                    f"connecting to the coordinator at {c.coordinator} (SuperNode log: {log_path})"
-                )
-                last_health = 0.0
-                while proc.poll() is None:
-                    if time.monotonic() - last_health >= HEALTH_EVERY_S:
-                        self._write_health(True)
-                        last_health = time.monotonic()
-                    time.sleep(0.5)
-                self.runtime_address = None
-                self._write_health(False)
-                tail = log_path.read_text(errors="replace")[offset:][-3000:]
-                if any(h in tail for h in REFUSED_HINTS):
+            with stop_on_signals():
+                while True:
+                    started = time.monotonic()
+                    offset = log_path.stat().st_size if log_path.exists() else 0
+                    proc = start_process(self.supernode_command(port, secret_file), env, log_path)
+                    self.runtime_address = f"127.0.0.1:{port}"
                     self.say(
-                        "the coordinator refused to activate this node: its key is not registered or was revoked "
-                        "(ask the platform admin: `fedmoe admin nodes register NAME --public-key node.pub`; a revoked "
-                        "key never comes back), or this node's previous session has not expired yet (20 s)"
+                        f"connecting to the coordinator at {c.coordinator} (SuperNode log: {log_path})"
                     )
-                backoff = (
-                    1.0 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF_S)
-                )
-                self.say(
-                    f"the SuperNode exited (code {proc.returncode}); reconnecting in {backoff:.0f}s"
-                )
-                time.sleep(backoff)
-        except _Stop as name:
+                    last_health = 0.0
+                    while proc.poll() is None:
+                        if time.monotonic() - last_health >= HEALTH_EVERY_S:
+                            self._write_health(True)
+                            last_health = time.monotonic()
+                        time.sleep(0.5)
+                    self.runtime_address = None
+                    self._write_health(False)
+                    tail = log_path.read_text(errors="replace")[offset:][-3000:]
+                    if any(h in tail for h in REFUSED_HINTS):
+                        self.say(
+                            "the coordinator refused to activate this node: its key is not registered or was revoked "
+                            "(ask the platform admin: `fedmoe admin nodes register NAME --public-key node.pub`; a revoked "
+                            "key never comes back), or this node's previous session has not expired yet (20 s)"
+                        )
+                    backoff = (
+                        1.0 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF_S)
+                    )
+                    self.say(
+                        f"the SuperNode exited (code {proc.returncode}); reconnecting in {backoff:.0f}s"
+                    )
+                    time.sleep(backoff)
+        except Stopped as name:
             self.say(f"stopping ({name})")
             return 0
         finally:
             stop.set()
             if proc is not None:
                 stop_process_group(proc)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 def agent_health(

@@ -7,7 +7,6 @@ Relative paths resolve against the config file's folder.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -19,12 +18,11 @@ from fedmoe.model.data import find_split
 from fedmoe.privacy.settings import NodeBudget
 from fedmoe.support.files import (
     ConfigError,
+    check_host_port,
     describe_validation_error,
     read_toml_file,
     resolve_path,
 )
-
-ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
 
 
 class AgentConfig(BaseModel):
@@ -64,10 +62,7 @@ class AgentConfig(BaseModel):
     @field_validator("coordinator")
     @classmethod
     def _address(cls, value: str) -> str:
-        match = ADDRESS.match(value)
-        if not match or not 1 <= int(match.group(2)) <= 65535:
-            raise ValueError("must be host:port, e.g. coordinator.example.com:9092")
-        return value
+        return check_host_port(value, "coordinator.example.com:9092")
 
     def node_settings(self) -> NodeSettings:
         return NodeSettings(

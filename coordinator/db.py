@@ -199,13 +199,8 @@ def _sqlite_path(engine: Engine) -> Path | None:
 
 
 @contextlib.contextmanager
-def _migration_lock(engine: Engine, connection) -> Iterator[None]:
-    """Serialize schema upgrades across processes: a PostgreSQL advisory lock held for the
-    transaction, or a file lock beside a SQLite database."""
-    if engine.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(4242564901)"))
-        yield
-        return
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """A file lock beside a SQLite database (none for other databases or in memory)."""
     path = _sqlite_path(engine)
     if path is None:
         yield
@@ -219,13 +214,18 @@ def _migration_lock(engine: Engine, connection) -> Iterator[None]:
 
 
 def upgrade_schema(engine: Engine) -> None:
-    """Bring the database to the newest schema with alembic."""
+    """Bring the database to the newest schema with alembic, one process at a time: under a
+    PostgreSQL advisory lock held for the transaction, or a SQLite file lock held until the
+    transaction has committed (SQLite runs DDL outside it, so the next process must not look
+    before the version row is in)."""
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as connection, _migration_lock(engine, connection):
+    with _sqlite_file_lock(engine), engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(4242564901)"))
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
 

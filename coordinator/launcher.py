@@ -10,8 +10,6 @@ run whose launcher was killed.
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
 import tempfile
 import threading
@@ -24,6 +22,7 @@ from fedmoe.coordinator.db import FINAL_STATUSES, RunStore
 from fedmoe.coordinator.runs import RunSupervisor
 from fedmoe.coordinator.superlink import FINISHED, SuperLink, follow_logs
 from fedmoe.coordinator.views import privacy_plan_summary
+from fedmoe.support.processes import Stopped, stop_on_signals
 
 POLL_S = 1.0
 
@@ -43,14 +42,6 @@ def check_writable(directory: Path) -> None:
         raise ConfigError(
             f"output.dir: cannot write to {directory} ({err.strerror or err})"
         ) from None
-
-
-class _Interrupted(Exception):
-    pass
-
-
-def _raise_interrupted(signum, frame) -> None:
-    raise _Interrupted(signal.Signals(signum).name)
 
 
 def _follow(superlink: SuperLink, flower_run_id: str, on_text) -> threading.Thread:
@@ -119,40 +110,29 @@ def launch(
             elif "[fedmoe]" in line:
                 print(line[line.find("[fedmoe]") :], end="", flush=True)
 
-    previous = {
-        sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        with SuperLink(home, simulation=True) as superlink:
-            supervisor = RunSupervisor(
-                store, superlink, "simulation", config.database.url, max_resumes=2,
-                federation_config=federation_config(config),
-            )  # fmt: skip
-            follower: threading.Thread | None = None
-            try:
-                while True:
-                    run = supervisor.check(run_id)
-                    if run.flower_run_id and (
-                        follower is None or follower.name != run.flower_run_id
-                    ):
-                        follower = _follow(superlink, run.flower_run_id, on_text)
-                    if run.status in FINAL_STATUSES:
-                        break
-                    time.sleep(POLL_S)
-                follower.join(
-                    timeout=30
-                )  # its stream ends once Flower has delivered the last lines
-            except _Interrupted as signal_name:
-                supervisor.stop(run_id, f"interrupted ({signal_name}) while running")
-                print(
-                    f"[fedmoe] run {run_id} stopped ({signal_name}); resume it with `fedmoe run --resume {run_id}`",
-                    flush=True,
-                )
-                return 130
-    finally:
-        for sig, handler in previous.items():
-            with contextlib.suppress(ValueError):
-                signal.signal(sig, handler)
+    with stop_on_signals(), SuperLink(home, simulation=True) as superlink:
+        supervisor = RunSupervisor(
+            store, superlink, "simulation", config.database.url, max_resumes=2,
+            federation_config=federation_config(config),
+        )  # fmt: skip
+        follower: threading.Thread | None = None
+        try:
+            while True:
+                run = supervisor.check(run_id)
+                if run.flower_run_id and (follower is None or follower.name != run.flower_run_id):
+                    follower = _follow(superlink, run.flower_run_id, on_text)
+                if run.status in FINAL_STATUSES:
+                    break
+                time.sleep(POLL_S)
+            # Its stream ends once Flower has delivered the last lines.
+            follower.join(timeout=30)
+        except Stopped as signal_name:
+            supervisor.stop(run_id, f"interrupted ({signal_name}) while running")
+            print(
+                f"[fedmoe] run {run_id} stopped ({signal_name}); resume it with `fedmoe run --resume {run_id}`",
+                flush=True,
+            )
+            return 130
     run = store.run(run_id)
     db = config.database.url
     if run.status == "completed":

@@ -290,9 +290,14 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
             print(f"[fedmoe] run {run_id} stopped: privacy budgets are spent ({spent})", flush=True)
             return run_id
         strategy.flush()
-    except BaseException as err:
+    except Exception as err:
         _record_failure(store, run_id, err)
         print(f"[fedmoe] run {run_id} failed: {err}", flush=True)
+        raise
+    except BaseException:
+        # Stopped from outside (a signal: an admin's stop, or the coordinator going down): the run
+        # stays `running`, and the supervisor resumes it or records how it ended.
+        print(f"[fedmoe] run {run_id} interrupted; its coordinator resumes or ends it", flush=True)
         raise
     else:
         # Rounds may go on without an enterprise (min_fit_clients); the run says so, loudly.

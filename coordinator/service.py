@@ -14,7 +14,6 @@ Many runs can be in flight at once; each is its own Flower run and its own row.
 from __future__ import annotations
 
 import json
-import signal
 import threading
 import time
 from pathlib import Path
@@ -36,17 +35,10 @@ from fedmoe.coordinator.superlink import FINISHED, SuperLink, TLSFiles, follow_l
 from fedmoe.coordinator.views import node_message, privacy_plan_summary
 from fedmoe.proto import admin_pb2 as pb
 from fedmoe.support.files import ConfigError, parse_toml
+from fedmoe.support.processes import Stopped, stop_on_signals
 
 HEALTH_FILE = "health.json"
 COORDINATOR_SECTIONS = ("database", "output")  # a deployment run's: the coordinator's own
-
-
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum, frame) -> None:
-    raise _Stop(signal.Signals(signum).name)
 
 
 class CoordinatorService:
@@ -260,13 +252,13 @@ class CoordinatorService:
         self.store.close()
 
     def serve_forever(self) -> int:
-        previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.start()
-            while True:
-                self.supervise_once()
-                time.sleep(self.config.runs.poll_interval_s)
-        except _Stop as name:
+            with stop_on_signals():
+                self.start()
+                while True:
+                    self.supervise_once()
+                    time.sleep(self.config.runs.poll_interval_s)
+        except Stopped as name:
             running = [r.id for r in self.store.runs(statuses=("queued", "running"))]
             self.say(
                 f"stopping ({name}); runs {running or 'none'} resume when the coordinator starts again"
@@ -274,8 +266,6 @@ class CoordinatorService:
             return 0
         finally:
             self.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 def coordinator_health(config: CoordinatorConfig, max_age_s: float = 30.0) -> tuple[bool, str]:

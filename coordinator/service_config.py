@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 from pathlib import Path
 
@@ -36,19 +35,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedmoe.support.files import (
     ConfigError,
+    check_host_port,
     describe_validation_error,
     read_toml_file,
     resolve_path,
 )
-
-ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
-
-
-def _check_address(value: str) -> str:
-    match = ADDRESS.match(value)
-    if not match or not 1 <= int(match.group(2)) <= 65535:
-        raise ValueError("must be host:port, e.g. 0.0.0.0:9092")
-    return value
 
 
 class _Section(BaseModel):
@@ -69,7 +60,7 @@ class AgentsSection(_Section):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        return _check_address(value)
+        return check_host_port(value, "0.0.0.0:9092")
 
 
 class AdminSection(_Section):
@@ -84,7 +75,7 @@ class AdminSection(_Section):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        return _check_address(value)
+        return check_host_port(value, "0.0.0.0:9092")
 
     @model_validator(mode="after")
     def _unique(self) -> AdminSection:

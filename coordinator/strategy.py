@@ -457,6 +457,8 @@ def _exception_line(reason: str) -> str:
     errors = [line for line in lines if re.match(pattern, line) and not line.startswith("ray.")]
     line = (errors or lines or ["(no reason given)"])[-1]
     line = re.sub(r"^(?:\w+\.)+(\w+:)", r"\1", line).removeprefix("NodeError: ")
+    # Flower's simulation wraps a ClientApp's error once more.
+    line = re.sub(r"^Exception ClientAppException occurred\. Message: ", "", line)
     return line[:500]
 
 

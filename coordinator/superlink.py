@@ -34,6 +34,7 @@ from fedmoe.support.processes import (
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedmoe"  # the name of our SuperLink in $FLWR_HOME/config.toml
 FINISHED = "finished"  # Flower's status of a run that ended, whatever the outcome
+STOP_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,9 @@ class SuperLink:
             self._control.close()
             self._control = None
         if self.proc is not None:
-            stop_process_group(self.proc)
+            # Its HTTP server would wait for idle keep-alive connections to close; its state is in
+            # a transactional database, so a short grace loses nothing.
+            stop_process_group(self.proc, grace=STOP_GRACE_S)
             self.proc = None
 
     def __enter__(self) -> SuperLink:

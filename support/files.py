@@ -15,6 +15,18 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; anything near this is a mist
 MAX_REPORTED_PROBLEMS = 50
 
 
+HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
+
+
+def check_host_port(value: str, example: str) -> str:
+    """`value` if it is host:port with a port in 1..65535 (a pydantic validator's ValueError if
+    not, showing `example`)."""
+    match = HOST_PORT.match(value)
+    if not match or not 1 <= int(match.group(2)) <= 65535:
+        raise ValueError(f"must be host:port, e.g. {example}")
+    return value
+
+
 class ConfigError(ValueError):
     """A config value outside its allowed range; the message names each field."""
 

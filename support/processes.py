@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedmoe.support.watchdog import descendants
+
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -82,8 +84,16 @@ def start_process(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM `proc`'s group and every descendant at once, SIGKILL after `grace` seconds.
+
+    Flower's children live in process groups of their own, and a SuperLink told to stop waits for
+    its SuperExec, which would first sit out a reconnection backoff (up to ~20 s)."""
+    tree = descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGTERM)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
         proc.wait(timeout=grace)
     except (ProcessLookupError, PermissionError):
         pass
@@ -91,3 +101,24 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived while `stop_on_signals()` was active; the message names it."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGINT and SIGTERM into `Stopped` in the main thread, so a supervisor can end what it
+    started (and record why) before it exits."""
+
+    def raise_stopped(signum, frame) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, handler)

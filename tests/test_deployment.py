@@ -385,38 +385,33 @@ def test_malformed_admin_requests_get_clear_errors_and_change_nothing(deployment
     assert "federation.rounds" in err.value.details()
 
 
-@pytest.mark.parametrize("moment", ["between rounds", "inside a round"])
-def test_a_killed_coordinator_resumes_its_run_and_charges_no_node_twice(deployment, moment):
+def test_a_coordinator_killed_between_rounds_and_inside_one_resumes_and_charges_no_node_twice(
+    deployment,
+):
     # finance's budget is spent by now: the private run goes on with the other two.
-    run = (
-        deployment.start_run(PRIVATE)
-        if moment == "inside a round"
-        else deployment.start_run(overrides=("federation.rounds=2", *QUICK))
-    )
+    run = deployment.start_run(PRIVATE, overrides=("federation.rounds=3",))
+    uid = _uid(deployment, run.id)
+    clinical = PrivacyLedger(deployment.root / "agents" / "clinical" / "state" / "ledger.sqlite")
     deployment.wait_for_round(run.id, 1)
-    if moment == "inside a round":
-        # Kill once the nodes have charged round 2 (write-ahead, before training), not committed it.
-        uid = _uid(deployment, run.id)
-        ledger = PrivacyLedger(deployment.root / "agents" / "clinical" / "state" / "ledger.sqlite")
-        deadline = time.monotonic() + 120
-        while not any(key.startswith(uid) and r == 2 for key, r, *_ in ledger.entries()):
-            assert time.monotonic() < deadline, "round 2 never started"
-            time.sleep(0.1)
+    deployment.stop_coordinator(kill=True)  # between rounds (or early in round 2)
+    deployment.start_coordinator()
+    # Inside a round: once the nodes have charged round 3 (write-ahead, before training) and
+    # before the coordinator has committed it.
+    deadline = time.monotonic() + 300
+    while not any(key.startswith(uid) and r == 3 for key, r, *_ in clinical.entries()):
+        assert time.monotonic() < deadline, "round 3 never started"
+        time.sleep(0.1)
     deployment.stop_coordinator(kill=True)
     deployment.start_coordinator()
     final = deployment.wait_for(run.id, ("completed", "failed", "budget_spent"), timeout=400)
     assert final.status == "completed", final.error
-    assert final.resumes >= 1
+    assert final.resumes >= 2
     rounds = RunStore(deployment.database_url, migrate=False).rounds(run.id)
-    assert [r.number for r in rounds] == [1, 2] and all(r.status == "completed" for r in rounds)
+    assert [r.number for r in rounds] == [1, 2, 3] and all(r.status == "completed" for r in rounds)
     for name in ("clinical", "manufacturing"):
         ledger = PrivacyLedger(deployment.root / "agents" / name / "state" / "ledger.sqlite")
-        charged = [
-            (r, level)
-            for key, r, level, *_ in ledger.entries()
-            if key.startswith(_uid(deployment, run.id))
-        ]
-        assert len(charged) == len(set(charged)) == 4, charged  # 2 rounds x 2 levels, each once
+        charged = [(r, level) for key, r, level, *_ in ledger.entries() if key.startswith(uid)]
+        assert len(charged) == len(set(charged)) == 6, charged  # 3 rounds x 2 levels, each once
 
 
 def test_a_killed_agent_does_not_stop_the_run(deployment):

@@ -119,7 +119,8 @@ def test_a_run_whose_clients_cannot_train_fails_loudly(tmp_path):
     assert result.returncode != 0
     assert "data too small" in result.stdout + result.stderr
     (run,) = RunStore(db_url).runs()
-    assert run.status == "failed" and "can take part" in run.error and "data too small" in run.error
+    assert run.status == "failed" and "0 usable update(s)" in run.error
+    assert "data too small" in run.error and "ClientAppException" not in run.error
 
 
 def test_bad_cli_input_is_refused_before_anything_starts(tmp_path):
