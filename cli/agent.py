@@ -23,10 +23,13 @@ def cmd_ledger(args) -> int:
         shown = "inf (no guarantee)" if eps == float("inf") else f"{eps:.3f}"
         table.add_row(run, str(number), level, shown, f"{delta:g}", at[:19])
     console.print(table)
-    lifetime = {level: ledger.lifetime(level) for level in ("record", "enterprise")}
-    console.print(
-        f"lifetime epsilon: record {lifetime['record']:.3f}, enterprise {lifetime['enterprise']:.3f}"
-    )
+    for level in ("record", "enterprise"):
+        # Basic composition across runs: epsilons add up, and so do deltas.
+        console.print(
+            f"lifetime {level}-level: epsilon {ledger.lifetime(level):.3f}, "
+            f"delta {ledger.lifetime_delta(level):.3g}",
+            highlight=False,
+        )
     return 0
 
 

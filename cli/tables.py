@@ -143,7 +143,9 @@ def privacy_tables(ledger: pb.PrivacyLedger, per_round: bool) -> list[Table]:
             str(run_id),
             plan.status,
             f"eps {plan.record_epsilon:g} delta {plan.record_delta:g}" if has_record else "off",
-            f"{plan.enterprise_mechanism} eps {plan.enterprise_epsilon:g}" if has_entp else "off",
+            f"{plan.enterprise_mechanism} eps {plan.enterprise_epsilon:g} ({plan.enterprise_adjacency})"
+            if has_entp
+            else "off",
             "on" if plan.secure_aggregation else "off",
             enterprise,
             _spent(entry["record"], has_record, plan.record_epsilon),

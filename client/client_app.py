@@ -21,22 +21,24 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat
 
-from fedmoe.contract.round import RoundSpec
+from fedmoe.contract.round import RoundSpec, SecureSum
+from fedmoe.privacy import secagg_prg
 
 SECAGG_FLAG = "fedmoe.secure-aggregation"
+SECAGG_SETUP = "fedmoe.secagg-setup"
 SECAGG_ROUND = "fedmoe.secagg-round"
 
 
 class NodeClient(NumPyClient):
-    def __init__(self, node, secure_aggregation: bool):
+    def __init__(self, node, secure_sum: SecureSum | None):
         self.node = node
-        self.secure_aggregation = secure_aggregation
+        self.secure_sum = secure_sum
 
     def get_properties(self, config):
         return self.node.budget(dict(config))
 
     def fit(self, parameters, config):
-        return self.node.fit(parameters, dict(config), self.secure_aggregation)
+        return self.node.fit(parameters, dict(config), self.secure_sum)
 
     def evaluate(self, parameters, config):
         return self.node.evaluate(parameters, dict(config))
@@ -47,16 +49,23 @@ def build_client_app(node_for: Callable[[Context], object]) -> ClientApp:
 
     def optional_secaggplus_mod(msg, context, call_next):
         """Flower's SecAgg+ client mod, only for runs whose coordinator uses secure aggregation
-        (the bare mod fails every fit of a run without it). It also tells the node whether THIS
-        message is under SecAgg+ (a node adds only a share of the noise when it really is), and
-        before this node helps unmask a sum, records that its release for the round must never be
-        sent again."""
+        (the bare mod fails every fit of a run without it), with masks from the whole shared key
+        (privacy/secagg_prg.py). It also tells the node whether THIS message is under SecAgg+ and
+        what the SecAgg+ setup said (threshold, clipping range: the node sizes its noise share by
+        them, never by the round config), and before this node helps unmask a sum, records that
+        its release for the round must never be sent again."""
         active = RECORD_KEY_CONFIGS in msg.content.config_records
         context.state.config_records[SECAGG_FLAG] = ConfigRecord({"active": active})
         if not active:
             return call_next(msg, context)
-        stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
-        if stage == Stage.COLLECT_MASKED_VECTORS:
+        secagg_prg.install()
+        configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+        stage = configs.get(Key.STAGE)
+        if stage == Stage.SETUP:
+            context.state.config_records[SECAGG_SETUP] = ConfigRecord(
+                {"threshold": configs[Key.THRESHOLD], "clipping_range": configs[Key.CLIPPING_RANGE]}
+            )
+        elif stage == Stage.COLLECT_MASKED_VECTORS:
             fit_ins = recorddict_compat.recorddict_to_fitins(msg.content, keep_input=True)
             spec = RoundSpec.from_config(fit_ins.config)
             context.state.config_records[SECAGG_ROUND] = ConfigRecord(
@@ -69,9 +78,13 @@ def build_client_app(node_for: Callable[[Context], object]) -> ClientApp:
 
     def client_fn(context: Context):
         flag = context.state.config_records.get(SECAGG_FLAG)
-        return NodeClient(
-            node_for(context), secure_aggregation=bool(flag and flag["active"])
-        ).to_client()
+        setup = context.state.config_records.get(SECAGG_SETUP)
+        secure_sum = None
+        if flag and flag["active"]:
+            if setup is None:
+                raise RuntimeError("a SecAgg+ round without its setup message reached this node")
+            secure_sum = SecureSum(int(setup["threshold"]), float(setup["clipping_range"]))
+        return NodeClient(node_for(context), secure_sum).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[optional_secaggplus_mod])
 

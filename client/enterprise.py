@@ -23,7 +23,7 @@ from fedmoe.client.dp_trainer import train_local_private
 from fedmoe.client.ledger import PrivacyLedger, Release, ReplayRefused
 from fedmoe.client.settings import NodeSettings
 from fedmoe.client.trainer import train_local
-from fedmoe.contract.round import BudgetAnswer, RoundSpec
+from fedmoe.contract.round import BudgetAnswer, RoundSpec, SecureSum
 from fedmoe.model.base import fingerprint, load_base, load_tokenizer
 from fedmoe.model.data import find_split, load_blocks, load_records
 from fedmoe.model.lora import adapter_layout, attach_lora, get_adapter_vector, set_adapter_vector
@@ -98,12 +98,13 @@ def workspace(node: NodeSettings, lora: LoraSettings, seq_len: int) -> Workspace
 
 
 @lru_cache(maxsize=16)
-def _privacy_plan(
-    privacy_json: str, records: int, batch_size: int, steps: int, rounds: int
-) -> PrivacyPlan:
-    return plan_run(
-        PrivacySettings.model_validate_json(privacy_json), records, batch_size, steps, rounds
-    )
+def _privacy_plan(privacy_json: str, records: int, steps: int, rounds: int) -> PrivacyPlan:
+    return plan_run(PrivacySettings.model_validate_json(privacy_json), records, steps, rounds)
+
+
+class RoundRefused(RuntimeError):
+    """The coordinator asked for a round this node's own terms do not allow; nothing was trained
+    and nothing was charged."""
 
 
 def _check_round(ws: Workspace, spec: RoundSpec) -> None:
@@ -167,25 +168,38 @@ class EnterpriseNode:
             ws.train_records.shape[0] if spec.privacy.record else 0
         )  # only record-level DP needs it
         plan = _privacy_plan(
-            spec.privacy.model_dump_json(),
-            records,
-            spec.train.batch_size,
-            spec.train.local_steps,
-            spec.rounds,
+            spec.privacy.model_dump_json(), records, spec.train.local_steps, spec.rounds
         )
+        for level in ("record", "enterprise"):
+            run_delta = plan.epsilon_after(level, 1)[1]
+            if run_delta > self.node.budget.delta:
+                raise RoundRefused(
+                    f"the run's {level}-level delta {run_delta:g} is above this node's delta "
+                    f"{self.node.budget.delta:g}"
+                )
         return spec, ws, plan
+
+    def _epsilon_after(self, plan: PrivacyPlan):
+        """The plan's epsilon at THIS node's delta, from the noise the node adds itself."""
+        return lambda level, releases: plan.epsilon_after(level, releases, self.node.budget.delta)
 
     def budget(self, config: dict) -> dict:
         """The budget handshake before each round: would this round fit this node's budget?"""
         try:
             spec, _, plan = self._prepare(config)
-        except InfeasiblePlan as err:
-            reason = f"infeasible privacy plan on this node: {err}"
+        except (InfeasiblePlan, RoundRefused) as err:
+            reason = str(err)
+            if isinstance(err, InfeasiblePlan):
+                reason = f"infeasible privacy plan on this node: {reason}"
             return BudgetAnswer(
                 accept=False, reason=reason, enterprise=self.node.enterprise
             ).to_properties()
         spends, problem = self.ledger.preview(
-            spec.ledger_key(), spec.server_round, plan.epsilon_after, self.budgets, spec.rounds
+            spec.ledger_key(),
+            spec.server_round,
+            self._epsilon_after(plan),
+            self.budgets,
+            spec.rounds,
         )
         epsilons = {f"epsilon_{s.level}": s.epsilon_run for s in spends}
         answer = BudgetAnswer(
@@ -196,26 +210,48 @@ class EnterpriseNode:
         )
         return answer.to_properties()
 
+    def _noise_shares(
+        self, spec: RoundSpec, secure_sum: SecureSum | None
+    ) -> tuple[int, float | None]:
+        """(how many clients' noise shares make the full noise, the SecAgg+ value range), from
+        what the node itself saw of secure aggregation; the round config must agree."""
+        if secure_sum is None:
+            if spec.noise_shares > 1:  # only a sum hides a share-sized noise
+                raise RoundRefused(
+                    f"asked to add 1/{spec.noise_shares} of the noise, but this update is not under secure aggregation"
+                )
+            return 1, None
+        if spec.noise_shares != secure_sum.threshold:
+            raise RoundRefused(
+                f"the round config splits the noise in {spec.noise_shares} shares, but the SecAgg+ "
+                f"setup unmasks sums of {secure_sum.threshold} or more clients"
+            )
+        if spec.secagg_range is not None and spec.secagg_range != secure_sum.clipping_range:
+            raise RoundRefused(
+                f"the round config's SecAgg+ range {spec.secagg_range:g} is not the SecAgg+ "
+                f"setup's clipping range {secure_sum.clipping_range:g}"
+            )
+        shares = 1 if self.node.budget.full_noise else secure_sum.threshold
+        return shares, secure_sum.clipping_range
+
     def fit(
-        self, parameters: list[np.ndarray], config: dict, secure_aggregation: bool
+        self, parameters: list[np.ndarray], config: dict, secure_sum: SecureSum | None
     ) -> tuple[list[np.ndarray], int, dict]:
-        """Train on the global adapter and return (released update, weight, metrics)."""
+        """Train on the global adapter and return (released update, weight, metrics).
+
+        `secure_sum`: the SecAgg+ round this update goes into (None: sent in the clear)."""
         started = time.perf_counter()
         spec, ws, plan = self._prepare(config)
-        if spec.noise_shares > 1 and not secure_aggregation:
-            # Only a sum hides a share-sized noise: never send one in the clear.
-            raise RuntimeError(
-                f"asked to add 1/{spec.noise_shares} of the noise, but this update is not under secure aggregation"
-            )
+        shares, value_range = self._noise_shares(spec, secure_sum)
         key, sha = spec.ledger_key(), parameters_sha256(parameters)
         if (earlier := self.ledger.release(key, spec.server_round)) is not None:
-            return self._replay(spec, earlier, sha)
+            return self._replay(spec, earlier, sha, shares)
         global_vector = _global_adapter(
             parameters, ws
         )  # refuses a malformed adapter before any charge
         # Write-ahead: the spend is on the node's ledger before any training (raises BudgetExceeded).
         spends = self.ledger.charge(
-            key, spec.server_round, plan.epsilon_after, self.budgets, spec.rounds
+            key, spec.server_round, self._epsilon_after(plan), self.budgets, spec.rounds
         )
         private = spec.privacy.enabled
         metrics: dict = {"enterprise": self.node.enterprise}
@@ -245,37 +281,36 @@ class EnterpriseNode:
                 "local training left the adapter unchanged: nothing would be learned"
             )
         if plan.enterprise is not None:
-            delta, _ = privatize_update(delta, plan.enterprise, spec.noise_shares)
-        if (
-            spec.secagg_range is not None
-            and max(float(np.abs(d).max()) for d in delta) > spec.secagg_range
-        ):
+            delta, _ = privatize_update(delta, plan.enterprise, shares)
+        if value_range is not None and max(float(np.abs(d).max()) for d in delta) > value_range:
             # Secure aggregation would silently clip it: refuse to send a corrupted update.
             raise ValueError(
-                f"an update value exceeds the secure-aggregation range {spec.secagg_range:g}; "
+                f"an update value exceeds the secure-aggregation range {value_range:g}; "
                 "clip updates (privacy.enterprise) or raise federation.secure_aggregation.value_range"
             )
-        metrics.update(steps=result.steps, duration_s=time.perf_counter() - started)
         metrics.update({f"epsilon_{s.level}": s.epsilon_run for s in spends})
         if private:
-            # Only the privatized delta leaves: no loss, norm, expert load or record count of the
-            # data; weight 1 because the sensitivity analysis bounds each enterprise's share.
+            # Only the privatized delta and its accounting leave: no loss, norm, expert load,
+            # step count or timing (which tracks the Poisson batch sizes and the data's size);
+            # weight 1 because the sensitivity analysis bounds each enterprise's share.
             weight = 1
         else:
             metrics.update(
                 train_loss=result.mean_loss,
                 update_norm=norm,
                 expert_load=json.dumps(result.expert_load),
+                steps=result.steps,
+                duration_s=time.perf_counter() - started,
             )
             # FedAvg weight: the enterprise's number of training sequences (SecAgg+ would scale
             # the masked values by it, so there every client weighs 1).
-            weight = 1 if spec.secagg_range is not None else int(ws.train_blocks.shape[0])
-        release = Release(delta, weight, metrics, sha, spec.noise_shares, unmasked=False)
+            weight = 1 if secure_sum is not None else int(ws.train_blocks.shape[0])
+        release = Release(delta, weight, metrics, sha, shares, unmasked=False)
         self.ledger.record_release(key, spec.server_round, release)  # before anything leaves
         return delta, weight, metrics
 
     def _replay(
-        self, spec: RoundSpec, earlier: Release, sha: str
+        self, spec: RoundSpec, earlier: Release, sha: str, shares: int
     ) -> tuple[list[np.ndarray], int, dict]:
         """The same round again (a resumed coordinator): the same release, or a refusal."""
         where = f"round {spec.server_round} of run {spec.run_uid[:8]}"
@@ -283,10 +318,10 @@ class EnterpriseNode:
             raise ReplayRefused(
                 f"{where} was already released from another global adapter; one release per round"
             )
-        if earlier.noise_shares > spec.noise_shares:
+        if earlier.noise_shares > shares:
             raise ReplayRefused(
                 f"{where} was released with 1/{earlier.noise_shares} of the noise; "
-                f"a sum of {spec.noise_shares} such updates would carry too little"
+                f"a sum of {shares} such updates would carry too little"
             )
         if earlier.unmasked:
             raise ReplayRefused(
@@ -300,7 +335,13 @@ class EnterpriseNode:
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         spec = RoundSpec.from_config(config)
-        if spec.privacy.enabled or self.node.budget.limited:
+        # Whatever this message says of the run's privacy, the node's ledger knows whether it
+        # trained privately in it.
+        if (
+            spec.privacy.enabled
+            or self.node.budget.limited
+            or self.ledger.trained_privately(spec.run_uid)
+        ):
             raise PermissionError(
                 "this node releases no held-out metrics in a private run (they are not covered by the privacy budget)"
             )

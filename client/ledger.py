@@ -151,6 +151,26 @@ class PrivacyLedger:
         with closing(self._connect()) as db:
             return self._lifetime(db, level)
 
+    def lifetime_delta(self, level: str) -> float:
+        """Delta across runs at `level` (basic composition: the deltas of runs with a finite
+        epsilon add up; a run without a guarantee has no delta to add)."""
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT MAX(delta), MAX(epsilon_run) FROM spends WHERE level = ? GROUP BY run",
+                (level,),
+            ).fetchall()
+        return math.fsum(d for d, eps in rows if math.isfinite(eps))
+
+    def trained_privately(self, run_uid: str) -> bool:
+        """Whether this node released anything under a finite epsilon in run `run_uid` (under
+        any plan of that run)."""
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT epsilon_run FROM spends WHERE run = ? OR run LIKE ?",
+                (run_uid, f"{run_uid}:%"),
+            ).fetchall()
+        return any(math.isfinite(eps) for (eps,) in rows)
+
     def preview(
         self,
         run: str,

@@ -104,6 +104,16 @@ class RoundSpec(BaseModel):
 
 
 @dataclass(frozen=True)
+class SecureSum:
+    """The SecAgg+ round a node's update goes into, as the node read it from Flower's SecAgg+
+    setup message (not from the round config): no sum of fewer than `threshold` clients' updates
+    can be unmasked, and values outside [-clipping_range, clipping_range] would be clipped."""
+
+    threshold: int
+    clipping_range: float
+
+
+@dataclass(frozen=True)
 class BudgetAnswer:
     """A node's answer to the budget handshake: would this round fit its own budget?"""
 

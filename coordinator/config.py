@@ -481,9 +481,8 @@ def check_privacy(config: RunConfig) -> None:
                 f"({type(err).__name__}: {str(err)[:300]})"
             ) from None
     for i, e in enumerate(fed.enterprises):
-        if e.data is None:  # a deployed node checks its own record-level plan
+        if e.data is None:  # a deployed node checks its own data; the plan's noise is public
             records = 1
-            settings = privacy.model_copy(update=dict(record=None))
         else:
             try:
                 train_file = find_split(Path(e.data), "train")
@@ -493,9 +492,14 @@ def check_privacy(config: RunConfig) -> None:
             except (OSError, ValueError, UnicodeDecodeError) as err:
                 problems.append(f"  federation.enterprises.{i}.data: {err}")
                 continue
-            settings = privacy
+            if privacy.record and not privacy.record.delta < 1 / records:
+                problems.append(
+                    f"  privacy.record.delta: must be < 1/records = {1 / records:.3g} for enterprise "
+                    f"{e.name} ({records} records; got {privacy.record.delta:g})"
+                )
+                continue
         try:
-            plan = plan_run(settings, records, train.batch_size, train.local_steps, fed.rounds)
+            plan = plan_run(privacy, records, train.local_steps, fed.rounds)
         except InfeasiblePlan as err:
             problems.append(
                 f"  {err}"
@@ -503,8 +507,14 @@ def check_privacy(config: RunConfig) -> None:
             )
             continue
         for level in ("record", "enterprise"):
+            run_delta = plan.epsilon_after(level, 1)[1]
+            if e.data is not None and run_delta > e.budget.delta:  # a deployed node checks its own
+                problems.append(
+                    f"  privacy.{level}.delta: {run_delta:g} is above the delta of enterprise {e.name} "
+                    f"(federation.enterprises.{i}.budget.delta = {e.budget.delta:g}), which would refuse every round"
+                )
             budget = getattr(e.budget, f"{level}_epsilon")
-            one_round = plan.epsilon_after(level, 1)[0]
+            one_round = plan.epsilon_after(level, 1, e.budget.delta)[0]
             if budget is not None and one_round > budget:
                 what = (
                     f"one round spends {one_round:.3g}"

@@ -48,6 +48,7 @@ from fedmoe.model.lora import (
     set_adapter_vector,
 )
 from fedmoe.model.loss import evaluate_loss
+from fedmoe.privacy import secagg_prg
 
 log = logging.getLogger("fedmoe")
 
@@ -274,6 +275,7 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         legacy = LegacyContext(context=context, config=server_config, strategy=strategy)
         fit_workflow = None
         if secagg.enabled:
+            secagg_prg.install()  # the nodes mask with it; unmasking must match
             fit_workflow = SecAggPlusWorkflow(
                 num_shares=1.0,  # every client holds shares of every other's masks
                 reconstruction_threshold=secagg.reconstruction_threshold,

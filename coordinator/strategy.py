@@ -60,7 +60,7 @@ class BudgetExhausted(RuntimeError):
 
 
 # A node's errors that mean "this node may not take part", not "this node failed".
-REFUSALS = ("BudgetExceeded", "ReplayRefused")
+REFUSALS = ("BudgetExceeded", "ReplayRefused", "RoundRefused")
 
 # node id -> its answer to the budget handshake, or why it gave none
 AskNodes = Callable[[list[int], dict], dict[int, "dict | str"]]

@@ -40,15 +40,17 @@ def describe_privacy(plan: dict | None) -> str:
     plan = plan or {}
     parts = []
     if record := plan.get("record"):
+        rate = f" sample rate {record['sample_rate']:g}" if "sample_rate" in record else ""
         parts.append(
             f"record-level DP-SGD eps {record['epsilon']:g} delta {record['delta']:g} "
-            f"clip {record['clip']:g} ({record['accountant']})"
+            f"clip {record['clip']:g}{rate} ({record['accountant']})"
         )
     if entp := plan.get("enterprise"):
         delta = f" delta {entp['delta']:g}" if entp["mechanism"] == "gaussian" else ""
         parts.append(
             f"enterprise-level {entp['mechanism']} eps {entp['epsilon']:g}{delta} "
-            f"clip {entp['clip']:g} noise x{entp['noise_multiplier']:.3g}"
+            f"clip {entp['clip']:g} noise x{entp['noise_multiplier']:.3g} "
+            f"({entp.get('adjacency', 'zero-out')} adjacency)"
         )
     if not parts:
         return "privacy OFF: this run makes no differential-privacy claim"
@@ -120,6 +122,7 @@ def privacy_ledger_message(store: RunStore, run_id: int | None) -> pb.PrivacyLed
                     status=run.status,
                     secure_aggregation=bool(plan.get("secure_aggregation")),
                     enterprise_mechanism=entp.get("mechanism", ""),
+                    enterprise_adjacency=entp.get("adjacency", "zero-out" if entp else ""),
                     **{f"record_{k}": record[k] for k in ("epsilon", "delta") if k in record},
                     **{f"enterprise_{k}": entp[k] for k in ("epsilon", "delta") if k in entp},
                 )

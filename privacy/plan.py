@@ -28,7 +28,7 @@ from fedmoe.privacy.mechanisms import (
     laplace_share_noise,
     secure_uniform,
 )
-from fedmoe.privacy.settings import EnterpriseLevel, PrivacySettings, RecordLevel
+from fedmoe.privacy.settings import SENSITIVITY, EnterpriseLevel, PrivacySettings, RecordLevel
 
 # Beyond these many DP-SGD steps an accountant's evaluation takes minutes (calibration runs ~15).
 MAX_ACCOUNTED_STEPS = {"prv": 20_000, "pld": 1_000_000}
@@ -50,12 +50,13 @@ class RecordPlan:
     delta: float
     accountant: str
 
-    def epsilon_after(self, participations: int) -> float:
+    def epsilon_after(self, participations: int, delta: float | None = None) -> float:
+        """Epsilon after this many rounds, at `delta` (default: the plan's)."""
         return gaussian_epsilon(
             self.noise_multiplier,
             self.sample_rate,
             participations * self.steps_per_round,
-            self.delta,
+            self.delta if delta is None else delta,
             self.accountant,
         )
 
@@ -70,31 +71,35 @@ class EnterprisePlan:
     noise_multiplier: float
     rounds: int
     delta: float  # 0 for Laplace (pure epsilon-DP)
+    sensitivity: float = 1.0  # in units of clip: 1 under zero-out adjacency, 2 under replace-one
 
     @property
     def noise_scale(self) -> float:
         return self.noise_multiplier * self.clip
 
-    def epsilon_after(self, participations: int) -> float:
+    def epsilon_after(self, participations: int, delta: float | None = None) -> float:
+        """Epsilon after this many releases, at `delta` (default: the plan's; Laplace ignores it)."""
         if participations == 0:
             return 0.0
+        # Noise in units of the sensitivity: what one release's epsilon depends on.
+        relative = self.noise_multiplier / self.sensitivity
         if self.mechanism == "laplace":
-            return (
-                participations / self.noise_multiplier
-            )  # basic composition of epsilon = clip / scale
+            return participations / relative  # basic composition of epsilon = sensitivity / scale
         # k Gaussian releases compose exactly to one with sensitivity sqrt(k) (Balle & Wang's analytic bound).
         return gaussian_epsilon_analytic(
-            self.noise_multiplier, self.delta, sensitivity=math.sqrt(participations)
+            relative, self.delta if delta is None else delta, math.sqrt(participations)
         )
 
 
 def plan_record_level(
-    settings: RecordLevel, records: int, batch_size: int, steps_per_round: int, rounds: int
+    settings: RecordLevel, records: int, steps_per_round: int, rounds: int
 ) -> RecordPlan:
-    """Calibrate DP-SGD noise so `rounds` rounds of `steps_per_round` steps spend at most the target."""
+    """Calibrate DP-SGD noise so `rounds` rounds of `steps_per_round` steps spend at most the
+    target. The noise depends only on public values (the sample rate, steps, rounds), so neither
+    it nor any message below names `records`, which a node sends the coordinator when it refuses."""
     if not settings.delta < 1.0 / records:
         raise InfeasiblePlan(
-            f"privacy.record.delta must be < 1/records = {1.0 / records:.3g} for an enterprise with {records} records (got {settings.delta:g})"
+            f"privacy.record.delta={settings.delta:g} is not below 1/records of this enterprise's data"
         )
     steps = rounds * steps_per_round
     if steps > (limit := MAX_ACCOUNTED_STEPS.get(settings.accountant, steps)):
@@ -102,7 +107,7 @@ def plan_record_level(
             f"privacy.record.accountant={settings.accountant!r} takes minutes per evaluation beyond {limit:,} DP-SGD "
             f'steps, and this plan has {steps:,} (federation.rounds x train.local_steps): use accountant = "rdp"'
         )
-    q = min(1.0, batch_size / records)
+    q = settings.sample_rate
     cap = settings.max_noise_multiplier
 
     def epsilon(noise: float, rounds_: int) -> float:
@@ -120,11 +125,11 @@ def plan_record_level(
                 (mid, too_many) if epsilon(cap, mid) <= settings.epsilon else (max_rounds, mid)
             )
         raise InfeasiblePlan(
-            f"privacy.record.epsilon={settings.epsilon:g} over {rounds} rounds x {steps_per_round} steps at sampling rate {q:.3g} "
-            f"({batch_size} of {records} records) needs a noise multiplier above max_noise_multiplier={cap:g}. "
+            f"privacy.record.epsilon={settings.epsilon:g} over {rounds} rounds x {steps_per_round} steps at "
+            f"privacy.record.sample_rate={q:g} needs a noise multiplier above max_noise_multiplier={cap:g}. "
             f"This plan works with privacy.record.epsilon >= {math.ceil(best * 100) / 100:g}"
             + (f", or with federation.rounds <= {max_rounds}" if max_rounds else "")
-            + ", or with fewer train.local_steps or a smaller train.batch_size"
+            + ", or with fewer train.local_steps or a smaller privacy.record.sample_rate"
         )
     noise = noise_multiplier_for(
         settings.epsilon, q, rounds * steps_per_round, settings.delta, settings.accountant
@@ -137,35 +142,34 @@ def plan_record_level(
 def plan_enterprise_level(settings: EnterpriseLevel, rounds: int) -> EnterprisePlan:
     """Calibrate the update noise so `rounds` releases spend at most the target."""
     cap = settings.max_noise_multiplier
+    sensitivity = SENSITIVITY[settings.adjacency]
     if settings.mechanism == "laplace":
-        noise = (
-            rounds / settings.epsilon
-        )  # each round spends epsilon / rounds: scale = clip * rounds / epsilon
+        # each round spends epsilon / rounds: scale = sensitivity x clip x rounds / epsilon
+        noise = sensitivity * rounds / settings.epsilon
         if noise > cap:
+            most = math.floor(settings.epsilon * cap / sensitivity)
             raise InfeasiblePlan(
                 f"privacy.enterprise.epsilon={settings.epsilon:g} over {rounds} rounds needs Laplace scale {noise:.3g} x clip, "
-                f"above max_noise_multiplier={cap:g}. This plan works with privacy.enterprise.epsilon >= {rounds / cap:.3g}"
-                + (
-                    f", or with federation.rounds <= {math.floor(settings.epsilon * cap)}"
-                    if settings.epsilon * cap >= 1
-                    else ""
-                )
+                f"above max_noise_multiplier={cap:g}. This plan works with privacy.enterprise.epsilon >= "
+                f"{sensitivity * rounds / cap:.3g}"
+                + (f", or with federation.rounds <= {most}" if most >= 1 else "")
             )
-        return EnterprisePlan("laplace", settings.clip, noise, rounds, 0.0)
-    single = gaussian_sigma(settings.epsilon, settings.delta)
+        return EnterprisePlan("laplace", settings.clip, noise, rounds, 0.0, sensitivity)
+    single = gaussian_sigma(settings.epsilon, settings.delta) * sensitivity
     noise = single * math.sqrt(rounds)
     if noise > cap:
+        floor = gaussian_epsilon_analytic(cap / sensitivity, settings.delta, math.sqrt(rounds))
         raise InfeasiblePlan(
             f"privacy.enterprise.epsilon={settings.epsilon:g} over {rounds} rounds needs noise multiplier {noise:.3g}, "
             f"above max_noise_multiplier={cap:g}. This plan works with privacy.enterprise.epsilon >= "
-            f"{math.ceil(gaussian_epsilon_analytic(cap, settings.delta, math.sqrt(rounds)) * 100) / 100:g}"
+            f"{math.ceil(floor * 100) / 100:g}"
             + (
                 f", or with federation.rounds <= {math.floor((cap / single) ** 2)}"
                 if cap >= single
                 else ""
             )
         )
-    return EnterprisePlan("gaussian", settings.clip, noise, rounds, settings.delta)
+    return EnterprisePlan("gaussian", settings.clip, noise, rounds, settings.delta, sensitivity)
 
 
 def privatize_update(
@@ -199,20 +203,26 @@ class PrivacyPlan:
     record: RecordPlan | None
     enterprise: EnterprisePlan | None
 
-    def epsilon_after(self, level: str, participations: int) -> tuple[float, float]:
-        """(epsilon, delta) of the run at `level` after this many releases (infinite epsilon when off)."""
+    def epsilon_after(
+        self, level: str, participations: int, delta: float | None = None
+    ) -> tuple[float, float]:
+        """(epsilon, delta) of the run at `level` after this many releases, at `delta` (default:
+        the plan's; infinite epsilon when the level is off, delta 0 for Laplace)."""
         plan = {"record": self.record, "enterprise": self.enterprise}[level]
         if plan is None:
             return math.inf, 0.0
-        return plan.epsilon_after(participations), plan.delta
+        if plan.delta == 0.0:
+            return plan.epsilon_after(participations), 0.0
+        at = plan.delta if delta is None else delta
+        return plan.epsilon_after(participations, at), at
 
 
 def plan_run(
-    settings: PrivacySettings, records: int, batch_size: int, steps_per_round: int, rounds: int
+    settings: PrivacySettings, records: int, steps_per_round: int, rounds: int
 ) -> PrivacyPlan:
     """The privacy plan of a run for an enterprise with `records` records; raises InfeasiblePlan."""
     return PrivacyPlan(
-        record=plan_record_level(settings.record, records, batch_size, steps_per_round, rounds)
+        record=plan_record_level(settings.record, records, steps_per_round, rounds)
         if settings.record
         else None,
         enterprise=plan_enterprise_level(settings.enterprise, rounds)

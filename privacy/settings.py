@@ -4,7 +4,9 @@ Two levels, each optional and independent:
 - `record`: DP-SGD inside each enterprise. Protects each record (one row of an enterprise's data)
   in everything that enterprise releases during the run.
 - `enterprise`: clipping and noise on each enterprise's adapter update before it leaves the node.
-  Protects an enterprise's whole dataset.
+  Protects an enterprise's whole dataset, under the neighbouring relation `adjacency` names:
+  "zero-out" (the enterprise's update replaced by a zero update: sensitivity = clip) or
+  "replace-one" (its data replaced by any other: sensitivity = 2 x clip).
 Epsilon targets are per enterprise, for the whole run. A level left out gives no guarantee at that
 level: the run says so, and nodes with a lifetime budget at that level refuse to train in it.
 """
@@ -19,6 +21,8 @@ from fedmoe.privacy.accounting import ACCOUNTANTS
 
 Mechanism = Literal["gaussian", "laplace"]
 MECHANISMS: tuple[str, ...] = ("gaussian", "laplace")
+Adjacency = Literal["zero-out", "replace-one"]
+SENSITIVITY = {"zero-out": 1.0, "replace-one": 2.0}  # in units of the clipping bound
 
 
 class _Settings(BaseModel):
@@ -38,6 +42,14 @@ class RecordLevel(_Settings):
         description="target delta; must also be < 1 / records of every enterprise",
     )
     clip: float = Field(1.0, gt=0.0, le=1e6, description="per-example gradient L2 bound")
+    sample_rate: float = Field(
+        0.02,
+        gt=0.0,
+        le=1.0,
+        description="Poisson sampling rate of DP-SGD, the same for every enterprise: public, so "
+        "the epsilon a node reports says nothing about how many records it holds (its expected "
+        "batch is sample_rate x its records)",
+    )
     accountant: Literal["rdp", "prv", "pld"] = Field("rdp", description=f"one of {ACCOUNTANTS}")
     max_physical_batch_size: int = Field(
         16,
@@ -65,6 +77,11 @@ class EnterpriseLevel(_Settings):
     mechanism: Mechanism = Field(
         "gaussian", description="gaussian (L2 clip) or laplace (L1 clip, pure epsilon)"
     )
+    adjacency: Adjacency = Field(
+        "zero-out",
+        description="neighbouring datasets: zero-out (an enterprise's update vs a zero update; "
+        "sensitivity clip) or replace-one (vs any other update; sensitivity 2 x clip)",
+    )
     clip: float = Field(
         1.0,
         gt=0.0,
@@ -86,15 +103,28 @@ class PrivacySettings(_Settings):
 
 
 class NodeBudget(_Settings):
-    """An enterprise's own lifetime budget for its data, across all runs (set on the node's side).
-    A level without a budget is not limited; a level with one refuses rounds that give no
-    guarantee at that level."""
+    """An enterprise's own privacy terms for its data, across all runs (set on the node's side,
+    never by the coordinator): lifetime epsilon per level, its delta, and whether it trusts
+    secure aggregation with noise shares. A level without a budget is not limited; a level with
+    one refuses rounds that give no guarantee at that level."""
 
     record_epsilon: float | None = Field(
         None, gt=0.0, le=1e4, description="lifetime record-level epsilon"
     )
     enterprise_epsilon: float | None = Field(
         None, gt=0.0, le=1e4, description="lifetime enterprise-level epsilon"
+    )
+    delta: float = Field(
+        1e-5,
+        gt=0.0,
+        lt=0.01,
+        description="this node's delta: it refuses runs with a larger one, and its ledger "
+        "charges epsilon at this delta, computed from the noise it adds itself",
+    )
+    full_noise: bool = Field(
+        False,
+        description="add the full noise even under secure aggregation (no noise shares): for a "
+        "node that does not trust that SecAgg+ sums hold `threshold` honest nodes",
     )
 
     @property

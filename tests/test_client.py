@@ -32,7 +32,7 @@ def test_only_adapter_deltas_travel_and_the_base_does_not_drift(client_and_round
         n: p.detach().clone() for n, p in ws.model.named_parameters() if not p.requires_grad
     }
     global_adapter = [get_adapter_vector(ws.model)]
-    delta, num_examples, metrics = client.fit(global_adapter, config, secure_aggregation=False)
+    delta, num_examples, metrics = client.fit(global_adapter, config, secure_sum=None)
     adapter = adapter_parameters(ws.model)
     # One flat float32 vector travels: every adapter tensor, in the canonical order, nothing else.
     (vector,) = delta
@@ -59,9 +59,7 @@ def test_base_fingerprint_mismatch_stops_the_client(client_and_round):
     client, config, ws = client_and_round
     global_adapter = [get_adapter_vector(ws.model)]
     with pytest.raises(RuntimeError, match="base model mismatch"):
-        client.fit(
-            global_adapter, {**config, "base_fingerprint": "0" * 64}, secure_aggregation=False
-        )
+        client.fit(global_adapter, {**config, "base_fingerprint": "0" * 64}, secure_sum=None)
     with pytest.raises(RuntimeError, match="layout mismatch"):
         client.evaluate(global_adapter, {**config, "adapter_layout": "f" * 16})
 

@@ -90,7 +90,7 @@ def test_overrides_are_validated_too(tmp_path):
         ),
         (
             {"privacy.record.epsilon": 1, "privacy.record.delta": 0.01},
-            r"privacy\.record\.delta must be < 1/records = 0\.0025",
+            r"privacy\.record\.delta: must be < 1/records = 0\.0025",
         ),
         (
             {"privacy.enterprise.epsilon": 1, "privacy.enterprise.delta": 0.5},

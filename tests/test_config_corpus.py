@@ -252,12 +252,14 @@ NUMBERS = [
     ("privacy.record", "clip", float, "-1.0", "1000000.5"),
     ("privacy.record", "max_physical_batch_size", int, "0", "65537"),
     ("privacy.record", "max_noise_multiplier", float, "0.0", "10000.5"),
+    ("privacy.record", "sample_rate", float, "0.0", "1.5"),
     ("privacy.enterprise", "epsilon", float, "-1.0", "1000.5"),
     ("privacy.enterprise", "delta", float, "-1e-5", "1.0"),
     ("privacy.enterprise", "clip", float, "0.0", "1000000.5"),
     ("privacy.enterprise", "max_noise_multiplier", float, "0.0", "10000.5"),
     ("federation.enterprises.0.budget", "record_epsilon", float, "0.0", "10000.5"),
     ("federation.enterprises.0.budget", "enterprise_epsilon", float, "-2.0", "10000.5"),
+    ("federation.enterprises.0.budget", "delta", float, "0.0", "0.5"),
 ]
 MODELS = {
     "lora": LoraSettings,
@@ -829,7 +831,7 @@ CASES += [
     ),
     case(
         "record-delta-above-1/records",
-        "privacy.record.delta must be < 1/records = 0.1",
+        "privacy.record.delta: must be < 1/records = 0.1",
         "[privacy.record]\nepsilon = 8.0\ndelta = 0.2\n" + TINY,
     ),
     case(

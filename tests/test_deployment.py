@@ -108,6 +108,7 @@ def test_a_private_run_with_secure_aggregation_enforces_each_nodes_budget(deploy
     store = RunStore(deployment.database_url, migrate=False)
     rounds = store.rounds(run.id)
     assert all(r.updates_seen == 1 for r in rounds)  # the coordinator only ever saw the masked sum
+    assert all(r.server_eval_loss < 1.5 for r in rounds)  # and could unmask it (same mask PRG)
     finance = [next(p for p in r.participations if p.enterprise == "finance") for r in rounds]
     assert [p.status for p in finance] == ["ok", "refused"] and "lifetime budget of 7.5" in finance[
         1

@@ -12,7 +12,7 @@ from fedmoe.client.dp_trainer import train_local_private
 from fedmoe.client.enterprise import EnterpriseNode, workspace
 from fedmoe.client.ledger import BudgetExceeded
 from fedmoe.client.settings import NodeSettings
-from fedmoe.contract.round import LocalTrainSettings
+from fedmoe.contract.round import LocalTrainSettings, SecureSum
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES
 from fedmoe.model.data import PADDING
 from fedmoe.model.lora import (
@@ -182,17 +182,12 @@ def test_every_clients_update_is_within_the_clipping_bound(tmp_path, monkeypatch
     )  # look at the clipped part alone
     client, ws = _client(tmp_path, enterprise)
     delta, weight, metrics = client.fit(
-        [get_adapter_vector(ws.model)], _config(ws, BOTH), secure_aggregation=False
+        [get_adapter_vector(ws.model)], _config(ws, BOTH), secure_sum=None
     )
     assert 0 < l2_norm(delta) <= 0.05 * (1 + 1e-6)
-    # Nothing but the privatized delta describes the data: no loss, norm, expert load or record count.
-    assert weight == 1 and set(metrics) == {
-        "enterprise",
-        "steps",
-        "duration_s",
-        "epsilon_record",
-        "epsilon_enterprise",
-    }
+    # Nothing but the privatized delta and its accounting leaves: no loss, norm, expert load,
+    # record or step count, no timing.
+    assert weight == 1 and set(metrics) == {"enterprise", "epsilon_record", "epsilon_enterprise"}
 
 
 def test_a_round_over_budget_is_refused_before_any_training(tmp_path):
@@ -202,7 +197,7 @@ def test_a_round_over_budget_is_refused_before_any_training(tmp_path):
     answer = client.budget(config)
     assert answer["accept"] is False and "lifetime budget of 0.5" in answer["reason"]
     with pytest.raises(BudgetExceeded):
-        client.fit([adapter], config, secure_aggregation=False)
+        client.fit([adapter], config, secure_sum=None)
     np.testing.assert_array_equal(adapter, get_adapter_vector(ws.model))
     assert client.ledger.entries() == []
 
@@ -221,7 +216,7 @@ def test_dp_that_leaves_the_adapter_unchanged_is_an_error(tmp_path, monkeypatch)
         client.fit(
             [get_adapter_vector(ws.model)],
             _config(ws, {"record": {"epsilon": 8.0}}),
-            secure_aggregation=False,
+            secure_sum=None,
         )
 
 
@@ -235,12 +230,12 @@ def test_a_noise_share_is_never_sent_outside_secure_aggregation(tmp_path):
     client, ws = _client(tmp_path)
     config = _config(ws, BOTH, noise_shares=3)
     with pytest.raises(RuntimeError, match="not under secure aggregation"):
-        client.fit([get_adapter_vector(ws.model)], config, secure_aggregation=False)
+        client.fit([get_adapter_vector(ws.model)], config, secure_sum=None)
     assert client.ledger.entries() == []
 
 
 def test_an_update_secure_aggregation_would_clip_is_refused_not_sent(tmp_path):
     client, ws = _client(tmp_path)
-    config = _config(ws, {"record": {"epsilon": 8.0}}, secagg_range=1e-9)
+    config = _config(ws, {"record": {"epsilon": 8.0}}, noise_shares=2, secagg_range=1e-9)
     with pytest.raises(ValueError, match="exceeds the secure-aggregation range"):
-        client.fit([get_adapter_vector(ws.model)], config, secure_aggregation=False)
+        client.fit([get_adapter_vector(ws.model)], config, secure_sum=SecureSum(2, 1e-9))

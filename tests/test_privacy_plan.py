@@ -19,6 +19,7 @@ from fedmoe.privacy.mechanisms import (
     seeded_uniform,
 )
 from fedmoe.privacy.plan import (
+    EnterprisePlan,
     InfeasiblePlan,
     plan_enterprise_level,
     plan_record_level,
@@ -32,13 +33,12 @@ from fedmoe.privacy.settings import EnterpriseLevel, PrivacySettings, RecordLeve
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])
 def test_record_level_plan_spends_at_most_the_target_over_the_planned_rounds(accountant, epsilon):
     plan = plan_record_level(
-        RecordLevel(epsilon=epsilon, accountant=accountant),
+        RecordLevel(epsilon=epsilon, accountant=accountant, sample_rate=0.02),
         records=400,
-        batch_size=8,
         steps_per_round=12,
         rounds=3,
     )
-    assert plan.sample_rate == 8 / 400 and plan.expected_batch_size == 8
+    assert plan.sample_rate == 0.02 and plan.expected_batch_size == 8
     assert plan.epsilon_after(3) <= epsilon
     assert plan.epsilon_after(3) > 0.97 * epsilon  # tight: not over-noised
     assert plan.epsilon_after(1) < plan.epsilon_after(2) < plan.epsilon_after(3)
@@ -75,7 +75,6 @@ def test_a_level_that_is_off_gives_no_guarantee():
     plan = plan_run(
         PrivacySettings(enterprise=EnterpriseLevel(epsilon=1.0)),
         records=100,
-        batch_size=4,
         steps_per_round=2,
         rounds=2,
     )
@@ -86,12 +85,11 @@ def test_a_level_that_is_off_gives_no_guarantee():
 def test_infeasible_record_plan_is_refused_with_numbers_that_work():
     settings = RecordLevel(epsilon=0.05, max_noise_multiplier=5.0)
     with pytest.raises(InfeasiblePlan, match=r"privacy\.record\.epsilon >= ([0-9.]+)") as err:
-        plan_record_level(settings, records=400, batch_size=8, steps_per_round=12, rounds=10)
+        plan_record_level(settings, records=400, steps_per_round=12, rounds=10)
     suggested = float(err.value.args[0].split("privacy.record.epsilon >= ")[1].split(",")[0])
     plan = plan_record_level(
         settings.model_copy(update={"epsilon": suggested}),
         records=400,
-        batch_size=8,
         steps_per_round=12,
         rounds=10,
     )
@@ -116,15 +114,63 @@ def test_infeasible_enterprise_plan_suggests_epsilon_and_rounds_that_work():
     )
 
 
-def test_delta_must_be_below_one_over_records():
-    with pytest.raises(InfeasiblePlan, match=r"privacy\.record\.delta must be < 1/records = 0\.01"):
+def test_delta_must_be_below_one_over_records_without_naming_the_count():
+    with pytest.raises(
+        InfeasiblePlan, match=r"privacy\.record\.delta=0\.01 is not below 1/records"
+    ) as err:
         plan_record_level(
-            RecordLevel(epsilon=1.0, delta=0.01),
-            records=100,
-            batch_size=4,
-            steps_per_round=1,
-            rounds=1,
+            RecordLevel(epsilon=1.0, delta=0.01), records=100, steps_per_round=1, rounds=1
         )
+    assert "100" not in str(err.value)
+
+
+def test_the_record_level_plan_and_its_refusals_do_not_depend_on_the_record_count():
+    # A node's epsilon and refusal texts reach the coordinator: they must not pin its record count.
+    settings = RecordLevel(epsilon=2.0, sample_rate=0.05)
+    small, large = (plan_record_level(settings, n, 12, 3) for n in (400, 37_123))
+    assert small.noise_multiplier == large.noise_multiplier
+    assert [small.epsilon_after(k) for k in (1, 2, 3)] == [
+        large.epsilon_after(k) for k in (1, 2, 3)
+    ]
+    tight = settings.model_copy(update={"epsilon": 0.05, "max_noise_multiplier": 2.0})
+    reasons = set()
+    for n in (400, 37_123):
+        with pytest.raises(InfeasiblePlan) as err:
+            plan_record_level(tight, n, 12, 3)
+        reasons.add(str(err.value))
+    assert len(reasons) == 1 and "400" not in reasons.pop()
+
+
+def test_epsilon_at_a_larger_delta_is_smaller_and_matches_the_accountant():
+    record = plan_record_level(RecordLevel(epsilon=4.0), 400, 12, 3)
+    at_node = record.epsilon_after(3, 1e-3)
+    assert at_node < record.epsilon_after(3) and at_node == pytest.approx(
+        gaussian_epsilon(record.noise_multiplier, 0.02, 36, 1e-3, "rdp")
+    )
+    enterprise = plan_enterprise_level(EnterpriseLevel(epsilon=4.0), rounds=3)
+    assert enterprise.epsilon_after(3, 1e-3) == pytest.approx(
+        gaussian_epsilon_analytic(enterprise.noise_multiplier, 1e-3, math.sqrt(3))
+    )
+    both = plan_run(PrivacySettings(enterprise=EnterpriseLevel(epsilon=4.0)), 1, 1, 3)
+    assert both.epsilon_after("enterprise", 3, 1e-3) == (enterprise.epsilon_after(3, 1e-3), 1e-3)
+
+
+@pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
+def test_replace_one_adjacency_doubles_the_sensitivity(mechanism):
+    zero_out, replace_one = (
+        plan_enterprise_level(
+            EnterpriseLevel(epsilon=4.0, mechanism=mechanism, adjacency=adjacency), rounds=3
+        )
+        for adjacency in ("zero-out", "replace-one")
+    )
+    assert replace_one.noise_multiplier == pytest.approx(2 * zero_out.noise_multiplier)
+    assert replace_one.epsilon_after(3) == pytest.approx(4.0, abs=1e-9)
+    assert zero_out.epsilon_after(3) == pytest.approx(4.0, abs=1e-9)
+    # The zero-out plan's noise, analysed under replace-one, spends far more than its target.
+    loose = EnterprisePlan(
+        mechanism, zero_out.clip, zero_out.noise_multiplier, 3, zero_out.delta, sensitivity=2.0
+    )
+    assert loose.epsilon_after(3) > 7.0
 
 
 def test_laplace_shares_sum_to_exactly_laplace():

@@ -16,7 +16,7 @@ from conftest import round_config
 from fedmoe.client.enterprise import EnterpriseNode, workspace
 from fedmoe.client.ledger import ReplayRefused
 from fedmoe.client.settings import NodeSettings
-from fedmoe.contract.round import LocalTrainSettings
+from fedmoe.contract.round import LocalTrainSettings, SecureSum
 from fedmoe.coordinator.db import RunStore
 from fedmoe.coordinator.runs import RunSupervisor
 from fedmoe.coordinator.server_app import load_checkpoint, write_atomically
@@ -46,9 +46,9 @@ def _config(ws, server_round=1, **changes):
 def test_a_resent_round_gets_the_same_release_and_no_second_charge(node):
     client, ws = node
     adapter = [get_adapter_vector(ws.model)]
-    first = client.fit([a.copy() for a in adapter], _config(ws), secure_aggregation=False)
+    first = client.fit([a.copy() for a in adapter], _config(ws), secure_sum=None)
     entries = client.ledger.entries()
-    again = client.fit([a.copy() for a in adapter], _config(ws), secure_aggregation=False)
+    again = client.fit([a.copy() for a in adapter], _config(ws), secure_sum=None)
     np.testing.assert_array_equal(first[0][0], again[0][0])  # the very same noise
     assert first[2] == again[2] and client.ledger.entries() == entries
     assert (
@@ -59,17 +59,17 @@ def test_a_resent_round_gets_the_same_release_and_no_second_charge(node):
 def test_a_resent_round_that_is_not_the_same_release_is_refused(node):
     client, ws = node
     adapter = get_adapter_vector(ws.model)
-    client.fit([adapter.copy()], _config(ws, noise_shares=2), secure_aggregation=True)
+    client.fit([adapter.copy()], _config(ws, noise_shares=2), secure_sum=SecureSum(2, 100.0))
     with pytest.raises(ReplayRefused, match="another global adapter"):
-        client.fit([adapter + 1e-3], _config(ws, noise_shares=2), secure_aggregation=True)
+        client.fit([adapter + 1e-3], _config(ws, noise_shares=2), secure_sum=SecureSum(2, 100.0))
     with pytest.raises(ReplayRefused, match="too little"):
-        client.fit([adapter.copy()], _config(ws, noise_shares=1), secure_aggregation=True)
+        client.fit([adapter.copy()], _config(ws, noise_shares=1), secure_sum=SecureSum(1, 100.0))
     client.fit(
-        [adapter.copy()], _config(ws, noise_shares=3), secure_aggregation=True
+        [adapter.copy()], _config(ws, noise_shares=3), secure_sum=SecureSum(3, 100.0)
     )  # more noise: the same release is fine
     client.mark_unmasked(client.ledger.entries()[0][0], 1)
     with pytest.raises(ReplayRefused, match="already unmasked"):
-        client.fit([adapter.copy()], _config(ws, noise_shares=2), secure_aggregation=True)
+        client.fit([adapter.copy()], _config(ws, noise_shares=2), secure_sum=SecureSum(2, 100.0))
     assert len(client.ledger.entries()) == 2  # round 1, both levels, charged once
 
 
@@ -80,10 +80,10 @@ def test_a_round_charged_but_never_released_trains_again_at_no_new_charge(node, 
         client.ledger, "record_release", lambda *a: (_ for _ in ()).throw(OSError("disk full"))
     )
     with pytest.raises(OSError):
-        client.fit([adapter.copy()], _config(ws), secure_aggregation=False)
+        client.fit([adapter.copy()], _config(ws), secure_sum=None)
     monkeypatch.undo()
     entries = client.ledger.entries()
-    client.fit([adapter.copy()], _config(ws), secure_aggregation=False)
+    client.fit([adapter.copy()], _config(ws), secure_sum=None)
     assert client.ledger.entries() == entries
 
 
@@ -92,7 +92,7 @@ def test_a_node_refuses_a_global_adapter_with_nan(node):
     adapter = get_adapter_vector(ws.model)
     adapter[3] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
-        client.fit([adapter], _config(ws), secure_aggregation=False)
+        client.fit([adapter], _config(ws), secure_sum=None)
     assert client.ledger.entries() == []  # refused before anything was charged
 
 

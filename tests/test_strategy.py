@@ -270,7 +270,7 @@ def test_private_runs_ask_for_no_held_out_metrics_and_send_the_noise_shares(tmp_
         {n: _accept(str(n), 1.0, 1.0) for n in (1, 2, 3)},
         **{
             "privacy.enterprise.epsilon": 4.0,
-            "privacy.enterprise.delta": 1e-3,
+            "privacy.enterprise.delta": 1e-6,
             "federation.secure_aggregation.enabled": True,
         },
     )

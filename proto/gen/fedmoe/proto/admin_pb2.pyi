@@ -203,7 +203,7 @@ class Participation(_message.Message):
     def __init__(self, enterprise: _Optional[str] = ..., node_id: _Optional[str] = ..., status: _Optional[str] = ..., epsilon_record: _Optional[float] = ..., epsilon_enterprise: _Optional[float] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., heldout_loss_before: _Optional[float] = ..., eval_loss: _Optional[float] = ..., update_norm: _Optional[float] = ..., duration_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RunPrivacy(_message.Message):
-    __slots__ = ("run_id", "status", "secure_aggregation", "record_epsilon", "record_delta", "enterprise_epsilon", "enterprise_delta", "enterprise_mechanism")
+    __slots__ = ("run_id", "status", "secure_aggregation", "record_epsilon", "record_delta", "enterprise_epsilon", "enterprise_delta", "enterprise_mechanism", "enterprise_adjacency")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class RunPrivacy(_message.Message):
     ENTERPRISE_EPSILON_FIELD_NUMBER: _ClassVar[int]
     ENTERPRISE_DELTA_FIELD_NUMBER: _ClassVar[int]
     ENTERPRISE_MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    ENTERPRISE_ADJACENCY_FIELD_NUMBER: _ClassVar[int]
     run_id: int
     status: str
     secure_aggregation: bool
@@ -220,7 +221,8 @@ class RunPrivacy(_message.Message):
     enterprise_epsilon: float
     enterprise_delta: float
     enterprise_mechanism: str
-    def __init__(self, run_id: _Optional[int] = ..., status: _Optional[str] = ..., secure_aggregation: _Optional[bool] = ..., record_epsilon: _Optional[float] = ..., record_delta: _Optional[float] = ..., enterprise_epsilon: _Optional[float] = ..., enterprise_delta: _Optional[float] = ..., enterprise_mechanism: _Optional[str] = ...) -> None: ...
+    enterprise_adjacency: str
+    def __init__(self, run_id: _Optional[int] = ..., status: _Optional[str] = ..., secure_aggregation: _Optional[bool] = ..., record_epsilon: _Optional[float] = ..., record_delta: _Optional[float] = ..., enterprise_epsilon: _Optional[float] = ..., enterprise_delta: _Optional[float] = ..., enterprise_mechanism: _Optional[str] = ..., enterprise_adjacency: _Optional[str] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
     __slots__ = ("run_id", "round", "enterprise", "status", "epsilon_record", "epsilon_enterprise", "note")
