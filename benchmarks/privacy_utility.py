@@ -61,8 +61,7 @@ def federated_run(
             adapter_layout=ws.layout,
         ).to_config()  # fmt: skip
         results = [
-            c.fit([a.copy() for a in global_adapter], config, secure_aggregation=False)
-            for c in clients
+            c.fit([a.copy() for a in global_adapter], config, secure_sum=None) for c in clients
         ]
         average = weighted_average([d for d, _, _ in results], [n for _, n, _ in results])
         global_adapter = apply_update(global_adapter, average)

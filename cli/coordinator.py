@@ -28,6 +28,19 @@ def cmd_run(args) -> int:
     return launch(config, verbose=args.verbose)
 
 
+def cmd_audit(args) -> int:
+    """`fedmoe run` with the one-run audit on (its defaults unless the config sets [privacy.audit])."""
+    from fedmoe.coordinator.config import load_run_config, parse_overrides
+    from fedmoe.coordinator.launcher import launch
+    from fedmoe.privacy.settings import AuditSettings
+
+    config = load_run_config(args.config, parse_overrides(args.set))
+    if config.privacy.audit is None:
+        privacy = config.privacy.model_copy(update={"audit": AuditSettings()})
+        config = config.model_copy(update={"privacy": privacy})
+    return launch(config, verbose=args.verbose)
+
+
 def _store(args):
     from fedmoe.coordinator.db import RunStore
 
@@ -195,6 +208,18 @@ def add_commands(sub) -> None:
     )
     add_database_arg(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "audit",
+        help="a run (as `fedmoe run`) with the one-run privacy audit: canaries on every node, "
+        "an epsilon lower bound at the end (`fedmoe privacy` shows it)",
+    )
+    p.add_argument("--config", type=Path, help="run config TOML; default: built-in defaults")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value"
+    )
+    p.add_argument("--verbose", action="store_true", help="show Flower's own log lines too")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("runs", help="list runs")
     add_database_arg(p)

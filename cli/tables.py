@@ -153,6 +153,28 @@ def privacy_tables(ledger: pb.PrivacyLedger, per_round: bool) -> list[Table]:
             str(entry["rounds"]),
         )
     tables = [runs]
+    audited = [r for r in ledger.runs if r.HasField("audit_epsilon_lower_bound")]
+    if audited:
+        audit = Table(title="one-run privacy audit (record level; Steinke, Nasr, Jagielski 2023)")
+        for col in (
+            "run",
+            "claimed eps",
+            "audited eps >=",
+            "confidence",
+            "canaries",
+            "right guesses",
+        ):
+            audit.add_column(col)
+        for r in audited:
+            audit.add_row(
+                str(r.run_id),
+                f"{r.record_epsilon:g}" if r.HasField("record_epsilon") else "none",
+                f"{r.audit_epsilon_lower_bound:.3f}",
+                f"{r.audit_confidence:.0%}",
+                str(r.audit_canaries),
+                f"{r.audit_correct} of {r.audit_guesses}",
+            )
+        tables.append(audit)
     if per_round:
         table = Table(title="privacy per round (the run's epsilon after the round)")
         for col in ("run", "round", "enterprise", "status", "record eps", "enterprise eps", "note"):

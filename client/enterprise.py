@@ -9,8 +9,10 @@ the coordinator's round config and the global adapter in, and the release out.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,8 +29,9 @@ from fedmoe.contract.round import BudgetAnswer, RoundSpec, SecureSum
 from fedmoe.model.base import fingerprint, load_base, load_tokenizer
 from fedmoe.model.data import find_split, load_blocks, load_records
 from fedmoe.model.lora import adapter_layout, attach_lora, get_adapter_vector, set_adapter_vector
-from fedmoe.model.loss import evaluate_loss
+from fedmoe.model.loss import evaluate_loss, per_sequence_loss
 from fedmoe.model.settings import LoraSettings
+from fedmoe.privacy.audit import make_canaries, score_guesses
 from fedmoe.privacy.mechanisms import l2_norm
 from fedmoe.privacy.plan import InfeasiblePlan, PrivacyPlan, plan_run, privatize_update
 from fedmoe.privacy.settings import PrivacySettings
@@ -145,11 +148,31 @@ def _enterprise_seed(name: str) -> int:
     return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
 
 
+@contextlib.contextmanager
+def _base_only(ws: Workspace):
+    """The frozen base alone: every LoRA factor zero (A = B = 0 adds nothing), then restored."""
+    adapter = get_adapter_vector(ws.model).copy()
+    set_adapter_vector(ws.model, np.zeros_like(adapter))
+    try:
+        yield
+    finally:
+        set_adapter_vector(ws.model, adapter)
+
+
+def _sequence_losses(ws: Workspace, rows: torch.Tensor, batch_size: int) -> np.ndarray:
+    losses = [
+        per_sequence_loss(ws.model, rows[i : i + batch_size].to(ws.device)).float().cpu()
+        for i in range(0, rows.shape[0], batch_size)
+    ]
+    return torch.cat(losses).numpy()
+
+
 class EnterpriseNode:
     """One enterprise: checks its own privacy budget, trains, privatizes, releases a delta."""
 
     def __init__(self, node: NodeSettings):
         self.node = node
+        self._canary_cache: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
         self.ledger = PrivacyLedger(node.ledger_path)
         self.budgets = {
             "record": node.budget.record_epsilon,
@@ -160,13 +183,45 @@ class EnterpriseNode:
         """Load the model and tokenize the data now, so the first round does not pay for it."""
         return workspace(self.node, lora or LoraSettings(), seq_len)
 
+    def _canaries(self, spec: RoundSpec, ws: Workspace) -> tuple[torch.Tensor, np.ndarray]:
+        """The run's audit canaries (all of them: samples of the frozen base from this node's
+        secret seed) and which ones this node trains on; made once per run and kept."""
+        key = (spec.run_uid, spec.privacy.audit.canaries, spec.train.seq_len)
+        if key not in self._canary_cache:
+            cache = {}
+
+            def next_token_probs(prefixes: np.ndarray) -> np.ndarray:
+                # One new token per call: feed it alone with the cached keys and values.
+                ids = torch.from_numpy(prefixes).to(ws.device)
+                if "past" in cache:
+                    ids = ids[:, -1:]
+                out = ws.model(input_ids=ids, cache=cache.get("past"), use_cache=True)
+                cache["past"] = out.cache
+                return torch.softmax(out.logits[:, -1].float(), dim=-1).cpu().numpy()
+
+            with _base_only(ws), torch.no_grad():
+                tokens, included = make_canaries(
+                    self.ledger.canary_seed(spec.run_uid), key[1], key[2],
+                    int(ws.model.config.vocab_size), next_token_probs,
+                )  # fmt: skip
+            self._canary_cache[key] = (torch.from_numpy(tokens), included)
+        return self._canary_cache[key]
+
+    def _training_rows(self, spec: RoundSpec, ws: Workspace) -> torch.Tensor:
+        """What this round trains on: records under record-level DP, packed blocks otherwise;
+        with the run's included audit canaries among them (records like any other)."""
+        rows = ws.train_records if spec.privacy.record else ws.train_blocks
+        if spec.privacy.audit is None:
+            return rows
+        canaries, included = self._canaries(spec, ws)
+        return torch.cat([rows, canaries[torch.from_numpy(included)]])
+
     def _prepare(self, config: dict) -> tuple[RoundSpec, Workspace, PrivacyPlan]:
         spec = RoundSpec.from_config(config)
         ws = workspace(self.node, spec.lora, spec.train.seq_len)
         _check_round(ws, spec)
-        records = (
-            ws.train_records.shape[0] if spec.privacy.record else 0
-        )  # only record-level DP needs it
+        # Only record-level DP needs the count (its delta check and expected batch).
+        records = self._training_rows(spec, ws).shape[0] if spec.privacy.record else 0
         plan = _privacy_plan(
             spec.privacy.model_dump_json(), records, spec.train.local_steps, spec.rounds
         )
@@ -259,10 +314,11 @@ class EnterpriseNode:
             metrics["heldout_loss_before"] = evaluate_loss(
                 ws.model, ws.heldout_blocks, spec.train.eval_batch_size, ws.device
             )
+        rows = self._training_rows(spec, ws)
         if plan.record is not None:
             record = spec.privacy.record
             result = train_local_private(
-                ws.model, ws.train_records, spec.train, plan.record, record.clip,
+                ws.model, rows, spec.train, plan.record, record.clip,
                 record.max_physical_batch_size, ws.device,
             )  # fmt: skip
         else:
@@ -271,7 +327,7 @@ class EnterpriseNode:
                 + spec.server_round * 1009
                 + _enterprise_seed(self.node.enterprise)
             )
-            result = train_local(ws.model, ws.train_blocks, spec.train, seed=seed, device=ws.device)
+            result = train_local(ws.model, rows, spec.train, seed=seed, device=ws.device)
         delta = [get_adapter_vector(ws.model) - global_vector]
         norm = l2_norm(delta)
         if not np.isfinite(norm):
@@ -304,7 +360,7 @@ class EnterpriseNode:
             )
             # FedAvg weight: the enterprise's number of training sequences (SecAgg+ would scale
             # the masked values by it, so there every client weighs 1).
-            weight = 1 if secure_sum is not None else int(ws.train_blocks.shape[0])
+            weight = 1 if secure_sum is not None else int(rows.shape[0])
         release = Release(delta, weight, metrics, sha, shares, unmasked=False)
         self.ledger.record_release(key, spec.server_round, release)  # before anything leaves
         return delta, weight, metrics
@@ -334,19 +390,48 @@ class EnterpriseNode:
         self.ledger.mark_unmasked(run_key, round_number)
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        """Held-out loss on the coordinator's adapter (never in a private run), and with
+        `spec.audit` the one-run audit's counts (in any run: a function of the adapter and of
+        canaries, not of the enterprise's records)."""
         spec = RoundSpec.from_config(config)
         # Whatever this message says of the run's privacy, the node's ledger knows whether it
         # trained privately in it.
-        if (
+        private = (
             spec.privacy.enabled
             or self.node.budget.limited
             or self.ledger.trained_privately(spec.run_uid)
-        ):
+        )
+        if private and not spec.audit:
             raise PermissionError(
                 "this node releases no held-out metrics in a private run (they are not covered by the privacy budget)"
             )
         ws = workspace(self.node, spec.lora, spec.train.seq_len)
         _check_round(ws, spec)
         _global_adapter(parameters, ws)
+        metrics: dict = {"enterprise": self.node.enterprise}
+        if spec.audit:
+            metrics.update(self._audit_counts(spec, ws))
+        if private:
+            return math.nan, 0, metrics
         loss = evaluate_loss(ws.model, ws.heldout_blocks, spec.train.eval_batch_size, ws.device)
-        return loss, int(ws.heldout_blocks.shape[0]), {"enterprise": self.node.enterprise}
+        return loss, int(ws.heldout_blocks.shape[0]), metrics
+
+    def _audit_counts(self, spec: RoundSpec, ws: Workspace) -> dict:
+        """Guess which canaries the adapter was trained on; only the counts leave the node."""
+        audit = spec.privacy.audit
+        if audit is None:
+            raise RoundRefused("asked for an audit in a run without [privacy.audit]")
+        canaries, included = self._canaries(spec, ws)
+        ws.model.eval()
+        with torch.no_grad():
+            trained = _sequence_losses(ws, canaries, spec.train.eval_batch_size)
+            with _base_only(ws):
+                base = _sequence_losses(ws, canaries, spec.train.eval_batch_size)
+        # How much training lowered each canary's loss: the base's own preferences cancel out.
+        per_side = max(1, round(audit.canaries * audit.guess_fraction / 2))
+        guesses, correct = score_guesses(trained - base, included, per_side)
+        return {
+            "audit_canaries": audit.canaries,
+            "audit_guesses": guesses,
+            "audit_correct": correct,
+        }

@@ -23,6 +23,7 @@ import datetime as dt
 import io
 import json
 import math
+import os
 import sqlite3
 from collections.abc import Callable
 from contextlib import closing
@@ -43,6 +44,11 @@ CREATE TABLE IF NOT EXISTS spends (
     epsilon_run REAL NOT NULL,  -- the run's epsilon at this level after this release
     delta REAL NOT NULL,
     recorded_at TEXT NOT NULL
+)""",
+    """
+CREATE TABLE IF NOT EXISTS canary_seeds (
+    run TEXT PRIMARY KEY,  -- a run uid: the same canaries and coins every round of the run
+    seed BLOB NOT NULL     -- secret: whoever knows it knows which canaries were trained on
 )""",
     """
 CREATE TABLE IF NOT EXISTS releases (
@@ -160,6 +166,17 @@ class PrivacyLedger:
                 (level,),
             ).fetchall()
         return math.fsum(d for d, eps in rows if math.isfinite(eps))
+
+    def canary_seed(self, run_uid: str) -> bytes:
+        """This node's secret canary seed for a run, made on first use."""
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT OR IGNORE INTO canary_seeds (run, seed) VALUES (?, ?)",
+                (run_uid, os.urandom(32)),
+            )
+            return db.execute("SELECT seed FROM canary_seeds WHERE run = ?", (run_uid,)).fetchone()[
+                0
+            ]
 
     def trained_privately(self, run_uid: str) -> bool:
         """Whether this node released anything under a finite epsilon in run `run_uid` (under

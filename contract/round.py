@@ -69,6 +69,9 @@ class RoundSpec(BaseModel):
     secagg_range: float | None = Field(
         None, gt=0.0, description="SecAgg+ clipping range of this round"
     )
+    audit: bool = Field(
+        False, description="an evaluate message that asks for the one-run audit's counts"
+    )
 
     def to_config(self, **extra) -> dict:
         config = self.model_dump(exclude=set(NESTED), exclude_none=True)

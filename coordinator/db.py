@@ -64,6 +64,8 @@ class Run(Base):
     engine: Mapped[str] = mapped_column(String(16))  # simulation | deployment
     config: Mapped[dict] = mapped_column(JSON)
     privacy_plan: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # targets and noise
+    # The one-run audit (privacy/audit.py): canaries, guesses, correct, the epsilon lower bound.
+    audit: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     base_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     planned_rounds: Mapped[int] = mapped_column(Integer)
     enterprises: Mapped[list | None] = mapped_column(JSON, nullable=True)
@@ -319,6 +321,10 @@ class RunStore:
                 return False
             run.status, run.error, run.ended_at = status, error, utcnow()
             return True
+
+    def record_audit(self, run_id: int, audit: dict) -> None:
+        with self._session.begin() as s:
+            s.get(Run, run_id, with_for_update=True).audit = audit
 
     def runs(self, statuses: tuple[str, ...] | None = None) -> list[Run]:
         with self._session() as s:

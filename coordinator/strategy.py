@@ -49,6 +49,7 @@ from fedmoe.coordinator.aggregation import (
 )
 from fedmoe.coordinator.config import RunConfig
 from fedmoe.coordinator.db import ParticipationRecord, RoundRecord, RunStore, utcnow
+from fedmoe.privacy.audit import epsilon_lower_bound
 
 
 class RoundAborted(RuntimeError):
@@ -376,31 +377,73 @@ class FederatedLoRA(FedAvg):
         )
         if server_round > 0:
             pending.server_eval_loss = loss
-            if self.config.privacy.enabled:
+            if self.fraction_evaluate == 0.0 and not self._audits(pending.number):
                 self.flush()  # no federated evaluation follows under DP
         return None if loss is None else (loss, {})
 
     def configure_evaluate(self, server_round, parameters, client_manager):
-        """Held-out losses from the enterprises whose update this round averaged and that are
-        still connected; nobody is waited for."""
-        if self.fraction_evaluate == 0.0 or self.pending is None:
+        """Held-out losses (public runs) from the enterprises whose update this round averaged
+        and that are still connected; nobody is waited for. After the last round of an audited
+        run, the same message also asks each of them for its audit counts."""
+        if self.pending is None:
+            return []
+        audit = self._audits(self.pending.number)
+        if self.fraction_evaluate == 0.0 and not audit:
             return []
         connected = {p.node_id for p in client_manager.all().values()}
-        ins = EvaluateIns(parameters, self.round_spec(self.pending.number).to_config())
+        ins = EvaluateIns(parameters, self.round_spec(self.pending.number, audit=audit).to_config())
         return [(proxy, ins) for proxy in self.pending.trained if proxy.node_id in connected]
+
+    def _audits(self, number: int) -> bool:
+        """Whether round `number` ends with the one-run audit (the run's last round)."""
+        return self.config.privacy.audit is not None and number == self.config.federation.rounds
 
     def aggregate_evaluate(self, server_round, results, failures):
         pending = self.pending
         total, count = 0.0, 0
+        counts = {"canaries": 0, "guesses": 0, "correct": 0}
         for proxy, res in results:
             record = pending.participations.get(str(proxy.node_id))
-            if record is not None:
-                record.eval_loss = float(res.loss)
-            total += float(res.loss) * res.num_examples
-            count += res.num_examples
+            if res.num_examples:  # a private node answers an audit with counts only
+                if record is not None:
+                    record.eval_loss = float(res.loss)
+                total += float(res.loss) * res.num_examples
+                count += res.num_examples
+            node = {key: _count(res.metrics.get(f"audit_{key}")) for key in counts}
+            if 0 <= node["correct"] <= node["guesses"] <= node["canaries"]:
+                counts = {key: counts[key] + node[key] for key in counts}
         eval_loss = total / count if count else None
         self.flush(eval_loss)
+        if counts["guesses"]:
+            self._record_audit(**counts)
         return eval_loss, {}
+
+    def _record_audit(self, canaries: int, guesses: int, correct: int) -> None:
+        """The one-run audit's lower bound from the nodes' summed counts; loud if it refutes the
+        run's record-level claim."""
+        audit, record = self.config.privacy.audit, self.config.privacy.record
+        delta = record.delta if record else 1e-5
+        bound = epsilon_lower_bound(canaries, guesses, correct, delta, audit.confidence)
+        claimed = record.epsilon if record else None
+        self.store.record_audit(
+            self.run_id,
+            dict(
+                canaries=canaries, guesses=guesses, correct=correct, delta=delta,
+                confidence=audit.confidence, epsilon_lower_bound=bound, claimed_epsilon=claimed,
+            ),
+        )  # fmt: skip
+        claim = f"claimed {claimed:g}" if claimed is not None else "no record-level claim"
+        print(
+            f"[fedmoe] audit: record-level epsilon >= {bound:.3f} at {audit.confidence:.0%} "
+            f"confidence ({claim}; {correct} of {guesses} guesses right, {canaries} canaries)",
+            flush=True,
+        )
+        if claimed is not None and bound > claimed:
+            print(
+                f"[fedmoe] WARNING: the audit refutes the run's privacy claim: epsilon >= {bound:.3f} "
+                f"> {claimed:g}. Do not trust this run's record-level guarantee; report it.",
+                flush=True,
+            )
 
     def flush(self, eval_loss: float | None = None) -> None:
         """Write the pending round (and all its participations) in one transaction."""
@@ -460,6 +503,11 @@ def _exception_line(reason: str) -> str:
     # Flower's simulation wraps a ClientApp's error once more.
     line = re.sub(r"^Exception ClientAppException occurred\. Message: ", "", line)
     return line[:500]
+
+
+def _count(value) -> int:
+    """A count a node reported (0 when absent or malformed: the audit then sees fewer guesses)."""
+    return value if isinstance(value, int) and 0 <= value <= 10_000_000 else 0
 
 
 def _finite(value) -> float | None:

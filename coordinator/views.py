@@ -108,6 +108,16 @@ def round_message(r: Round) -> pb.Round:
     )
 
 
+def _audit_fields(audit: dict | None) -> dict:
+    if not audit:
+        return {}
+    return {
+        "audit_epsilon_lower_bound": audit["epsilon_lower_bound"],
+        "audit_confidence": audit["confidence"],
+        **{f"audit_{k}": audit[k] for k in ("canaries", "guesses", "correct")},
+    }
+
+
 def privacy_ledger_message(store: RunStore, run_id: int | None) -> pb.PrivacyLedger:
     ledger = pb.PrivacyLedger()
     seen: set[int] = set()
@@ -123,6 +133,7 @@ def privacy_ledger_message(store: RunStore, run_id: int | None) -> pb.PrivacyLed
                     secure_aggregation=bool(plan.get("secure_aggregation")),
                     enterprise_mechanism=entp.get("mechanism", ""),
                     enterprise_adjacency=entp.get("adjacency", "zero-out" if entp else ""),
+                    **_audit_fields(run.audit),
                     **{f"record_{k}": record[k] for k in ("epsilon", "delta") if k in record},
                     **{f"enterprise_{k}": entp[k] for k in ("epsilon", "delta") if k in entp},
                 )

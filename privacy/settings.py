@@ -93,9 +93,26 @@ class EnterpriseLevel(_Settings):
     )
 
 
+class AuditSettings(_Settings):
+    """The one-run audit (privacy/audit.py): canaries in every enterprise's training data, an
+    epsilon lower bound after the run."""
+
+    canaries: int = Field(
+        100, ge=10, le=100_000, description="canary records per enterprise, each in with p=1/2"
+    )
+    guess_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="share of an enterprise's canaries it guesses (half 'in', half 'out')",
+    )
+    confidence: float = Field(0.95, ge=0.5, lt=1.0, description="of the epsilon lower bound")
+
+
 class PrivacySettings(_Settings):
     record: RecordLevel | None = None
     enterprise: EnterpriseLevel | None = None
+    audit: AuditSettings | None = None
 
     @property
     def enabled(self) -> bool:

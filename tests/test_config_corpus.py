@@ -32,7 +32,7 @@ from fedmoe.coordinator.config import (
 )
 from fedmoe.model.base import EMBEDDED_BASE_DIR
 from fedmoe.model.settings import LoraSettings
-from fedmoe.privacy.settings import EnterpriseLevel, NodeBudget, RecordLevel
+from fedmoe.privacy.settings import AuditSettings, EnterpriseLevel, NodeBudget, RecordLevel
 
 # Stands for the assets folder (data and model folders) in a case's text and overrides.
 ASSETS = "@A@"
@@ -260,6 +260,9 @@ NUMBERS = [
     ("federation.enterprises.0.budget", "record_epsilon", float, "0.0", "10000.5"),
     ("federation.enterprises.0.budget", "enterprise_epsilon", float, "-2.0", "10000.5"),
     ("federation.enterprises.0.budget", "delta", float, "0.0", "0.5"),
+    ("privacy.audit", "canaries", int, "9", "100001"),
+    ("privacy.audit", "guess_fraction", float, "0.0", "1.5"),
+    ("privacy.audit", "confidence", float, "0.4", "1.0"),
 ]
 MODELS = {
     "lora": LoraSettings,
@@ -269,6 +272,7 @@ MODELS = {
     "privacy.record": RecordLevel,
     "privacy.enterprise": EnterpriseLevel,
     "federation.enterprises.0.budget": NodeBudget,
+    "privacy.audit": AuditSettings,
 }
 
 

@@ -43,6 +43,8 @@ epsilon = 8.0
 [privacy.enterprise]
 epsilon = 8.0
 clip = 0.05
+[privacy.audit]
+canaries = 30
 [database]
 url = "{db_url}"
 [output]
@@ -97,6 +99,10 @@ def test_private_secure_run_enforces_node_budgets_across_restarts(tmp_path):
 
     ledger = tmp_path / "out" / "ledgers" / "finance.sqlite"
     assert PrivacyLedger(ledger).lifetime("record") <= budget
+    # The one-run audit: canaries on the two nodes that trained in round 3, a bound within the claim.
+    assert run.audit["canaries"] == 60 and run.audit["guesses"] == 12
+    assert 0 <= run.audit["epsilon_lower_bound"] <= 8.0
+    assert "audit: record-level epsilon >= " in first.stdout
 
     # A new run on the same nodes: finance's own ledger remembers; with all three needed the run
     # ends cleanly once finance's budget is spent, and nothing is ever recorded past it.
@@ -110,5 +116,6 @@ def test_private_secure_run_enforces_node_budgets_across_restarts(tmp_path):
 
     table = fedmoe("privacy", "--rounds", "--database", db_url, cwd=tmp_path)
     assert table.returncode == 0 and "finance" in table.stdout and "refused" in table.stdout
+    assert "one-run privacy audit" in table.stdout
     node = fedmoe("agent", "ledger", str(ledger), cwd=tmp_path)
     assert node.returncode == 0 and "lifetime record-level: epsilon" in node.stdout

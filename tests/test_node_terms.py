@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from conftest import round_config
 
 from fedmoe.client.enterprise import EnterpriseNode, RoundRefused, workspace
 from fedmoe.client.settings import NodeSettings
-from fedmoe.contract.round import LocalTrainSettings, SecureSum
+from fedmoe.contract.round import LocalTrainSettings, RoundSpec, SecureSum
 from fedmoe.model.corpus import DEMO_DATA_DIR
 from fedmoe.model.lora import get_adapter_vector
 from fedmoe.model.settings import LoraSettings
@@ -135,3 +136,34 @@ def test_what_a_node_sends_does_not_depend_on_how_many_records_it_holds(tmp_path
         for n, w in ((full, ws_full), (small, ws_small))
     }
     assert len(reasons) == 1
+
+
+AUDITED = {**BOTH, "audit": {"canaries": 40, "guess_fraction": 0.5}}
+
+
+def test_an_audited_node_trains_on_its_secret_canaries_and_releases_only_counts(tmp_path):
+    node, ws = _node(tmp_path)
+    rows = node._training_rows(RoundSpec.from_config(_config(ws, AUDITED)), ws)
+    canaries, included = node._canaries(RoundSpec.from_config(_config(ws, AUDITED)), ws)
+    assert rows.shape[0] == ws.train_records.shape[0] + included.sum()
+    assert 0 < included.sum() < 40
+    _, _, metrics = node.fit(_adapter(ws), _config(ws, AUDITED), secure_sum=None)
+    assert set(metrics) == {"enterprise", "epsilon_record", "epsilon_enterprise"}
+    # Evaluate in a private run: no held-out loss, only the audit's counts.
+    with pytest.raises(PermissionError):
+        node.evaluate(_adapter(ws), _config(ws, AUDITED, server_round=3))
+    loss, n, counts = node.evaluate(_adapter(ws), _config(ws, AUDITED, server_round=3, audit=True))
+    assert math.isnan(loss) and n == 0
+    assert set(counts) == {"enterprise", "audit_canaries", "audit_guesses", "audit_correct"}
+    assert counts["audit_canaries"] == 40 and counts["audit_guesses"] == 20
+    assert 0 <= counts["audit_correct"] <= 20
+    # The same canaries every round of the run; another run gets others.
+    again, _ = node._canaries(RoundSpec.from_config(_config(ws, AUDITED, server_round=2)), ws)
+    other, _ = node._canaries(RoundSpec.from_config(_config(ws, AUDITED, run_uid="d" * 32)), ws)
+    assert torch.equal(canaries, again) and not torch.equal(canaries, other)
+
+
+def test_an_audit_request_in_a_run_without_an_audit_is_refused(tmp_path):
+    node, ws = _node(tmp_path)
+    with pytest.raises(RoundRefused, match="without \\[privacy.audit\\]"):
+        node.evaluate(_adapter(ws), _config(ws, {}, audit=True))

@@ -25,6 +25,7 @@ from fedmoe.coordinator.strategy import (
     _PendingRound,
     sum_expert_load,
 )
+from fedmoe.privacy.audit import epsilon_lower_bound
 
 FP, LAYOUT = "f" * 64, "a" * 16
 PRIVATE = {
@@ -322,3 +323,28 @@ def test_a_plain_run_asks_no_budget_handshake_and_records_who_refused_in_trainin
         refused.status == "refused"
         and refused.error == "BudgetExceeded: the run gives no record-level privacy guarantee"
     )
+
+
+def test_the_audit_adds_up_the_nodes_counts_and_says_when_it_refutes_the_claim(tmp_path, capsys):
+    strategy, store, run_id, *_ = _make(
+        tmp_path,
+        {},
+        **{"privacy.record.epsilon": 1.0, "privacy.audit.canaries": 100, "federation.rounds": 1},
+    )
+    strategy.pending = _PendingRound(number=1, started_at=dt.datetime.now(dt.UTC))
+    strategy.pending.trained = [SimpleNamespace(node_id=i) for i in (1, 2, 3)]
+    (_, ins), *_ = strategy.configure_evaluate(1, ndarrays_to_parameters([]), _manager([1, 2, 3]))
+    assert ins.config["audit"] is True  # the last round of an audited (private) run
+
+    def answer(correct, guesses=40):
+        counts = {"audit_canaries": 100, "audit_guesses": guesses, "audit_correct": correct}
+        return EvaluateRes(Status(Code.OK, ""), float("nan"), 0, counts)
+
+    results = [(SimpleNamespace(node_id=i), answer(40)) for i in (1, 2)]
+    results.append((SimpleNamespace(node_id=3), answer(50, guesses=40)))  # malformed: ignored
+    strategy.aggregate_evaluate(1, results, [])
+    audit = store.run(run_id).audit
+    assert (audit["canaries"], audit["guesses"], audit["correct"]) == (200, 80, 80)
+    assert audit["epsilon_lower_bound"] == pytest.approx(epsilon_lower_bound(200, 80, 80, 1e-5))
+    assert audit["epsilon_lower_bound"] > 1.0 == audit["claimed_epsilon"]
+    assert "WARNING: the audit refutes the run's privacy claim" in capsys.readouterr().out

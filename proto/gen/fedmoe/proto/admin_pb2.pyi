@@ -203,7 +203,7 @@ class Participation(_message.Message):
     def __init__(self, enterprise: _Optional[str] = ..., node_id: _Optional[str] = ..., status: _Optional[str] = ..., epsilon_record: _Optional[float] = ..., epsilon_enterprise: _Optional[float] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., heldout_loss_before: _Optional[float] = ..., eval_loss: _Optional[float] = ..., update_norm: _Optional[float] = ..., duration_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RunPrivacy(_message.Message):
-    __slots__ = ("run_id", "status", "secure_aggregation", "record_epsilon", "record_delta", "enterprise_epsilon", "enterprise_delta", "enterprise_mechanism", "enterprise_adjacency")
+    __slots__ = ("run_id", "status", "secure_aggregation", "record_epsilon", "record_delta", "enterprise_epsilon", "enterprise_delta", "enterprise_mechanism", "enterprise_adjacency", "audit_epsilon_lower_bound", "audit_confidence", "audit_canaries", "audit_guesses", "audit_correct")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,11 @@ class RunPrivacy(_message.Message):
     ENTERPRISE_DELTA_FIELD_NUMBER: _ClassVar[int]
     ENTERPRISE_MECHANISM_FIELD_NUMBER: _ClassVar[int]
     ENTERPRISE_ADJACENCY_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_EPSILON_LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_CANARIES_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_GUESSES_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_CORRECT_FIELD_NUMBER: _ClassVar[int]
     run_id: int
     status: str
     secure_aggregation: bool
@@ -222,7 +227,12 @@ class RunPrivacy(_message.Message):
     enterprise_delta: float
     enterprise_mechanism: str
     enterprise_adjacency: str
-    def __init__(self, run_id: _Optional[int] = ..., status: _Optional[str] = ..., secure_aggregation: _Optional[bool] = ..., record_epsilon: _Optional[float] = ..., record_delta: _Optional[float] = ..., enterprise_epsilon: _Optional[float] = ..., enterprise_delta: _Optional[float] = ..., enterprise_mechanism: _Optional[str] = ..., enterprise_adjacency: _Optional[str] = ...) -> None: ...
+    audit_epsilon_lower_bound: float
+    audit_confidence: float
+    audit_canaries: int
+    audit_guesses: int
+    audit_correct: int
+    def __init__(self, run_id: _Optional[int] = ..., status: _Optional[str] = ..., secure_aggregation: _Optional[bool] = ..., record_epsilon: _Optional[float] = ..., record_delta: _Optional[float] = ..., enterprise_epsilon: _Optional[float] = ..., enterprise_delta: _Optional[float] = ..., enterprise_mechanism: _Optional[str] = ..., enterprise_adjacency: _Optional[str] = ..., audit_epsilon_lower_bound: _Optional[float] = ..., audit_confidence: _Optional[float] = ..., audit_canaries: _Optional[int] = ..., audit_guesses: _Optional[int] = ..., audit_correct: _Optional[int] = ...) -> None: ...
 
 class LedgerEntry(_message.Message):
     __slots__ = ("run_id", "round", "enterprise", "status", "epsilon_record", "epsilon_enterprise", "note")
