@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from fedmoe.cli.common import UsageError, console, positive_int
+from fedmoe.cli.common import UsageError, add_set_arg, console, positive_int
 from fedmoe.cli.tables import (
     nodes_table,
     participation_table,
@@ -211,13 +211,7 @@ def add_commands(sub) -> None:
         type=Path,
         help="run config (default: all defaults, every registered enterprise)",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable)",
-    )
+    add_set_arg(p)
     p.add_argument("--watch", action="store_true", help="then follow the run until it ends")
     p.set_defaults(func=cmd_start)
 

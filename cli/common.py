@@ -52,3 +52,13 @@ def add_database_arg(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_DB,
         help=f"SQLAlchemy URL of the run database (default {DEFAULT_DB})",
     )
+
+
+def add_set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )

@@ -8,6 +8,7 @@ from pathlib import Path
 from fedmoe.cli.common import (
     UsageError,
     add_database_arg,
+    add_set_arg,
     console,
     positive_int,
 )
@@ -192,13 +193,7 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--config", type=Path, help="run config TOML (see README); default: built-in defaults"
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable)",
-    )
+    add_set_arg(p)
     p.add_argument("--verbose", action="store_true", help="show Flower's own log lines too")
     p.add_argument(
         "--resume",
@@ -215,9 +210,7 @@ def add_commands(sub) -> None:
         "an epsilon lower bound at the end (`fedmoe privacy` shows it)",
     )
     p.add_argument("--config", type=Path, help="run config TOML; default: built-in defaults")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a value"
-    )
+    add_set_arg(p)
     p.add_argument("--verbose", action="store_true", help="show Flower's own log lines too")
     p.set_defaults(func=cmd_audit)
 
