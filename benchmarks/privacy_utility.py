@@ -1,136 +1,173 @@
-"""Utility under privacy on the demo federation: held-out loss at epsilon in {1, 4, 8, inf} for
-record-level DP (DP-SGD), enterprise-level DP (clipped, noised updates) and both.
+"""Utility under privacy: one real Flower run (`fedmoe run`, simulation engine) per cell, the
+held-out loss of what each run hands out, and the share of the non-private gain it keeps.
 
-    python benchmarks/privacy_utility.py [--rounds 3] [--local-steps 12] [--seeds 1]
+    python benchmarks/privacy_utility.py [--levels record enterprise] [--epsilons ...]
 
-Runs the federated algorithm in-process with the same code a Flower run uses (the enterprise
-client's `fit`, including its privacy ledger and noise, and the coordinator's averaging), without
-Flower's transport, so that the 10 settings take minutes, not an hour. Loss is each enterprise's
-held-out loss of the final adapter, averaged over the three enterprises; the baseline is the
-non-private run (epsilon = inf) measured in the same process.
+- Record level (DP-SGD) on the large demo federation (3 enterprises x 28,500 training records),
+  at epsilon 0.5, 1, 4, 8, with the private recipe of configs/private-demo.toml.
+- Enterprise level (Gaussian and Laplace noise on each update, secure aggregation with noise
+  shares) on the many-enterprise federation (36 non-IID enterprises), at epsilon 1, 4, 8, with
+  the recipe of configs/private-many.toml.
+
+Every cell has the same rounds and local steps as its non-private reference: the default run
+config (`make run`'s recipe) on the same federation. A second reference runs the private recipe's
+settings without noise. Held-out loss is the mean per-record loss of each enterprise's held-out
+split under the run's result (its best round by the coordinator's public evaluation, or the base
+model when no round beat it), averaged over the enterprises. Plans the planner refuses (noise
+that swamps the update) run with `privacy.accept_noisy_plan = true` and are marked.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
+import tomli_w
 import torch
 
-from fedmoe.client.enterprise import EnterpriseNode, workspace
-from fedmoe.client.settings import NodeSettings
-from fedmoe.contract.round import LocalTrainSettings, RoundSpec
-from fedmoe.coordinator.aggregation import apply_update, weighted_average
-from fedmoe.model.base import load_base
-from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES
-from fedmoe.model.lora import attach_lora, get_adapter_vector, set_adapter_vector
+from fedmoe.coordinator.artifacts import adapter_of_run, load_adapted
+from fedmoe.coordinator.config import ConfigError, load_run_config
+from fedmoe.coordinator.db import RunStore
+from fedmoe.model.base import load_tokenizer
+from fedmoe.model.corpus import generated_enterprises, resolve_generated
+from fedmoe.model.data import find_split, load_records
 from fedmoe.model.loss import evaluate_loss
-from fedmoe.model.settings import LoraSettings
-from fedmoe.privacy.settings import PrivacySettings
 
-EPSILONS = (1.0, 4.0, 8.0)
-MODES = ("record", "enterprise", "both")
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = {
+    "record": REPO / "configs" / "private-demo.toml",
+    "enterprise": REPO / "configs" / "private-many.toml",
+}
+FEDERATION = {"record": "large", "enterprise": "many"}
 
 
-def federated_run(
-    privacy: dict, rounds: int, local_steps: int, seed: int, ledger_dir: Path
-) -> float:
-    lora, train = LoraSettings(), LocalTrainSettings(local_steps=local_steps, seed=seed)
-    clients, spaces = [], []
-    for name in DEMO_ENTERPRISES:
-        node = NodeSettings(
-            enterprise=name,
-            data_dir=DEMO_DATA_DIR / name,
-            ledger=ledger_dir / f"{name}-{seed}.sqlite",
-        )
-        spaces.append(workspace(node, lora, train.seq_len))
-        clients.append(EnterpriseNode(node))
-    ws = spaces[
-        0
-    ]  # the in-process clients share one cached model; each fit loads the global adapter first
-    global_adapter = [get_adapter_vector(attach_lora(load_base("embedded"), lora))]
-    run_uid = uuid.uuid4().hex
-    for r in range(1, rounds + 1):
-        config = RoundSpec(
-            server_round=r, rounds=rounds, run_uid=run_uid, lora=lora, train=train,
-            privacy=PrivacySettings.model_validate(privacy), base_fingerprint=ws.base_fingerprint,
-            adapter_layout=ws.layout,
-        ).to_config()  # fmt: skip
-        results = [
-            c.fit([a.copy() for a in global_adapter], config, secure_sum=None) for c in clients
-        ]
-        average = weighted_average([d for d, _, _ in results], [n for _, n, _ in results])
-        global_adapter = apply_update(global_adapter, average)
+def read_recipe(level: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(RECIPES[level].read_text())
+
+
+def cell_config(level: str, privacy: dict | None, recipe: bool, out: Path) -> dict:
+    """The run config of one cell: the recipe's (or the default's) settings on the level's
+    federation, with `privacy` as its privacy section."""
+    config = read_recipe(level)
+    if not recipe:  # the default run config, on the same federation and rounds
+        federation = {k: config["federation"][k] for k in ("rounds", "enterprises")}
+        config = {"federation": federation, "train": {}}
+    config["train"] = {
+        **config.get("train", {}),
+        "local_steps": read_recipe(level)["train"]["local_steps"],
+    }
+    config["privacy"] = privacy or {}
+    for e in config["federation"]["enterprises"]:
+        e.pop("budget", None)
+    config["database"] = {"url": f"sqlite:///{out / 'runs.db'}"}
+    config["output"] = {"dir": str(out)}
+    return config
+
+
+def mean_heldout_loss(level: str, adapter: Path | None) -> float:
+    """Mean over the level's enterprises of their held-out loss under `adapter` (None: base)."""
+    model, tokenizer = load_adapted("embedded", adapter), load_tokenizer("embedded")
+    federation = FEDERATION[level]
     losses = []
-    for space in spaces:
-        set_adapter_vector(space.model, global_adapter[0])
-        losses.append(
-            evaluate_loss(space.model, space.heldout_blocks, train.eval_batch_size, space.device)
-        )
+    for name in generated_enterprises(federation):
+        data = resolve_generated(f"demo:{federation}/{name}")
+        rows = load_records(find_split(data, "heldout"), tokenizer, 64)
+        losses.append(evaluate_loss(model, rows, 64, torch.device("cpu")))
     return statistics.fmean(losses)
 
 
-def privacy_settings(mode: str, epsilon: float) -> dict:
-    out = {}
-    if mode in ("record", "both"):
-        out["record"] = {"epsilon": epsilon}
-    if mode in ("enterprise", "both"):
-        out["enterprise"] = {"epsilon": epsilon}
-    return out
+def result_of_run(database: str) -> Path | None:
+    """The adapter the run hands out (None: the base model)."""
+    store = RunStore(database)
+    (run,) = store.runs()
+    if run.status != "completed":
+        raise RuntimeError(f"the run ended {run.status}: {run.error}")
+    return adapter_of_run(store, run.id)[0]
+
+
+def run_cell(level: str, privacy: dict | None, recipe: bool) -> tuple[float, float, bool]:
+    """(held-out loss, seconds, whether the planner refused the plan) of one Flower run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        config = cell_config(level, privacy, recipe, out)
+        path = out / "run.toml"
+        path.write_text(tomli_w.dumps(config))
+        refused = False
+        try:
+            load_run_config(path)
+        except ConfigError as err:
+            if "swamp" not in str(err):
+                raise
+            refused = True
+            config["privacy"]["accept_noisy_plan"] = True
+            path.write_text(tomli_w.dumps(config))
+        started = time.perf_counter()
+        result = subprocess.run(
+            [sys.executable, "-m", "fedmoe.cli", "run", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        seconds = time.perf_counter() - started
+        if result.returncode != 0:
+            raise RuntimeError(f"{level} {privacy}: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+        adapter = result_of_run(config["database"]["url"])
+        return mean_heldout_loss(level, adapter), seconds, refused
+
+
+def level_rows(level: str, epsilons: list[float]) -> list[str]:
+    """The table rows of one level: base, the two non-private references, every DP cell."""
+    federation = FEDERATION[level]
+    base = mean_heldout_loss(level, None)
+    reference, reference_s, _ = run_cell(level, None, recipe=False)
+    rows = [f"| {federation} | base model, no fine-tune | - | {base:.4f} | 0% | - | |"]
+
+    def row(label: str, eps: str, loss: float, seconds: float, note: str = "") -> None:
+        kept = (base - loss) / (base - reference)
+        rows.append(
+            f"| {federation} | {label} | {eps} | {loss:.4f} | {kept:.0%} | {seconds:.0f} | {note} |"
+        )
+        print(rows[-1], flush=True)
+
+    row("none (default run config)", "inf", reference, reference_s, "the reference")
+    loss, seconds, _ = run_cell(level, None, recipe=True)
+    row("none (the recipe's adapter and training, no DP)", "inf", loss, seconds)
+    recipe_privacy = read_recipe(level)["privacy"][level]
+    for mechanism in ["gaussian", "laplace"] if level == "enterprise" else [None]:
+        for eps in epsilons:
+            settings = {**recipe_privacy, "epsilon": float(eps)}
+            if mechanism:
+                settings["mechanism"] = mechanism
+            loss, seconds, refused = run_cell(level, {level: settings}, recipe=True)
+            label = level + (f" ({mechanism})" if mechanism else "")
+            note = "planner refuses it (run with accept_noisy_plan)" if refused else ""
+            row(label, f"{eps:g}", loss, seconds, note)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=12)
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--levels", nargs="+", default=["record", "enterprise"])
+    parser.add_argument("--record-epsilons", nargs="+", type=float, default=[0.5, 1, 4, 8])
+    parser.add_argument("--enterprise-epsilons", nargs="+", type=float, default=[1, 4, 8])
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory() as tmp:
-        ledgers = Path(tmp)
-        train = LocalTrainSettings()
-        base = statistics.fmean(
-            evaluate_loss(ws.model, ws.heldout_blocks, train.eval_batch_size, ws.device)
-            for ws in (
-                workspace(
-                    NodeSettings(enterprise=n, data_dir=DEMO_DATA_DIR / n),
-                    LoraSettings(),
-                    train.seq_len,
-                )
-                for n in DEMO_ENTERPRISES
-            )
-        )
-
-        def run(privacy: dict) -> float:
-            return statistics.fmean(
-                federated_run(privacy, args.rounds, args.local_steps, seed, ledgers)
-                for seed in range(args.seeds)
-            )
-
-        started = time.perf_counter()
-        baseline = run({})
-        rows = [(mode, eps, run(privacy_settings(mode, eps))) for mode in MODES for eps in EPSILONS]
-        seconds = time.perf_counter() - started
-
-    print(
-        f"demo federation: 3 enterprises, {args.rounds} rounds x {args.local_steps} local steps, delta 1e-5, clip 1.0, "
-        f"{args.seeds} seed(s); held-out loss averaged over the enterprises ({seconds:.0f}s)"
-    )
-    print(
-        f"base model (no fine-tune): {base:.4f}; non-private federated fine-tune (epsilon = inf): {baseline:.4f}\n"
-    )
-    print("| DP level | epsilon | held-out loss | vs non-private | fine-tune gain kept |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| none | inf | {baseline:.4f} | 1.00x | 100% |")
-    for mode, eps, loss in rows:
-        kept = (base - loss) / (base - baseline) * 100
-        print(f"| {mode} | {eps:g} | {loss:.4f} | {loss / baseline:.2f}x | {kept:.0f}% |")
+    rows = []
+    for level in args.levels:
+        epsilons = args.record_epsilons if level == "record" else args.enterprise_epsilons
+        rows += level_rows(level, epsilons)
+    print("\n| federation | DP | epsilon | held-out loss | gain kept | run s | note |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,26 @@ def cmd_run(args) -> int:
     return launch(config, verbose=args.verbose)
 
 
+def cmd_plan(args) -> int:
+    """The run's privacy plan and utility forecast, without training (refusals raise as in run)."""
+    from fedmoe.coordinator.config import check_privacy, load_run_config, parse_overrides
+    from fedmoe.coordinator.views import describe_privacy, privacy_plan_summary
+    from fedmoe.model.lora import adapter_size
+
+    config = load_run_config(args.config, parse_overrides(args.set))
+    fed, train = config.federation, config.train
+    console.print(
+        f"{len(fed.enterprises)} enterprises, {fed.rounds} rounds x {train.local_steps} local "
+        f"steps, {adapter_size(config.model.path, config.lora):,} trainable adapter parameters",
+        highlight=False,
+    )
+    console.print(describe_privacy(privacy_plan_summary(config)), highlight=False)
+    for forecast in check_privacy(config):
+        console.print(f"forecast, {forecast.describe()}", highlight=False)
+    console.print("the plan is accepted: `fedmoe run` with the same arguments runs it")
+    return 0
+
+
 def cmd_audit(args) -> int:
     """`fedmoe run` with the one-run audit on (its defaults unless the config sets [privacy.audit])."""
     from fedmoe.coordinator.config import load_run_config, parse_overrides
@@ -57,7 +77,7 @@ def cmd_runs(args) -> int:
     from fedmoe.coordinator.views import run_message
 
     store = _store(args)
-    runs = [run_message(run, store.completed_rounds(run.id)) for run in store.runs()]
+    runs = [run_message(run, store.rounds(run.id)) for run in store.runs()]
     console.print(runs_table(runs, f"runs in {args.database}"))
     return 0
 
@@ -112,7 +132,11 @@ def cmd_export(args) -> int:
 
     adapter, model_path = _resolve_adapter(args)
     if adapter is None:
-        raise UsageError("name the adapter with --run RUN_ID or --adapter DIR")
+        raise UsageError(
+            "name the adapter with --run RUN_ID or --adapter DIR"
+            if args.run is None
+            else f"run {args.run} has no adapter better than its base model; --round N exports one anyway"
+        )
     export(model_path, adapter, Path(args.out), merge=args.merge)
     console.print(f"wrote {'merged model' if args.merge else 'adapter'} to {args.out}")
     return 0
@@ -205,6 +229,15 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
+        "plan",
+        help="print a run config's privacy plan and its utility forecast, without training "
+        "(a plan `fedmoe run` would refuse is refused here, with the fixes)",
+    )
+    p.add_argument("--config", type=Path, help="run config TOML; default: built-in defaults")
+    add_set_arg(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
         "audit",
         help="a run (as `fedmoe run`) with the one-run privacy audit: canaries on every node, "
         "an epsilon lower bound at the end (`fedmoe privacy` shows it)",
@@ -240,7 +273,7 @@ def add_commands(sub) -> None:
         p.add_argument(
             "--run",
             type=positive_int,
-            help="use this run's adapter (last completed round unless --round)",
+            help="use this run's result (its best round by server evaluation) unless --round",
         )
         p.add_argument("--round", type=positive_int, help="round of --run")
         p.add_argument("--adapter", help="adapter directory (instead of --run)")

@@ -16,11 +16,15 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_build_demo_data(args) -> int:
-    from fedmoe.model.corpus import DEMO_DATA_DIR, build_demo_federation
+    from fedmoe.model import corpus
 
-    out = Path(args.out) if args.out else DEMO_DATA_DIR
-    build_demo_federation(out)
-    console.print(f"wrote the demo federation to {out}")
+    if args.federation == "small":
+        out = Path(args.out) if args.out else corpus.DEMO_DATA_DIR
+        corpus.build_demo_federation(out)
+    else:
+        root = Path(args.out) if args.out else corpus.generated_data_home()
+        out = corpus.build_generated_federation(args.federation, root)
+    console.print(f"the {args.federation} demo federation is in {out}")
     return 0
 
 
@@ -52,8 +56,23 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=1500)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("build-demo-data", help="regenerate the demo federation's data files")
-    p.add_argument("--out", help="output directory (default: the bundled demo data)")
+    p = sub.add_parser(
+        "build-demo-data",
+        help="regenerate the demo federation's data files, or build a larger one",
+    )
+    p.add_argument(
+        "--federation",
+        choices=("small", "large", "many"),
+        default="small",
+        help="small: the bundled 3 x 400 records; large: 3 x 30,000 (record-level DP); many: "
+        "36 non-IID enterprises (enterprise-level DP). Runs build large and many on first use "
+        '(data = "demo:large/finance")',
+    )
+    p.add_argument(
+        "--out",
+        help="output directory (default: the bundled demo data; for large and many "
+        "$FEDMOE_DEMO_DATA or ~/.cache/fedmoe/demo-data)",
+    )
     p.set_defaults(func=cmd_build_demo_data)
 
     p = sub.add_parser(

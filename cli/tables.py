@@ -43,7 +43,8 @@ def _spent(value: float | None, on: bool, target: float) -> str:
 
 def runs_table(runs: list[pb.Run], title: str) -> Table:
     table = Table(title=title)
-    columns = ("run", "status", "engine", "rounds", "started", "ended", "resumes", "base", "error")
+    columns = ("run", "status", "engine", "rounds", "started", "ended", "resumes", "base")
+    columns += ("result (server eval)", "error")
     for col in columns:
         table.add_column(col)
     for run in runs:
@@ -56,9 +57,20 @@ def runs_table(runs: list[pb.Run], title: str) -> Table:
             _short_time(run.ended_at, with_date=False),
             str(run.resumes),
             (run.base_fingerprint or "-")[:12],
-            run.error[:60],
+            run_result(run),
+            run.error,
         )
     return table
+
+
+def run_result(run: pb.Run) -> str:
+    """What the run hands out, against the base model on the public evaluation."""
+    if not (run.HasField("base_eval_loss") and run.HasField("best_eval_loss")):
+        return "-"
+    base, best = run.base_eval_loss, run.best_eval_loss
+    if not run.best_round:
+        return f"WORSE: base kept ({best:.3f} vs {base:.3f})"
+    return f"round {run.best_round}: {best:.3f} vs base {base:.3f} (-{(base - best) / base:.0%})"
 
 
 def load_imbalance(expert_load_json: str) -> str:
@@ -112,7 +124,7 @@ def participation_table(rounds: list[pb.Round]) -> Table:
                 _num(p, "eval_loss"),
                 _num(p, "update_norm"),
                 _num(p, "duration_s", 1),
-                p.error[:50],
+                p.error,
             )
     return table
 
@@ -187,7 +199,7 @@ def privacy_tables(ledger: pb.PrivacyLedger, per_round: bool) -> list[Table]:
                 e.status,
                 _eps(e, "epsilon_record"),
                 _eps(e, "epsilon_enterprise"),
-                e.note[:80],
+                e.note,
             )
         tables.append(table)
     return tables

@@ -44,6 +44,14 @@ HEALTH_EVERY_S = 5.0
 RECONNECT_AFTER_S = 10
 MAX_BACKOFF_S = 5.0
 REFUSED_HINTS = ("Failed to activate SuperNode", "Invalid SuperNode authentication")
+GAVE_UP = "Giving up reconnection"  # Flower's SuperNode, after --max-wait-time
+
+
+def _gave_up(log_path: Path, offset: int) -> bool:
+    """Whether the SuperNode started at `offset` of its log has stopped trying to reconnect."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        return GAVE_UP.encode() in log.read()
 
 
 class Agent:
@@ -148,6 +156,9 @@ class Agent:
                         if time.monotonic() - last_health >= HEALTH_EVERY_S:
                             self._write_health(True)
                             last_health = time.monotonic()
+                            if _gave_up(log_path, offset):
+                                # Flower's SuperNode can stay up after giving up: start afresh.
+                                stop_process_group(proc)
                         time.sleep(0.5)
                     self.runtime_address = None
                     self._write_health(False)

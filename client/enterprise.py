@@ -54,14 +54,16 @@ class Workspace:
     base_fingerprint: str
     layout: str
     train_blocks: torch.Tensor
-    heldout_blocks: torch.Tensor
+    # Held-out loss is per record (one per row, like DP-SGD's examples): a model trained on
+    # records is judged on what it learned, not on how records pack into blocks.
+    heldout_records: torch.Tensor
     device: torch.device
     seq_len: int
 
     @property
     def train_records(self) -> torch.Tensor:
         """One training record per row, for record-level DP."""
-        return _records(str(self.node.data_dir), self.node.model_path, self.seq_len)
+        return _records(str(self.node.data_dir), "train", self.node.model_path, self.seq_len)
 
 
 @lru_cache(maxsize=2)
@@ -79,9 +81,9 @@ def _blocks(data_dir: str, split: str, model_path: str, seq_len: int) -> torch.T
     return load_blocks(find_split(Path(data_dir), split), load_tokenizer(model_path), seq_len)
 
 
-@lru_cache(maxsize=4)
-def _records(data_dir: str, model_path: str, seq_len: int) -> torch.Tensor:
-    return load_records(find_split(Path(data_dir), "train"), load_tokenizer(model_path), seq_len)
+@lru_cache(maxsize=8)
+def _records(data_dir: str, split: str, model_path: str, seq_len: int) -> torch.Tensor:
+    return load_records(find_split(Path(data_dir), split), load_tokenizer(model_path), seq_len)
 
 
 def workspace(node: NodeSettings, lora: LoraSettings, seq_len: int) -> Workspace:
@@ -94,7 +96,7 @@ def workspace(node: NodeSettings, lora: LoraSettings, seq_len: int) -> Workspace
         base_fingerprint=base_fp,
         layout=layout,
         train_blocks=_blocks(str(node.data_dir), "train", node.model_path, seq_len),
-        heldout_blocks=_blocks(str(node.data_dir), "heldout", node.model_path, seq_len),
+        heldout_records=_records(str(node.data_dir), "heldout", node.model_path, seq_len),
         device=device,
         seq_len=seq_len,
     )
@@ -312,7 +314,7 @@ class EnterpriseNode:
         metrics: dict = {"enterprise": self.node.enterprise}
         if spec.measure_baseline and not private:
             metrics["heldout_loss_before"] = evaluate_loss(
-                ws.model, ws.heldout_blocks, spec.train.eval_batch_size, ws.device
+                ws.model, ws.heldout_records, spec.train.eval_batch_size, ws.device
             )
         rows = self._training_rows(spec, ws)
         if plan.record is not None:
@@ -413,8 +415,8 @@ class EnterpriseNode:
             metrics.update(self._audit_counts(spec, ws))
         if private:
             return math.nan, 0, metrics
-        loss = evaluate_loss(ws.model, ws.heldout_blocks, spec.train.eval_batch_size, ws.device)
-        return loss, int(ws.heldout_blocks.shape[0]), metrics
+        loss = evaluate_loss(ws.model, ws.heldout_records, spec.train.eval_batch_size, ws.device)
+        return loss, int(ws.heldout_records.shape[0]), metrics
 
     def _audit_counts(self, spec: RoundSpec, ws: Workspace) -> dict:
         """Guess which canaries the adapter was trained on; only the counts leave the node."""

@@ -75,7 +75,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             raise AdminError(
                 grpc.StatusCode.NOT_FOUND, f"run {run_id} not found; ListRuns lists the runs"
             )
-        return run_message(run, self.store.completed_rounds(run.id))
+        return run_message(run, self.store.rounds(run.id))
 
     def StartRun(self, request, context):
         caller = _caller(context, self.service.config.admin)
@@ -105,7 +105,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         return self._handle(context, lambda: self._run(request.run_id))
 
     def ListRuns(self, request, context):
-        runs = [run_message(r, self.store.completed_rounds(r.id)) for r in self.store.runs()]
+        runs = [run_message(r, self.store.rounds(r.id)) for r in self.store.runs()]
         return pb.ListRunsResponse(runs=runs)
 
     def ListRounds(self, request, context):

@@ -42,5 +42,8 @@ def weighted_average(updates: list[list[np.ndarray]], weights: list[float]) -> l
     return out
 
 
-def apply_update(global_tensors: list[np.ndarray], delta: list[np.ndarray]) -> list[np.ndarray]:
-    return [(g + d.astype(g.dtype)) for g, d in zip(global_tensors, delta, strict=True)]
+def apply_update(
+    global_tensors: list[np.ndarray], delta: list[np.ndarray], lr: float = 1.0
+) -> list[np.ndarray]:
+    """The global adapter plus `lr` x the aggregated delta (the server learning rate)."""
+    return [(g + lr * d.astype(g.dtype)) for g, d in zip(global_tensors, delta, strict=True)]

@@ -8,24 +8,33 @@ from pathlib import Path
 import torch
 
 from fedmoe.coordinator.db import RunStore
+from fedmoe.coordinator.outcome import outcome
 from fedmoe.model.base import load_base, load_tokenizer
 from fedmoe.model.lora import load_adapter, merge_adapter
 
 
 def adapter_of_run(
     store: RunStore, run_id: int, round_number: int | None = None
-) -> tuple[Path, str]:
-    """(checkpoint dir, base model path) of a run's given round, or of its last completed round."""
+) -> tuple[Path | None, str]:
+    """(checkpoint dir, base model path) of a run's given round, or of its result: the round
+    that did best on the public server evaluation (None: the base model, when no round beat it;
+    the last completed round when the run had no server evaluation)."""
     run = store.run(run_id)
     if run is None:
         raise LookupError(f"run {run_id} not found; `fedmoe runs` lists the runs")
     rounds = [r for r in store.rounds(run_id) if r.status == "completed" and r.checkpoint_path]
+    model_path = run.config["model"]["path"]
+    if round_number is None and (result := outcome(rounds, run.base_eval_loss)) is not None:
+        if result.best_round is None:
+            print(f"run {run_id}: {result.describe()}; --round N takes a round anyway")
+            return None, model_path
+        round_number = result.best_round
     if round_number is not None:
         rounds = [r for r in rounds if r.number == round_number]
     if not rounds:
         which = f"round {round_number}" if round_number is not None else "any round"
         raise LookupError(f"run {run_id} has no completed checkpoint for {which}")
-    return Path(rounds[-1].checkpoint_path), run.config["model"]["path"]
+    return Path(rounds[-1].checkpoint_path), model_path
 
 
 def load_adapted(model_path: str, adapter_dir: Path | None) -> torch.nn.Module:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -32,9 +33,18 @@ from pydantic import (
 
 from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.base import EMBEDDED, check_model_dir, load_tokenizer, resolve_model_path
-from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES
-from fedmoe.model.data import find_split, load_records
+from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES, resolve_generated
+from fedmoe.model.data import find_split, read_texts
+from fedmoe.model.lora import adapter_size
 from fedmoe.model.settings import LoraSettings
+from fedmoe.privacy.forecast import (
+    MAX_NOISE_TO_SIGNAL,
+    Forecast,
+    enterprise_fixes,
+    enterprise_forecast,
+    record_fixes,
+    record_forecast,
+)
 from fedmoe.privacy.plan import InfeasiblePlan, plan_enterprise_level, plan_run
 from fedmoe.privacy.settings import NodeBudget, PrivacySettings
 from fedmoe.support.files import (
@@ -82,7 +92,8 @@ class Enterprise(_Section):
         None,
         min_length=1,
         max_length=4096,
-        description="simulation only: folder with train.{jsonl,csv,parquet} and heldout.{jsonl,csv,parquet}",
+        description="simulation only: folder with train.{jsonl,csv,parquet} and "
+        "heldout.{jsonl,csv,parquet}, or a generated demo enterprise such as demo:large/finance",
     )
     # A simulated node's own settings (a deployed node keeps them in its agent config).
     budget: NodeBudget = NodeBudget()
@@ -161,6 +172,13 @@ class FederationSection(_Section):
         description="how long a round waits for training and evaluation replies",
     )
     secure_aggregation: SecureAggregation = SecureAggregation()
+    server_lr: float = Field(
+        1.0,
+        gt=0.0,
+        le=10.0,
+        description="the coordinator applies server_lr x the average update: below 1 it trades "
+        "speed for less of the enterprise-level noise in every step",
+    )
 
     @field_validator("enterprises")
     @classmethod
@@ -252,6 +270,15 @@ def _resolve_sqlite_url(url: str, base: Path) -> str:
     return url
 
 
+def _resolve_data(data: str, base: Path, field: str) -> str:
+    """A data folder, or a generated demo federation's (`demo:large/finance`, built on first use)."""
+    try:
+        generated = resolve_generated(data)
+    except ValueError as err:
+        raise ConfigError(f"invalid run config:\n  {field}: {err}") from None
+    return str(generated) if generated else _resolve(data, base, field)
+
+
 def _resolve_server_data(config: RunConfig, base: Path) -> str | None:
     server_data = config.evaluation.server_data
     if server_data == "demo":
@@ -325,7 +352,7 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     enterprises = tuple(
         e.model_copy(
             update=dict(
-                data=_resolve(e.data, base, f"federation.enterprises.{i}.data"),
+                data=_resolve_data(e.data, base, f"federation.enterprises.{i}.data"),
                 ledger=_resolve(
                     e.ledger or f"{output_dir}/ledgers/{e.name}.sqlite",
                     base,
@@ -454,12 +481,14 @@ def _is_file(path: str) -> bool:
         return False
 
 
-def check_privacy(config: RunConfig) -> None:
-    """Refuse, before anything starts, a privacy plan that cannot be met or a simulated node whose
-    budget cannot pay for even one round, with the values that would work."""
+def check_privacy(config: RunConfig) -> list[Forecast]:
+    """Refuse, before anything starts, a privacy plan that cannot be met, one whose noise would
+    swamp the updates (unless privacy.accept_noisy_plan), or a simulated node whose budget cannot
+    pay for even one round, with the values that would work. Returns the utility forecasts."""
     privacy, fed, train = config.privacy, config.federation, config.train
     n = len(fed.enterprises)
     problems = []
+    forecasts: list[Forecast] = []
     if (
         privacy.enterprise
         and privacy.enterprise.mechanism == "gaussian"
@@ -470,25 +499,23 @@ def check_privacy(config: RunConfig) -> None:
         )
     if fed.secure_aggregation.enabled and n < 2:
         problems.append("  federation.secure_aggregation.enabled: needs at least 2 enterprises")
-    simulated = [e for e in fed.enterprises if e.data is not None]
-    tokenizer = None
-    if privacy.record and simulated:  # records are counted in tokenized rows, as DP-SGD sees them
-        try:
-            tokenizer = load_tokenizer(config.model.path)
+    if privacy.record and any(e.data is not None for e in fed.enterprises):
+        try:  # the nodes tokenize their records one per row before the first DP-SGD step
+            load_tokenizer(config.model.path)
         except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a broken tokenizer
             raise ConfigError(
                 "invalid run config:\n  model.path: cannot load its tokenizer "
                 f"({type(err).__name__}: {str(err)[:300]})"
             ) from None
+    params = adapter_size(config.model.path, config.lora) if privacy.enabled else 0
     for i, e in enumerate(fed.enterprises):
         if e.data is None:  # a deployed node checks its own data; the plan's noise is public
             records = 1
         else:
             try:
                 train_file = find_split(Path(e.data), "train")
-                records = (
-                    load_records(train_file, tokenizer, train.seq_len).shape[0] if tokenizer else 1
-                )
+                # DP-SGD's examples are records, one per row (model/data.py).
+                records = len(read_texts(train_file)) if privacy.record else 1
             except (OSError, ValueError, UnicodeDecodeError) as err:
                 problems.append(f"  federation.enterprises.{i}.data: {err}")
                 continue
@@ -506,6 +533,12 @@ def check_privacy(config: RunConfig) -> None:
                 + (f" (enterprise {e.name})" if str(err).startswith("privacy.record") else "")
             )
             continue
+        if plan.record and e.data is not None:  # a deployed node's record count is its own
+            forecast = record_forecast(plan.record, privacy.record.clip, params)
+            forecasts.append(replace(forecast, enterprise=e.name))
+            if forecast.hopeless and not privacy.accept_noisy_plan:
+                fixes = record_fixes(forecast, plan.record, params, records)
+                problems.append(_swamped(f"privacy.record (enterprise {e.name})", forecast, fixes))
         for level in ("record", "enterprise"):
             run_delta = plan.epsilon_after(level, 1)[1]
             if e.data is not None and run_delta > e.budget.delta:  # a deployed node checks its own
@@ -524,8 +557,30 @@ def check_privacy(config: RunConfig) -> None:
                 problems.append(
                     f"  federation.enterprises.{i}.budget.{level}_epsilon: {budget:g} is too small: {what} (enterprise {e.name})"
                 )
+    if privacy.enterprise:
+        try:
+            plan = plan_enterprise_level(privacy.enterprise, fed.rounds)
+        except InfeasiblePlan:
+            pass  # already a problem above
+        else:
+            secagg = fed.secure_aggregation.enabled
+            shares = fed.secure_aggregation.threshold_for(n) if secagg else 1
+            forecast = enterprise_forecast(plan, params, n, shares)
+            forecasts.append(forecast)
+            if forecast.hopeless and not privacy.accept_noisy_plan:
+                fixes = enterprise_fixes(forecast, plan, params, n, secagg)
+                problems.append(_swamped("privacy.enterprise", forecast, fixes))
     if problems:
         raise ConfigError("invalid privacy settings:\n" + "\n".join(dict.fromkeys(problems)))
+    return forecasts
+
+
+def _swamped(field: str, forecast: Forecast, fixes: list[str]) -> str:
+    return (
+        f"  {field}: the noise would swamp the updates: {forecast.describe()}, above "
+        f"{MAX_NOISE_TO_SIGNAL:g}, where the demo federations stop learning. Any one of these "
+        "fixes it: " + "; ".join(fixes) + ". Or set privacy.accept_noisy_plan = true to run anyway"
+    )
 
 
 def parse_run_config(data: dict, source: str = "config") -> RunConfig:

@@ -66,6 +66,8 @@ class Run(Base):
     privacy_plan: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # targets and noise
     # The one-run audit (privacy/audit.py): canaries, guesses, correct, the epsilon lower bound.
     audit: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # The base model's public server evaluation, what every round's is judged against.
+    base_eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     base_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     planned_rounds: Mapped[int] = mapped_column(Integer)
     enterprises: Mapped[list | None] = mapped_column(JSON, nullable=True)
@@ -307,6 +309,10 @@ class RunStore:
         with self._session.begin() as s:
             s.get(Run, run_id).base_fingerprint = base_fingerprint
 
+    def set_base_eval(self, run_id: int, loss: float) -> None:
+        with self._session.begin() as s:
+            s.get(Run, run_id).base_eval_loss = loss
+
     def request_stop(self, run_id: int) -> None:
         with self._session.begin() as s:
             s.get(Run, run_id).stop_requested = True
@@ -374,11 +380,6 @@ class RunStore:
                 Round.checkpoint_path.is_not(None),
             )
             return s.scalars(query.order_by(Round.number.desc()).limit(1)).first()
-
-    def completed_rounds(self, run_id: int) -> int:
-        with self._session() as s:
-            query = select(Round.id).where(Round.run_id == run_id, Round.status == "completed")
-            return len(s.scalars(query).all())
 
     def privacy_ledger(self, run_id: int | None = None) -> list[tuple[Run, Round, Participation]]:
         """Every participation with its round and run, oldest first (one run, or all)."""

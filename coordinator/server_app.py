@@ -34,10 +34,12 @@ from fedmoe.coordinator.config import RunConfig
 from fedmoe.coordinator.db import FINAL_STATUSES, RoundRecord, RunStore
 from fedmoe.coordinator.flower_run import FlowerRun
 from fedmoe.coordinator.grid import FleetGrid
+from fedmoe.coordinator.outcome import outcome
 from fedmoe.coordinator.strategy import AskNodes, BudgetExhausted, FederatedLoRA, RoundContext
+from fedmoe.coordinator.superlink import LOG_END
 from fedmoe.coordinator.views import describe_privacy
 from fedmoe.model.base import fingerprint, load_base, load_tokenizer
-from fedmoe.model.data import load_blocks
+from fedmoe.model.data import load_records
 from fedmoe.model.lora import (
     adapter_layout,
     attach_lora,
@@ -137,11 +139,11 @@ def build_round_context(
     server_eval = None
     if config.evaluation.server_data:
         tokenizer = load_tokenizer(config.model.path)
-        blocks = load_blocks(Path(config.evaluation.server_data), tokenizer, config.train.seq_len)
+        records = load_records(Path(config.evaluation.server_data), tokenizer, config.train.seq_len)
 
         def server_eval(adapter: list[np.ndarray]) -> float:
             set_adapter_vector(model, adapter[0])
-            return evaluate_loss(model, blocks, config.train.eval_batch_size, torch.device("cpu"))
+            return evaluate_loss(model, records, config.train.eval_batch_size, torch.device("cpu"))
 
     return RoundContext(
         run_uid=run_uid,
@@ -169,7 +171,7 @@ def load_checkpoint(model: torch.nn.Module, directory: Path, sha256: str | None)
         raise ValueError(f"cannot resume: the checkpoint {directory} holds NaN or infinite values")
 
 
-def format_round(record: RoundRecord, config: RunConfig) -> str:
+def format_round(record: RoundRecord, config: RunConfig, base_loss: float | None = None) -> str:
     def fmt(x):
         return "-" if x is None else f"{x:.4f}"
 
@@ -179,6 +181,8 @@ def format_round(record: RoundRecord, config: RunConfig) -> str:
         f"[fedmoe] round {record.number}/{config.federation.rounds} | clients {ok}/{len(config.federation.enterprises)} "
         f"| train loss {fmt(record.train_loss)} | eval loss {fmt(record.eval_loss)} | server eval {fmt(record.server_eval_loss)}"
     )
+    if None not in (base_loss, record.server_eval_loss) and record.server_eval_loss > base_loss:
+        line += f" (WORSE than the base model's {base_loss:.4f})"
     for level in ("record", "enterprise"):
         settings = getattr(config.privacy, level)
         spent = [
@@ -256,18 +260,19 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
             store.finish_run(run_id, "completed")
             print(f"[fedmoe] run {run_id} completed (every round had committed)", flush=True)
             return run_id
-        if ctx.server_eval is not None:
-            what = "base model" if ctx.first_round == 1 else f"round {ctx.first_round - 1} adapter"
-            print(
-                f"[fedmoe] {what} server eval loss {ctx.server_eval(ctx.initial_adapter):.4f}",
-                flush=True,
-            )
+        if ctx.server_eval is not None and ctx.first_round == 1:
+            # Round 1 starts from LoRA's zero update: the initial adapter is the base model.
+            base_loss = ctx.server_eval(ctx.initial_adapter)
+            store.set_base_eval(run_id, base_loss)
+            print(f"[fedmoe] base model server eval loss {base_loss:.4f}", flush=True)
         strategy = FederatedLoRA(
             config,
             ctx,
             store,
             run_id,
-            on_round=lambda r: print(format_round(r, config), flush=True),
+            on_round=lambda r: print(
+                format_round(r, config, store.run(run_id).base_eval_loss), flush=True
+            ),
         )
         server_config = ServerConfig(
             num_rounds=remaining, round_timeout=config.federation.round_timeout_s
@@ -308,15 +313,27 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
             if strategy.lost
             else None
         )
+        result = outcome(store.rounds(run_id), store.run(run_id).base_eval_loss)
+        worse = result is not None and not result.last_loss < result.base_loss
+        if worse:
+            # Loud, in the record too: a run that ends worse than it started is not a success.
+            worse_note = (
+                f"ended worse than the base model on the public evaluation (last round "
+                f"{result.last_loss:.4f} vs base {result.base_loss:.4f}); {result.describe()}"
+            )
+            note = f"{worse_note}; {note}" if note else worse_note
         store.finish_run(run_id, "completed", note)
         print(
             f"[fedmoe] run {run_id} completed; adapter checkpoints in {run_dir(config, run_id)}",
             flush=True,
         )
+        if result is not None:
+            print(f"[fedmoe] run {run_id} {result.describe()}", flush=True)
         if note:
             print(f"[fedmoe] WARNING: run {run_id} {note}", flush=True)
     finally:
         store.close()
+        print(LOG_END, flush=True)
     return run_id
 
 

@@ -344,7 +344,9 @@ class FederatedLoRA(FedAvg):
             {hashlib.sha256(b"".join(res.parameters.tensors)).digest() for _, res in results}
         )
         average = weighted_average(deltas, weights)
-        self.global_adapter = apply_update(self.global_adapter, average)
+        self.global_adapter = apply_update(
+            self.global_adapter, average, self.config.federation.server_lr
+        )
         pending.update_norm = l2_norm(average)
         pending.train_loss = (
             float(np.average(losses, weights=weights)) if None not in losses else None

@@ -35,6 +35,9 @@ APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedmoe"  # the name of our SuperLink in $FLWR_HOME/config.toml
 FINISHED = "finished"  # Flower's status of a run that ended, whatever the outcome
 STOP_GRACE_S = 3.0
+# The ServerApp's last log line, so a log follower knows it has everything.
+LOG_END = "fedmoe: the ServerApp's log ends here"
+LATE_LOG_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -297,15 +300,21 @@ def follow_logs(
     control: Control, flower_run_id: str, on_text: Callable[[str], None], done: Callable[[], bool]
 ) -> None:
     """Stream a run's log to `on_text`, re-attaching after a broken stream (from the last
-    timestamp seen, so nothing is printed twice) until `done()`."""
-    after = 0.0
+    timestamp seen, so nothing is printed twice) until `done()`. Flower may push a ServerApp's
+    last lines after it marks the run finished (its uploader lags under load), so a finished
+    run's log is drained again until its `LOG_END` line or for `LATE_LOG_S`."""
+    after, finished_at = 0.0, None
     while True:
+        if finished_at is None and done():
+            finished_at = time.monotonic()
         try:
-            if done():
-                return
             for text, stamp in control.logs(flower_run_id, after):
                 on_text(text)
                 after = max(after, stamp)
+                if LOG_END in text:
+                    return
         except Exception:  # noqa: BLE001 - a broken stream is re-attached, never fatal
             pass
+        if finished_at is not None and time.monotonic() - finished_at > LATE_LOG_S:
+            return
         time.sleep(0.5)

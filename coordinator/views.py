@@ -8,6 +8,7 @@ import json
 
 from fedmoe.coordinator.config import RunConfig
 from fedmoe.coordinator.db import Node, Participation, Round, Run, RunStore
+from fedmoe.coordinator.outcome import outcome
 from fedmoe.privacy.plan import plan_enterprise_level
 from fedmoe.proto import admin_pb2 as pb
 
@@ -58,12 +59,13 @@ def describe_privacy(plan: dict | None) -> str:
     return "privacy: " + "; ".join(parts) + f"; secure aggregation {secagg}"
 
 
-def run_message(run: Run, completed_rounds: int) -> pb.Run:
+def run_message(run: Run, rounds: list[Round]) -> pb.Run:
+    result = outcome(rounds, run.base_eval_loss)
     return pb.Run(
         id=run.id,
         status=run.status,
         planned_rounds=run.planned_rounds,
-        completed_rounds=completed_rounds,
+        completed_rounds=sum(r.status == "completed" for r in rounds),
         started_at=_time(run.started_at),
         ended_at=_time(run.ended_at),
         error=run.error or "",
@@ -74,6 +76,9 @@ def run_message(run: Run, completed_rounds: int) -> pb.Run:
         started_by=run.started_by or "",
         privacy=describe_privacy(run.privacy_plan),
         config_json=json.dumps(run.config, sort_keys=True),
+        base_eval_loss=run.base_eval_loss,
+        best_eval_loss=result.best_loss if result else None,
+        best_round=(result.best_round or 0) if result else 0,
     )
 
 

@@ -9,8 +9,12 @@ three enterprise domains with clearly different vocabulary for the demo federati
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
+
+from fedmoe.model.data import dirichlet_partition
 
 COMPANIES = [
     "Alder Capital",
@@ -183,3 +187,90 @@ def build_demo_federation(
         for r in generate(d, public_eval // len(DEMO_ENTERPRISES), seed=1000)
     ]
     write_jsonl(mixed, root / "public_eval.jsonl")
+
+
+# Generated federations, too large to ship (record-level DP needs tens of thousands of records
+# per enterprise; enterprise-level DP needs many enterprises): built on first use, in seconds.
+GENERATED = {
+    "large": "3 enterprises (the demo's domains), 30,000 training records each",
+    "many": "36 enterprises, a non-IID split of the three domains (Dirichlet 0.3), ~1,000 records each",
+}
+LARGE_RECORDS, MANY_ENTERPRISES, MANY_RECORDS = 30_000, 36, 36_000
+HELDOUT_SHARE = 0.05
+
+
+def generated_data_home() -> Path:
+    return Path(
+        os.environ.get("FEDMOE_DEMO_DATA") or Path.home() / ".cache" / "fedmoe" / "demo-data"
+    )
+
+
+def generated_enterprises(federation: str) -> list[str]:
+    if federation == "large":
+        return list(DEMO_ENTERPRISES)
+    return [f"e{i:02d}" for i in range(MANY_ENTERPRISES)]
+
+
+DEMO_SCHEME = "demo:"
+
+
+def resolve_generated(spec: str) -> Path | None:
+    """The folder a `demo:<federation>/<enterprise>` data value names, built on first use; None
+    for any other value (a path). Raises ValueError naming what exists."""
+    if not spec.startswith(DEMO_SCHEME):
+        return None
+    federation, _, name = spec[len(DEMO_SCHEME) :].partition("/")
+    if federation not in GENERATED:
+        raise ValueError(
+            f"unknown demo federation {federation!r} in {spec!r}; one of {sorted(GENERATED)}"
+        )
+    names = generated_enterprises(federation)
+    if name not in names:
+        raise ValueError(
+            f"{spec!r}: the {federation} demo federation has enterprises {names[0]}..{names[-1]}"
+            if len(names) > 3
+            else f"{spec!r}: the {federation} demo federation has enterprises {names}"
+        )
+    return build_generated_federation(federation, generated_data_home()) / name
+
+
+def _split(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    cut = len(records) - max(1, round(len(records) * HELDOUT_SHARE))
+    return records[:cut], records[cut:]
+
+
+def build_generated_federation(federation: str, root: Path) -> Path:
+    """Write `federation` (a key of GENERATED) under root/federation, once: a finished build is a
+    folder renamed into place, so concurrent first uses never see half a federation."""
+    if federation not in GENERATED:
+        raise ValueError(f"unknown demo federation {federation!r}; one of {sorted(GENERATED)}")
+    target = root / federation
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{federation}-") as tmp:
+        parts: dict[str, list[dict]] = {}
+        if federation == "large":
+            for i, domain in enumerate(DEMO_ENTERPRISES):
+                parts[domain] = generate(domain, LARGE_RECORDS, seed=100 + i)
+        else:
+            pool = [
+                r
+                for i, d in enumerate(DEMO_ENTERPRISES)
+                for r in generate(d, MANY_RECORDS // len(DEMO_ENTERPRISES), seed=200 + i)
+            ]
+            split = dirichlet_partition([r["domain"] for r in pool], MANY_ENTERPRISES, 0.3, seed=0)
+            for name, idx in zip(generated_enterprises(federation), split, strict=True):
+                parts[name] = [pool[j] for j in random.Random(name).sample(idx, len(idx))]
+        for name, records in parts.items():
+            train, heldout = _split(records)
+            write_jsonl(train, Path(tmp) / name / "train.jsonl")
+            write_jsonl(heldout, Path(tmp) / name / "heldout.jsonl")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first; its files are the same
+            if not target.is_dir():
+                raise
+        else:
+            os.mkdir(tmp)  # for TemporaryDirectory's cleanup
+    return target

@@ -289,3 +289,16 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model
+
+
+def adapter_size(model_path: str, settings: LoraSettings) -> int:
+    """Trainable adapter parameters of `settings` on a checkpoint, counted on the meta device
+    (shapes only: no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedmoe.model.base import resolve_model_path
+
+    config = AutoConfig.from_pretrained(str(resolve_model_path(model_path)), local_files_only=True)
+    with torch.device("meta"):
+        model = attach_lora(AutoModelForCausalLM.from_config(config), settings)
+    return sum(p.numel() for p in adapter_parameters(model).values())

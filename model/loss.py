@@ -35,13 +35,13 @@ def autocast_context(device: torch.device):
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device
+    model: nn.Module, rows: torch.Tensor, batch_size: int, device: torch.device
 ) -> float:
-    """Mean per-sequence loss over all `blocks`."""
+    """Mean per-sequence loss over all `rows` (records or blocks)."""
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start : start + batch_size].to(device)
+    for start in range(0, rows.shape[0], batch_size):
+        batch = rows[start : start + batch_size].to(device)
         with autocast_context(device):
             total += per_sequence_loss(model, batch).sum().item()
         count += batch.shape[0]

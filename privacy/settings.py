@@ -113,6 +113,11 @@ class PrivacySettings(_Settings):
     record: RecordLevel | None = None
     enterprise: EnterpriseLevel | None = None
     audit: AuditSettings | None = None
+    accept_noisy_plan: bool = Field(
+        False,
+        description="run even when the planner forecasts noise that swamps the updates "
+        "(privacy/forecast.py); the run is then refused only if it cannot meet its targets",
+    )
 
     @property
     def enabled(self) -> bool:

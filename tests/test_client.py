@@ -67,7 +67,7 @@ def test_base_fingerprint_mismatch_stops_the_client(client_and_round):
 def test_evaluate_reports_heldout_loss(client_and_round):
     client, config, ws = client_and_round
     loss, n, metrics = client.evaluate([get_adapter_vector(ws.model)], config)
-    assert n == ws.heldout_blocks.shape[0] and 0 < loss < 20 and metrics["enterprise"] == "finance"
+    assert n == ws.heldout_records.shape[0] and 0 < loss < 20 and metrics["enterprise"] == "finance"
 
 
 def test_cached_workspace_matches_a_fresh_build():

@@ -148,15 +148,17 @@ def test_a_node_budget_smaller_than_one_round_is_refused(tmp_path):
 
 
 def test_a_private_config_resolves_with_node_ledgers_under_the_output_dir(tmp_path):
-    config = load_run_config(None, {"privacy.record.epsilon": 4.0, "output.dir": str(tmp_path)})
+    overrides = {"privacy.record.epsilon": 4.0, "privacy.accept_noisy_plan": True}
+    config = load_run_config(None, {**overrides, "output.dir": str(tmp_path)})
     assert config.privacy.record.epsilon == 4.0 and config.privacy.enterprise is None
     assert config.federation.enterprises[0].ledger == str(tmp_path / "ledgers" / "finance.sqlite")
 
 
-def test_the_shipped_private_demo_config_is_valid():
+def test_the_shipped_private_demo_config_is_valid_and_keeps_its_ledgers_apart():
     config = load_run_config(Path(__file__).parents[1] / "configs" / "private-demo.toml")
-    assert (
-        config.privacy.record
-        and config.privacy.enterprise
-        and config.federation.secure_aggregation.enabled
-    )
+    assert config.privacy.record and config.federation.secure_aggregation.enabled
+    assert not config.privacy.accept_noisy_plan  # the recipe passes the planner as it is
+    default = load_run_config(None)
+    ledgers = {Path(e.ledger).parent for e in config.federation.enterprises}
+    assert ledgers.isdisjoint(Path(e.ledger).parent for e in default.federation.enterprises)
+    assert all(Path(e.data).parent.name == "large" for e in config.federation.enterprises)

@@ -243,6 +243,7 @@ NUMBERS = [
     ("federation", "cpus_per_client", int, "0", "513"),
     ("federation", "connect_timeout_s", float, "0.0", "86400.5"),
     ("federation", "round_timeout_s", float, "-1.0", "604800.5"),
+    ("federation", "server_lr", float, "0.0", "10.5"),
     ("federation.secure_aggregation", "reconstruction_threshold", float, "0.0", "1.01"),
     ("federation.secure_aggregation", "value_range", float, "0.0", "1000000.5"),
     ("federation.secure_aggregation", "quantization_bits", int, "7", "31"),

@@ -31,6 +31,7 @@ FP, LAYOUT = "f" * 64, "a" * 16
 PRIVATE = {
     "privacy.record.epsilon": 8.0,
     "privacy.enterprise.epsilon": 8.0,
+    "privacy.accept_noisy_plan": True,  # the tiny demo is far too small to learn privately
 }  # runs with a budget handshake
 
 
@@ -59,6 +60,7 @@ def _make(tmp_path, answers, **overrides):
         {
             "database.url": f"sqlite:///{tmp_path}/db.sqlite",
             "federation.min_fit_clients": 2,
+            "privacy.accept_noisy_plan": True,  # the tiny demo is far too small to learn privately
             **overrides,
         },
     )

@@ -105,7 +105,7 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "status", "planned_rounds", "completed_rounds", "started_at", "ended_at", "error", "base_fingerprint", "engine", "enterprises", "resumes", "started_by", "privacy", "config_json")
+    __slots__ = ("id", "status", "planned_rounds", "completed_rounds", "started_at", "ended_at", "error", "base_fingerprint", "engine", "enterprises", "resumes", "started_by", "privacy", "config_json", "base_eval_loss", "best_eval_loss", "best_round")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PLANNED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,9 @@ class Run(_message.Message):
     STARTED_BY_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    BASE_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BEST_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BEST_ROUND_FIELD_NUMBER: _ClassVar[int]
     id: int
     status: str
     planned_rounds: int
@@ -134,7 +137,10 @@ class Run(_message.Message):
     started_by: str
     privacy: str
     config_json: str
-    def __init__(self, id: _Optional[int] = ..., status: _Optional[str] = ..., planned_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., started_at: _Optional[str] = ..., ended_at: _Optional[str] = ..., error: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., enterprises: _Optional[_Iterable[str]] = ..., resumes: _Optional[int] = ..., started_by: _Optional[str] = ..., privacy: _Optional[str] = ..., config_json: _Optional[str] = ...) -> None: ...
+    base_eval_loss: float
+    best_eval_loss: float
+    best_round: int
+    def __init__(self, id: _Optional[int] = ..., status: _Optional[str] = ..., planned_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., started_at: _Optional[str] = ..., ended_at: _Optional[str] = ..., error: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., enterprises: _Optional[_Iterable[str]] = ..., resumes: _Optional[int] = ..., started_by: _Optional[str] = ..., privacy: _Optional[str] = ..., config_json: _Optional[str] = ..., base_eval_loss: _Optional[float] = ..., best_eval_loss: _Optional[float] = ..., best_round: _Optional[int] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("number", "status", "started_at", "ended_at", "participants", "failures", "train_loss", "eval_loss", "server_eval_loss", "update_norm", "bytes_up", "bytes_down", "updates_seen", "checkpoint_path", "checkpoint_sha256", "expert_load_json", "participations")
