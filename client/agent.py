@@ -47,11 +47,13 @@ REFUSED_HINTS = ("Failed to activate SuperNode", "Invalid SuperNode authenticati
 GAVE_UP = "Giving up reconnection"  # Flower's SuperNode, after --max-wait-time
 
 
-def _gave_up(log_path: Path, offset: int) -> bool:
-    """Whether the SuperNode started at `offset` of its log has stopped trying to reconnect."""
+def _gave_up(log_path: Path, offset: int) -> tuple[bool, int]:
+    """Whether the SuperNode's log from `offset` on says it stopped trying to reconnect, and
+    where to read next time (a line cut by the read is read again)."""
     with open(log_path, "rb") as log:
         log.seek(offset)
-        return GAVE_UP.encode() in log.read()
+        text = log.read()
+    return GAVE_UP.encode() in text, offset + max(0, len(text) - len(GAVE_UP))
 
 
 class Agent:
@@ -151,12 +153,13 @@ class Agent:
                     self.say(
                         f"connecting to the coordinator at {c.coordinator} (SuperNode log: {log_path})"
                     )
-                    last_health = 0.0
+                    last_health, read_to = 0.0, offset
                     while proc.poll() is None:
                         if time.monotonic() - last_health >= HEALTH_EVERY_S:
                             self._write_health(True)
                             last_health = time.monotonic()
-                            if _gave_up(log_path, offset):
+                            gave_up, read_to = _gave_up(log_path, read_to)
+                            if gave_up:
                                 # Flower's SuperNode can stay up after giving up: start afresh.
                                 stop_process_group(proc)
                         time.sleep(0.5)

@@ -231,3 +231,21 @@ def test_processes_opening_a_fresh_database_at_once_do_not_race_on_the_migration
     with mp.get_context("spawn").Pool(3) as pool:
         ids = pool.map(open_and_create_run, [database_url] * 3)
     assert sorted(ids) == [1, 2, 3]
+
+
+def test_the_agent_sees_a_supernode_that_gave_up_reconnecting(tmp_path):
+    from fedmoe.client.agent import GAVE_UP, _gave_up
+
+    log = tmp_path / "supernode.log"
+    log.write_text("an earlier session: " + GAVE_UP + "\n")
+    start = log.stat().st_size
+    with log.open("a") as f:
+        f.write("WARNING Connection attempt failed, retrying in 0.3 seconds\n")
+    gave_up, read_to = _gave_up(log, start)
+    assert not gave_up and start <= read_to < log.stat().st_size
+    with log.open("a") as f:  # the line lands in two writes: it is still found
+        f.write("WARNING " + GAVE_UP[:7])
+    assert not _gave_up(log, read_to)[0]
+    with log.open("a") as f:
+        f.write(GAVE_UP[7:] + " after 10.01 seconds and 7 tries.\n")
+    assert _gave_up(log, read_to)[0]
