@@ -8,7 +8,8 @@ turns, `--rounds` processes each, so that a change in the machine's load hits bo
 is the median over all their steps, the memory the median over their processes.
 The DP step is exact: per-example gradients of every adapter tensor from one batched backward
 pass (privacy/per_example.py), clipping, noise (privacy/dp_sgd.py). The non-DP step is an ordinary
-backward pass on the same batch.
+backward pass on the same batch; a third row runs it with the dense routed-expert form (every
+expert for every token), to show where dense still wins (toy experts) or loses.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def measure(mode: str, batch: int, seq_len: int, steps: int) -> dict:
     import torch
 
     from fedmoe.model.base import load_base
-    from fedmoe.model.lora import adapter_parameters, attach_lora
+    from fedmoe.model.lora import adapter_parameters, attach_lora, expert_lora_modules
     from fedmoe.model.loss import per_sequence_loss
     from fedmoe.model.settings import LoraSettings
     from fedmoe.privacy.dp_sgd import private_gradient
@@ -36,6 +37,8 @@ def measure(mode: str, batch: int, seq_len: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = attach_lora(load_base("embedded"), LoraSettings())
     model.train()
+    for module in expert_lora_modules(model).values():
+        module.dense = mode == "dense"
     params = adapter_parameters(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -65,12 +68,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--mode", choices=["dp", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["dp", "plain", "dense"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(measure(args.mode, args.batch, args.seq_len, args.steps)))
         return
-    runs: dict[str, list[dict]] = {"plain": [], "dp": []}
+    runs: dict[str, list[dict]] = {"plain": [], "dp": [], "dense": []}
     for _ in range(args.rounds):
         for mode, mode_runs in runs.items():
             cmd = [
@@ -114,6 +117,7 @@ def main() -> None:
     for mode, label in (
         ("plain", "non-DP backward"),
         ("dp", "DP-SGD (per-example grads + clip + noise)"),
+        ("dense", "non-DP backward, dense routed experts"),
     ):
         r = results[mode]
         table.add_row(

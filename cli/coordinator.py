@@ -138,7 +138,8 @@ def cmd_export(args) -> int:
             else f"run {args.run} has no adapter better than its base model; --round N exports one anyway"
         )
     export(model_path, adapter, Path(args.out), merge=args.merge)
-    console.print(f"wrote {'merged model' if args.merge else 'adapter'} to {args.out}")
+    what = "merged model" if args.merge else "peft adapter (PeftModel.from_pretrained loads it)"
+    console.print(f"wrote {what} to {args.out}")
     return 0
 
 
@@ -292,7 +293,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
-        "export", help="write the adapter, or with --merge a merged standalone model"
+        "export",
+        help="write a plain peft adapter (checked by logits), or with --merge a merged model",
     )
     with_adapter(p)
     p.add_argument("--out", required=True)

@@ -30,7 +30,7 @@ from fedmoe.model.base import fingerprint, load_base, load_tokenizer
 from fedmoe.model.data import find_split, load_blocks, load_records
 from fedmoe.model.lora import adapter_layout, attach_lora, get_adapter_vector, set_adapter_vector
 from fedmoe.model.loss import evaluate_loss, per_sequence_loss
-from fedmoe.model.settings import LoraSettings
+from fedmoe.model.settings import BaseLoading, LoraSettings
 from fedmoe.privacy.audit import make_canaries, score_guesses
 from fedmoe.privacy.mechanisms import l2_norm
 from fedmoe.privacy.plan import InfeasiblePlan, PrivacyPlan, plan_run, privatize_update
@@ -68,9 +68,9 @@ class Workspace:
 
 @lru_cache(maxsize=2)
 def _adapted_model(
-    model_path: str, lora_json: str, device: str
+    model_path: str, loading_json: str, lora_json: str, device: str
 ) -> tuple[torch.nn.Module, str, str]:
-    base = load_base(model_path)
+    base = load_base(model_path, BaseLoading.model_validate_json(loading_json), device)
     base_fp = fingerprint(base)
     model = attach_lora(base, LoraSettings.model_validate_json(lora_json)).to(device)
     return model, base_fp, adapter_layout(model)
@@ -86,10 +86,15 @@ def _records(data_dir: str, split: str, model_path: str, seq_len: int) -> torch.
     return load_records(find_split(Path(data_dir), split), load_tokenizer(model_path), seq_len)
 
 
-def workspace(node: NodeSettings, lora: LoraSettings, seq_len: int) -> Workspace:
+def workspace(
+    node: NodeSettings, lora: LoraSettings, seq_len: int, loading: BaseLoading | None = None
+) -> Workspace:
+    loading = loading or BaseLoading()
     torch.set_num_threads(node.threads)
     device = pick_device(node.device)
-    model, base_fp, layout = _adapted_model(node.model_path, lora.model_dump_json(), str(device))
+    model, base_fp, layout = _adapted_model(
+        node.model_path, loading.model_dump_json(), lora.model_dump_json(), str(device)
+    )
     return Workspace(
         node=node,
         model=model,
@@ -220,7 +225,7 @@ class EnterpriseNode:
 
     def _prepare(self, config: dict) -> tuple[RoundSpec, Workspace, PrivacyPlan]:
         spec = RoundSpec.from_config(config)
-        ws = workspace(self.node, spec.lora, spec.train.seq_len)
+        ws = workspace(self.node, spec.lora, spec.train.seq_len, spec.base)
         _check_round(ws, spec)
         # Only record-level DP needs the count (its delta check and expected batch).
         records = self._training_rows(spec, ws).shape[0] if spec.privacy.record else 0
@@ -407,7 +412,7 @@ class EnterpriseNode:
             raise PermissionError(
                 "this node releases no held-out metrics in a private run (they are not covered by the privacy budget)"
             )
-        ws = workspace(self.node, spec.lora, spec.train.seq_len)
+        ws = workspace(self.node, spec.lora, spec.train.seq_len, spec.base)
         _check_round(ws, spec)
         _global_adapter(parameters, ws)
         metrics: dict = {"enterprise": self.node.enterprise}

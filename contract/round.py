@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedmoe.model.settings import LoraSettings
+from fedmoe.model.settings import BaseLoading, LoraSettings
 from fedmoe.privacy.settings import PrivacySettings
 
 # Flower config values are scalars: nested settings travel as JSON text.
-NESTED = ("lora", "train", "privacy")
+NESTED = ("lora", "base", "train", "privacy")
 BUDGET_QUERY = "budget"  # the `query` key of the budget handshake
 
 
@@ -58,6 +58,7 @@ class RoundSpec(BaseModel):
         pattern=r"^[0-9a-f]{32}$", description="the run's identity on every node's ledger"
     )
     lora: LoraSettings
+    base: BaseLoading
     train: LocalTrainSettings
     privacy: PrivacySettings
     base_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -10,7 +9,8 @@ import torch
 from fedmoe.coordinator.db import RunStore
 from fedmoe.coordinator.outcome import outcome
 from fedmoe.model.base import load_base, load_tokenizer
-from fedmoe.model.lora import load_adapter, merge_adapter
+from fedmoe.model.lora import adapter_settings, load_adapter, merge_adapter
+from fedmoe.model.peft_format import write_peft_adapter
 
 
 def adapter_of_run(
@@ -69,11 +69,18 @@ def generate(
 
 
 def export(model_path: str, adapter_dir: Path, out_dir: Path, merge: bool) -> None:
-    """Merged: a standalone transformers checkpoint with the adapter folded in. Not merged: the adapter files."""
+    """Merged: a standalone transformers checkpoint with the adapter folded in. Not merged: a plain
+    peft adapter (`PeftModel.from_pretrained(base, out_dir)`), checked by logits."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"--out {out_dir} is not empty; choose a new folder")
     if not merge:
-        shutil.copytree(adapter_dir, out_dir, dirs_exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_peft_adapter(
+            load_adapted(model_path, adapter_dir),
+            adapter_settings(adapter_dir),
+            lambda: load_base(model_path),
+            out_dir,
+        )
         return
     merged = merge_adapter(load_adapted(model_path, adapter_dir))
     merged.save_pretrained(str(out_dir))

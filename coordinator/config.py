@@ -36,7 +36,7 @@ from fedmoe.model.base import EMBEDDED, check_model_dir, load_tokenizer, resolve
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES, resolve_generated
 from fedmoe.model.data import find_split, read_texts
 from fedmoe.model.lora import adapter_size
-from fedmoe.model.settings import LoraSettings
+from fedmoe.model.settings import BaseLoading, LoraSettings
 from fedmoe.privacy.forecast import (
     MAX_NOISE_TO_SIGNAL,
     Forecast,
@@ -77,13 +77,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-class ModelSection(_Section):
+class ModelSection(BaseLoading):
+    """The base: where it is, and how every party loads it (dtype, int8 experts, checkpointing)."""
+
     path: PathText = Field(
         EMBEDDED,
         min_length=1,
         max_length=4096,
         description='"embedded" or a local Hugging Face checkpoint directory',
     )
+
+    @property
+    def loading(self) -> BaseLoading:
+        return BaseLoading(**self.model_dump(exclude={"path"}))
 
 
 class Enterprise(_Section):
@@ -367,7 +373,7 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         _recheck_federation(federation)  # e.g. min_fit_clients against the 3 demo enterprises
     resolved = config.model_copy(
         update=dict(
-            model=ModelSection(path=model_path),
+            model=config.model.model_copy(update=dict(path=model_path)),
             federation=federation,
             evaluation=EvaluationSection(server_data=_resolve_server_data(config, base)),
             database=DatabaseSection(url=_resolve_sqlite_url(config.database.url, base)),

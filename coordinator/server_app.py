@@ -119,7 +119,7 @@ def build_round_context(
 ) -> RoundContext:
     """Base model, initial adapter (or the last checkpoint of a resumed run), checkpoint writer
     and server-side evaluation."""
-    base = load_base(config.model.path)
+    base = load_base(config.model.path, config.model.loading)
     base_fp = fingerprint(base)
     model = attach_lora(base, config.lora)
     checkpoint_root = run_dir(config, run_id)

@@ -158,6 +158,7 @@ class FederatedLoRA(FedAvg):
             rounds=fed.rounds,
             run_uid=self.ctx.run_uid,
             lora=self.config.lora,
+            base=self.config.model.loading,
             train=self.config.train,
             privacy=self.config.privacy,
             base_fingerprint=self.ctx.base_fingerprint,

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedmoe.model.settings import BaseLoading
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -108,27 +110,99 @@ def check_model_dir(directory: Path) -> dict:
 
 
 def load_base(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | Path, loading: BaseLoading | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """A causal-LM MoE checkpoint from a local directory, frozen, in eval mode (`dtype`: float32 if None)."""
+    """A causal-LM MoE checkpoint from a local directory, loaded as `loading` says (float32 by
+    default), frozen, in eval mode, on `device` if it fits there."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from fedmoe.model.expert_lora import is_fused_experts
+    from fedmoe.model.quantize import quantize_experts
 
+    loading = loading or BaseLoading()
     directory = resolve_model_path(path)
-    check_model_dir(directory)
-    dtype = torch.float32 if dtype is None else dtype
+    config = check_model_dir(directory)
+    dtype = load_dtype(config, loading)
+    check_fits(directory, loading, torch.device(device))
     model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
     if not any(is_fused_experts(m) for m in model.modules()):
         raise ValueError(
             f"model.path: {directory} holds a {model.config.model_type} model without routed experts; fedmoe fine-tunes MoE models"
         )
+    if loading.quantize == "int8":
+        quantize_experts(model)
+    if loading.gradient_checkpointing:
+        # Non-reentrant: recomputation runs under the per-example gradient rules (privacy/).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def load_dtype(config: dict, loading: BaseLoading) -> torch.dtype:
+    import torch
+
+    if loading.dtype != "auto":
+        return getattr(torch, loading.dtype)
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f'model.dtype = "auto": the checkpoint\'s dtype {name!r} is not supported')
+    return getattr(torch, name)
+
+
+def base_bytes(directory: Path, loading: BaseLoading) -> int:
+    """Bytes the base takes in memory when loaded as `loading` says (counted on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedmoe.model.expert_lora import is_fused_experts
+
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    element = torch.empty(0, dtype=load_dtype(config.to_dict(), loading)).element_size()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters()) * element
+    if loading.quantize == "int8":  # 1 byte per expert weight, plus a scale per row
+        for m in model.modules():
+            if is_fused_experts(m):
+                for w in (m.gate_up_proj, m.down_proj):
+                    total -= w.numel() * element - w.numel() - w.shape[0] * w.shape[1] * element
+    return total
+
+
+def free_bytes(device: torch.device) -> int:
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux: what can be had without swapping, page cache included
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(meminfo.split("MemAvailable:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(directory: Path, loading: BaseLoading, device: torch.device) -> None:
+    """Refuse, before loading, a base whose weights alone exceed `device`'s free memory, saying what
+    it needs. One device per node: a base that needs several GPUs is refused (placing it across a
+    node's GPUs with device_map is not supported yet)."""
+    needed, free = base_bytes(directory, loading), free_bytes(device)
+    if needed > free:
+        hint = ' or quantize = "int8"' if loading.quantize == "none" else ""
+        raise ValueError(
+            f"model: the base in {directory.name} needs {_size(needed)} as loaded (dtype "
+            f"{loading.dtype}, quantize {loading.quantize}); {device} has {_size(free)} free. "
+            f'Use a device with more memory, dtype = "bfloat16"{hint}'
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def load_tokenizer(path: str | Path):

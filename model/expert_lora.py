@@ -1,31 +1,110 @@
-"""LoRA for the routed experts of a MoE layer.
+"""LoRA for the routed experts of a MoE layer, computed sparsely.
 
 transformers stores routed experts as fused 3-D parameters (`gate_up_proj` [E, 2I, H],
 `down_proj` [E, H, I]); peft reaches them only through a parametrization that neither Opacus nor
-`torch.func.vmap` can handle. `ExpertLoRA` keeps the frozen base experts and adds explicit
+our per-example gradients can handle. `ExpertLoRA` keeps the frozen base experts and adds explicit
 per-expert factors:
 
     gate_up_e(x) = W_gu[e] x + s * B_gu[e] A_gu[e] x
     down_e(a)    = W_d[e]  a + s * B_d[e]  A_d[e]  a          (s = alpha / r)
 
-The forward pass is written with dense, data-independent tensor ops (routing one-hots, no
-Python loop over experts, no `nonzero`) so that per-example gradients can be taken with
-`torch.func.vmap(grad(...))` over a batch. The price is that the base experts are evaluated for
-all E experts and the routing selects (E/k more expert FLOPs than a grouped GEMM); the math is
-kept in one function, `routed_experts_forward`, so a grouped kernel can replace it later.
+Sparse: each (token, chosen expert) pair is one row, rows are grouped by expert (`ExpertRows`), and
+every expert's base weights and LoRA factors multiply only the rows routed to it. FLOPs and
+activation memory grow with top-k, not with the number of experts E (on DeepSeek-V2-Lite the dense
+form below costs E/k = 10.7x the expert FLOPs; on V3, 32x).
 
-Each LoRA factor enters through exactly one einsum whose first operand is indexed by token
-(`n`), computed by `ExpertLoRA.factor_einsum`. privacy/per_example.py swaps in an einsum whose
-backward pass yields every example's gradient of the factor.
+Each LoRA factor enters through exactly one grouped matmul, `ExpertLoRA.factor_matmul(rows,
+factor, groups)`. privacy/per_example.py swaps in one whose backward pass yields every example's
+gradient of the factor (each row knows its token, hence its example).
+
+`dense_routed_experts_forward` is the same function written with data-independent tensor ops
+(every expert evaluated for every token, routing by one-hot masks). It wins nowhere we measured
+(7x slower on a V2-Lite block, 1.4x on the embedded base: benchmarks/), but `torch.func.vmap` can
+batch it, so tests and benchmarks keep it as an independent reference.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from fedmoe.model.quantize import Int8Rows
+
+Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertRows:
+    """Token-expert pairs grouped by expert: `counts[e]` consecutive rows for expert e, in token
+    order within an expert. Row i is token `token[i]`, weighted by the router with `weight[i]`."""
+
+    token: torch.Tensor  # [M] long, M = tokens x top-k
+    weight: torch.Tensor  # [M]
+    counts: tuple[int, ...]  # E Python ints: the loop bounds of a grouped matmul
+    num_tokens: int
+
+
+def group_by_expert(
+    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int
+) -> ExpertRows:
+    """Rows for tokens routed to `top_k_index` [N, k] with router weights `top_k_weights` [N, k]."""
+    num_tokens, k = top_k_index.shape
+    expert = top_k_index.reshape(-1)
+    # Stable, so that within an expert rows stay in token order, hence grouped by example.
+    order = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=num_experts)
+    return ExpertRows(
+        order // k, top_k_weights.reshape(-1)[order], tuple(counts.tolist()), num_tokens
+    )
+
+
+def grouped_linear(
+    rows: torch.Tensor, weight: torch.Tensor | Int8Rows, groups: ExpertRows
+) -> torch.Tensor:
+    """Row i times weight[expert of i] transposed: rows [M, in], weight [E, out, in] -> [M, out].
+
+    Plain autograd: `split` and `unbind` backpropagate as one `cat` and one `stack`."""
+    if isinstance(weight, Int8Rows):
+        return _Int8GroupedLinear.apply(rows, weight, groups.counts)
+    pieces = rows.split(groups.counts)
+    return torch.cat([x @ w.T for x, w in zip(pieces, weight.unbind(0), strict=True)])
+
+
+class _Int8GroupedLinear(torch.autograd.Function):
+    """grouped_linear on frozen int8 experts: each expert is dequantized only while its rows are
+    multiplied, forward and backward, so autograd keeps no full-precision copy."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: Int8Rows, counts: tuple[int, ...]):
+        ctx.weight, ctx.counts = weight, counts
+        return _each_expert(rows, weight, counts, lambda x, w: x @ w.T, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight = ctx.weight
+        grad_rows = _each_expert(grad_out, weight, ctx.counts, lambda g, w: g @ w, weight.shape[2])
+        return grad_rows, None, None
+
+
+def _each_expert(rows, weight: Int8Rows, counts, matmul, out_features: int) -> torch.Tensor:
+    # One buffer for every expert's dequantized weight: a fresh tensor per expert would let the
+    # allocator's heap grow to the size of all experts (measured: +1.5 GB on one V2-Lite layer).
+    buffer = torch.empty(weight.shape[1:], dtype=weight.dtype, device=weight.device)
+    pieces = []
+    for e, x in enumerate(rows.split(counts)):
+        if len(x):
+            buffer.copy_(weight.values[e]).mul_(weight.scales[e].unsqueeze(-1))
+            pieces.append(matmul(x, buffer))
+        else:
+            pieces.append(x.new_zeros(0, out_features))
+    return torch.cat(pieces)
+
+
+FactorMatmul = Callable[[torch.Tensor, torch.Tensor, ExpertRows], torch.Tensor]
 
 
 def routed_experts_forward(
@@ -35,60 +114,80 @@ def routed_experts_forward(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     act_fn,
-    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    lora: Factors | None = None,
     scaling: float = 1.0,
     dropout: nn.Module | None = None,
-    apply_factor: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] = torch.einsum,
+    factor_matmul: FactorMatmul = grouped_linear,
 ) -> torch.Tensor:
-    """Output of the routed experts for tokens `x` [N, H] routed to `top_k_index` [N, k].
+    """Output [N, H] of the routed experts for tokens `x` [N, H] routed to `top_k_index` [N, k].
 
     `lora` is (A_gu [E,r,H], B_gu [E,2I,r], A_d [E,r,I], B_d [E,H,r]) or None for the base experts.
-    `apply_factor(equation, tokens, factor)` computes each LoRA factor's einsum.
     """
+    groups = group_by_expert(top_k_index, top_k_weights, gate_up_proj.shape[0])
+
+    def low_rank(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # The factors may be float32 over a bfloat16 base: LoRA computes in the factors' dtype.
+        t = dropout(t) if dropout is not None else t
+        out = factor_matmul(factor_matmul(t.to(a.dtype), a, groups), b, groups)
+        return scaling * out.to(x.dtype)
+
+    rows = x[groups.token]  # [M, H]
+    h = grouped_linear(rows, gate_up_proj, groups)  # [M, 2I]
+    if lora is not None:
+        a_gu, b_gu, a_d, b_d = lora
+        h = h + low_rank(rows, a_gu, b_gu)
+    gate, up = h.chunk(2, dim=-1)
+    # Weighted by the router before the down projection (linear, so the same as after it), so
+    # that the down LoRA sees what the base down projection sees.
+    act = act_fn(gate) * up * groups.weight.to(x.dtype).unsqueeze(-1)  # [M, I]
+    out = grouped_linear(act, down_proj, groups)
+    if lora is not None:
+        out = out + low_rank(act, a_d, b_d)
+    return torch.zeros_like(x).index_add(0, groups.token, out)
+
+
+def dense_routed_experts_forward(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn,
+    lora: Factors | None = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """`routed_experts_forward` evaluating all E experts for every token (no dropout)."""
     n_tokens, hidden = x.shape
     num_experts, two_inter, _ = gate_up_proj.shape
-    inter = two_inter // 2
-    # [N, k, E] routing one-hot; comparison instead of F.one_hot keeps it vmap-friendly. In the
-    # einsums `s` indexes the k slots: a letter after `n`, because torch.einsum orders summed
-    # indices alphabetically and per-example gradients then sum over (n, s) without a copy.
-    experts = torch.arange(num_experts, device=x.device)
-    onehot = (top_k_index.unsqueeze(-1) == experts).to(x.dtype)
-
-    # Gate/up projection of every expert, then pick each slot's expert: [N, k, 2I].
+    # [N, k, E] routing one-hot; a comparison instead of F.one_hot keeps it vmap-friendly.
+    onehot = (top_k_index.unsqueeze(-1) == torch.arange(num_experts, device=x.device)).to(x.dtype)
     h_all = (x @ gate_up_proj.reshape(num_experts * two_inter, hidden).T).view(
         n_tokens, num_experts, two_inter
     )
-    h = torch.einsum("nse,nef->nsf", onehot, h_all)
+    h = torch.einsum("nse,nef->nsf", onehot, h_all)  # each slot's expert: [N, k, 2I]
     if lora is not None:
         a_gu, b_gu, a_d, b_d = lora
-        x_in = dropout(x) if dropout is not None else x
-        xa = apply_factor("nh,erh->ner", x_in, a_gu)  # [N, E, r]
-        z = onehot.unsqueeze(-1) * xa.unsqueeze(1)  # [N, k, E, r]: zero outside each slot's expert
-        h = h + scaling * apply_factor("nser,efr->nsf", z, b_gu)
-
-    gate, up = h.split(inter, dim=-1)
+        xa = torch.einsum("nh,erh->ner", x, a_gu)  # [N, E, r]
+        h = h + scaling * torch.einsum("nse,ner,efr->nsf", onehot, xa, b_gu)
+    gate, up = h.chunk(2, dim=-1)
     act = act_fn(gate) * up  # [N, k, I]
-    # Place each slot's activation at its expert, weighted by the router: [N, E, I].
+    # Each slot's activation placed at its expert, weighted by the router: [N, E, I].
     act_e = torch.einsum("nse,ns,nsi->nei", onehot, top_k_weights.to(x.dtype), act)
-    out = act_e.reshape(n_tokens, num_experts * inter) @ down_proj.permute(0, 2, 1).reshape(
-        num_experts * inter, hidden
-    )
+    out = act_e.reshape(n_tokens, -1) @ down_proj.permute(0, 2, 1).reshape(-1, hidden)
     if lora is not None:
-        act_in = dropout(act_e) if dropout is not None else act_e
-        aa = apply_factor("nei,eri->ner", act_in, a_d)  # [N, E, r]
-        out = out + scaling * apply_factor("ner,ehr->nh", aa, b_d)
+        aa = torch.einsum("nei,eri->ner", act_e, a_d)
+        out = out + scaling * torch.einsum("ner,ehr->nh", aa, b_d)
     return out
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """True for transformers' fused routed-expert modules (3-D gate_up_proj and down_proj)."""
+    """True for fused routed-expert modules (3-D gate_up_proj and down_proj): transformers' own
+    and their int8 form (model/quantize.py)."""
     gate_up = getattr(module, "gate_up_proj", None)
     down = getattr(module, "down_proj", None)
-    return (
-        isinstance(gate_up, torch.Tensor)
-        and isinstance(down, torch.Tensor)
-        and gate_up.dim() == 3
-        and down.dim() == 3
+    return all(
+        isinstance(w, Int8Rows) or (isinstance(w, torch.Tensor) and w.dim() == 3)
+        for w in (gate_up, down)
     )
 
 
@@ -110,7 +209,9 @@ class ExpertLoRA(nn.Module):
             p.requires_grad_(False)
         num_experts, two_inter, hidden = base.gate_up_proj.shape
         inter = base.down_proj.shape[2]
-        dtype, device = base.gate_up_proj.dtype, base.gate_up_proj.device
+        # LoRA in full precision over a bfloat16 or int8 base.
+        dtype = torch.promote_types(base.gate_up_proj.dtype, torch.float32)
+        device = base.gate_up_proj.device
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
         self.gate_up_A = nn.Parameter(
@@ -122,9 +223,11 @@ class ExpertLoRA(nn.Module):
         self.down_A = nn.Parameter(torch.empty(num_experts, r, inter, dtype=dtype, device=device))
         self.down_B = nn.Parameter(torch.zeros(num_experts, hidden, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        # einsum(equation, tokens, factor) for every use of a factor; privacy/per_example.py replaces
-        # it for one forward pass to get per-example gradients.
-        self.factor_einsum: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] = torch.einsum
+        # The grouped matmul of every use of a factor; privacy/per_example.py replaces it for one
+        # forward pass to get per-example gradients.
+        self.factor_matmul: FactorMatmul = grouped_linear
+        # Tests and benchmarks switch to the dense form (vmap-able; no dropout, no per-example rule).
+        self.dense = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -136,28 +239,32 @@ class ExpertLoRA(nn.Module):
         nn.init.zeros_(self.gate_up_B)
         nn.init.zeros_(self.down_B)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def factors(self) -> Factors:
         return self.gate_up_A, self.gate_up_B, self.down_A, self.down_B
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        base = self.base
+        args = (hidden_states, top_k_index, top_k_weights, base.gate_up_proj, base.down_proj)
+        if self.dense:
+            return dense_routed_experts_forward(
+                *args, base.act_fn, lora=self.factors(), scaling=self.scaling
+            )
         return routed_experts_forward(
-            hidden_states,
-            top_k_index,
-            top_k_weights,
-            self.base.gate_up_proj,
-            self.base.down_proj,
-            self.base.act_fn,
+            *args,
+            base.act_fn,
             lora=self.factors(),
             scaling=self.scaling,
             dropout=self.dropout,
-            apply_factor=self.factor_einsum,
+            factor_matmul=self.factor_matmul,
         )
 
     @torch.no_grad()
     def merged_base(self) -> nn.Module:
         """The base experts with the LoRA product folded into their weights."""
+        if isinstance(self.base.gate_up_proj, Int8Rows):
+            raise ValueError("cannot merge LoRA into int8 experts: load the base unquantized")
         self.base.gate_up_proj += self.scaling * (self.gate_up_B @ self.gate_up_A)
         self.base.down_proj += self.scaling * (self.down_B @ self.down_A)
         return self.base

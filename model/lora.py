@@ -197,11 +197,14 @@ def expert_lora_modules(model: nn.Module) -> dict[int, ExpertLoRA]:
 
 
 def save_adapter(model: nn.Module, settings: LoraSettings, directory: Path) -> None:
-    """peft's format for the Linear LoRA (`PeftModel.from_pretrained` loads it) plus our expert factors.
+    """The Linear LoRA in peft's files, our expert factors, and the settings that built both.
 
     expert_lora.safetensors holds `model.layers.{i}.mlp.experts.{gate_up_A,gate_up_B,down_A,down_B}`;
-    expert_lora_config.json holds the LoraSettings that built the adapter.
+    expert_lora_config.json holds the LoraSettings. peft's adapter_config.json is a guard that makes
+    `PeftModel.from_pretrained` fail where it would load the adapter wrong (model/peft_format.py).
     """
+    from fedmoe.model.peft_format import peft_loads_exactly, write_guard
+
     directory.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):
         with peft_conversion_disabled():
@@ -214,6 +217,8 @@ def save_adapter(model: nn.Module, settings: LoraSettings, directory: Path) -> N
             )
     if tensors:
         save_file(tensors, str(directory / EXPERT_LORA_FILE))
+    if not peft_loads_exactly(settings):
+        write_guard(directory)
     (directory / EXPERT_LORA_CONFIG_FILE).write_text(settings.model_dump_json(indent=2))
 
 
@@ -234,7 +239,7 @@ def _load_expert_factors(model: nn.Module, directory: Path) -> None:
                 getattr(module, n).copy_(tensors[f"model.layers.{i}.mlp.experts.{n}"])
 
 
-def _adapter_settings(directory: Path) -> LoraSettings:
+def adapter_settings(directory: Path) -> LoraSettings:
     config_path = directory / EXPERT_LORA_CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(
@@ -244,20 +249,11 @@ def _adapter_settings(directory: Path) -> LoraSettings:
 
 
 def load_adapter(base: nn.Module, directory: Path) -> nn.Module:
-    """Base model + the adapter saved by `save_adapter` (peft part via PeftModel.from_pretrained)."""
-    from peft import PeftModel
-
+    """Base model + the adapter saved by `save_adapter`: its settings rebuild the adapter, its
+    weights fill it (peft's loader is not used: it would rewrite the shared-expert targets)."""
     directory = Path(directory)
-    settings = _adapter_settings(directory)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    if (directory / "adapter_config.json").is_file():
-        with peft_conversion_disabled():
-            model = PeftModel.from_pretrained(base, str(directory), is_trainable=True)
-    else:
-        model = base
-    _attach_expert_lora(model, settings)
-    _load_expert_factors(model, directory)
+    model = attach_lora(base, adapter_settings(directory))
+    load_adapter_weights(model, directory)
     return model
 
 
@@ -267,7 +263,7 @@ def load_adapter_weights(model: nn.Module, directory: Path) -> None:
     from peft import set_peft_model_state_dict
 
     directory = Path(directory)
-    settings = _adapter_settings(directory)
+    settings = adapter_settings(directory)
     if hasattr(model, "peft_config"):
         state = load_file(str(directory / "adapter_model.safetensors"))
         with peft_conversion_disabled():

@@ -1,4 +1,4 @@
-"""LoRA settings: which groups of a DeepSeek-style MoE get adapters, and how large they are.
+"""LoRA settings (which groups of a DeepSeek-style MoE get adapters, how large) and how the base loads.
 
 A light module (pydantic only) because both sides read it and the node's per-message ClientApp
 must stay free of torch. Validated once, at the edge; strict so that `alpha = true` or
@@ -41,3 +41,23 @@ class LoraSettings(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate target groups in {list(v)}")
         return v
+
+
+class BaseLoading(BaseModel):
+    """How every party loads the frozen base. Part of each round's contract: the fingerprint of
+    what was loaded (dtype and quantized weights included) proves that every node trains the same
+    base."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="the base weights' dtype; \"auto\" keeps the checkpoint's own"
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: the routed experts (most of a MoE's weights) stored as int8 with one "
+        "scale per output row, on any device; LoRA stays in float32",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, more time"
+    )

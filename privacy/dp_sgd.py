@@ -20,8 +20,12 @@ from fedmoe.privacy.mechanisms import UniformSource, gaussian_noise, secure_unif
 
 
 def per_example_norms(per_example: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B] joint L2 norm of each example's gradient over all tensors."""
-    squares = [g.reshape(g.shape[0], -1).double().pow(2).sum(dim=1) for g in per_example.values()]
+    """[B] joint L2 norm of each example's gradient over all tensors, summed in float64 a slice at
+    a time (a float64 copy of every gradient would double the step's memory)."""
+    squares = [
+        sum(part.double().pow(2).sum(dim=1) for part in g.reshape(g.shape[0], -1).split(1 << 16, 1))
+        for g in per_example.values()
+    ]
     return torch.stack(squares).sum(dim=0).sqrt()
 
 

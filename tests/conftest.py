@@ -57,6 +57,30 @@ def tiny():
     return tiny_model()
 
 
+def many_expert_model(family: str, seed: int = 0):
+    """A tiny DeepSeek-V2-style (softmax router, greedy top-6) or V3-style (sigmoid router with
+    bias, group-limited top-4) model with 16 routed experts in 2 MoE layers."""
+    import transformers
+
+    arch = {**TINY_ARCH, "n_routed_experts": 16, "n_group": 4, "topk_group": 2}
+    if family == "v2":
+        arch.update(num_experts_per_tok=6, topk_method="greedy", q_lora_rank=None)
+        config_class, model_class = "DeepseekV2Config", "DeepseekV2ForCausalLM"
+    else:
+        arch.update(num_experts_per_tok=4)
+        config_class, model_class = "DeepseekV3Config", "DeepseekV3ForCausalLM"
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**arch)
+    model = getattr(transformers, model_class)(config)
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):  # V2's router starts at zero: every expert would tie
+            torch.nn.init.normal_(p, 0, 0.5)
+    for m in model.modules():
+        if hasattr(m, "e_score_correction_bias"):
+            m.e_score_correction_bias.normal_(0, 0.1)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def embedded_base_path():
     from fedmoe.model.base import EMBEDDED_BASE_DIR
@@ -122,7 +146,7 @@ def round_config(
 ) -> dict:
     """A round config as the coordinator sends it, for a node's workspace `ws`."""
     from fedmoe.contract.round import LocalTrainSettings, RoundSpec
-    from fedmoe.model.settings import LoraSettings
+    from fedmoe.model.settings import BaseLoading, LoraSettings
     from fedmoe.privacy.settings import PrivacySettings
 
     spec = RoundSpec(
@@ -130,6 +154,7 @@ def round_config(
         rounds=changes.pop("rounds", 3),
         run_uid=changes.pop("run_uid", RUN_UID),
         lora=lora or LoraSettings(r=4, alpha=8),
+        base=changes.pop("base", BaseLoading()),
         train=train or LocalTrainSettings(local_steps=3, batch_size=4, seq_len=32),
         privacy=PrivacySettings.model_validate(privacy or {}),
         base_fingerprint=ws.base_fingerprint,

@@ -11,7 +11,7 @@ from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.base import fingerprint, load_base, parameter_bytes
 from fedmoe.model.corpus import DEMO_DATA_DIR
 from fedmoe.model.lora import adapter_layout, adapter_parameters, get_adapter_vector
-from fedmoe.model.settings import LoraSettings
+from fedmoe.model.settings import BaseLoading, LoraSettings
 
 LORA = LoraSettings(r=4, alpha=8)
 TRAIN = LocalTrainSettings(local_steps=3, batch_size=4, seq_len=32)
@@ -71,5 +71,7 @@ def test_evaluate_reports_heldout_loss(client_and_round):
 
 
 def test_cached_workspace_matches_a_fresh_build():
-    model, fp, layout = _adapted_model("embedded", LORA.model_dump_json(), "cpu")
+    model, fp, layout = _adapted_model(
+        "embedded", BaseLoading().model_dump_json(), LORA.model_dump_json(), "cpu"
+    )
     assert fp == fingerprint(load_base("embedded")) and layout == adapter_layout(model)

@@ -159,6 +159,21 @@ CASES += [
         "[lora]\ntargets = [" + "1," * 20_000 + "]\n",
     ),
     case(
+        "model-dtype-float64",
+        "model.dtype: Input should be 'float32', 'bfloat16' or 'auto'",
+        "[model]\ndtype = 'float64'\n",
+    ),
+    case(
+        "model-quantize-nf4",
+        "model.quantize: Input should be 'none' or 'int8'",
+        "[model]\nquantize = 'nf4'\n",
+    ),
+    case(
+        "model-checkpointing-string",
+        "model.gradient_checkpointing: Input should be a valid boolean",
+        "[model]\ngradient_checkpointing = 'yes'\n",
+    ),
+    case(
         "enterprises-10001",
         "federation.enterprises: Tuple should have at most 10000 items",
         "[federation]\nenterprises = [" + "{name = 'a', data = 'd'}," * 10_001 + "]\n",

@@ -1,12 +1,16 @@
-"""Routed-expert LoRA: equal to the base at init, equal to a per-token reference, vmap-ready."""
+"""Routed-expert LoRA: equal to the base at init, to a per-token reference, and sparse to dense."""
 
 import pytest
 import torch
-from conftest import tiny_model
-from torch.func import functional_call, grad, vmap
+from conftest import many_expert_model, tiny_model
 
-from fedmoe.model.expert_lora import ExpertLoRA, routed_experts_forward
-from fedmoe.model.lora import attach_lora, expert_lora_modules
+from fedmoe.model.expert_lora import (
+    ExpertLoRA,
+    dense_routed_experts_forward,
+    group_by_expert,
+    routed_experts_forward,
+)
+from fedmoe.model.lora import adapter_parameters, attach_lora, expert_lora_modules
 from fedmoe.model.settings import LoraSettings
 
 
@@ -58,26 +62,34 @@ def test_matches_per_token_reference_with_merged_weights(tiny):
     torch.testing.assert_close(merged(x, idx, w), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_per_example_gradients_by_vmap_equal_batch_size_one():
-    """The module is written so that torch.func can take exact per-example gradients."""
-    model = attach_lora(tiny_model(), LoraSettings(r=4, alpha=8, targets=("routed_experts",)))
+def _set_dense(model, dense: bool) -> None:
+    for module in expert_lora_modules(model).values():
+        module.dense = dense
+
+
+@pytest.mark.parametrize("family", ["v2", "v3"])
+def test_sparse_equals_dense_outputs_and_gradients(family):
+    model = attach_lora(many_expert_model(family), LoraSettings(r=4, alpha=8))
+    g = torch.Generator().manual_seed(2)
+    params = adapter_parameters(model)
     with torch.no_grad():
-        for m in expert_lora_modules(model).values():
-            m.gate_up_B.normal_(0, 0.1)
-            m.down_B.normal_(0, 0.1)
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    assert params and all("mlp.experts." in n for n in params)
-    ids = torch.randint(0, model.config.vocab_size, (3, 10))
-
-    def loss_one(p, seq):
-        logits = functional_call(model, p, (seq.unsqueeze(0),)).logits[0, :-1]
-        return torch.nn.functional.cross_entropy(logits, seq[1:])
-
-    per_example = vmap(grad(loss_one), in_dims=(None, 0))(params, ids)
-    for i in range(ids.shape[0]):
-        reference = grad(loss_one)(params, ids[i])
-        for name in params:
-            torch.testing.assert_close(per_example[name][i], reference[name], atol=1e-5, rtol=1e-4)
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=g)
+    results = []
+    for dense in (False, True):
+        _set_dense(model, dense)
+        model.zero_grad()
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in params.items()}))
+    (sparse_logits, sparse_grads), (dense_logits, dense_grads) = results
+    assert any("mlp.experts." in n for n in sparse_grads)
+    torch.testing.assert_close(sparse_logits, dense_logits, atol=1e-5, rtol=1e-5)
+    for name in params:
+        torch.testing.assert_close(
+            sparse_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4, msg=name
+        )
 
 
 def test_rejects_non_fused_module():
@@ -85,11 +97,28 @@ def test_rejects_non_fused_module():
         ExpertLoRA(torch.nn.Linear(2, 2), r=2, alpha=4)
 
 
-def test_functional_form_without_lora_matches_transformers(tiny):
-    mlp = _moe_layer(tiny)
-    x = torch.randn(5, tiny.config.hidden_size)
+@pytest.mark.parametrize("forward", [routed_experts_forward, dense_routed_experts_forward])
+@pytest.mark.parametrize("family", ["v2", "v3"])
+def test_functional_form_without_lora_matches_transformers(forward, family):
+    mlp = _moe_layer(many_expert_model(family))
+    x = torch.randn(9, mlp.experts.gate_up_proj.shape[2])
     idx, w = _routing(mlp, x)
-    out = routed_experts_forward(
-        x, idx, w, mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.act_fn
-    )
+    out = forward(x, idx, w, mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.experts.act_fn)
     torch.testing.assert_close(out, mlp.experts(x, idx, w), atol=1e-6, rtol=1e-5)
+
+
+def test_experts_no_token_chose_get_zero_gradient_and_cost_nothing(tiny):
+    mlp = _moe_layer(tiny)
+    wrapped = ExpertLoRA(mlp.experts, r=2, alpha=4)
+    x = torch.randn(6, tiny.config.hidden_size)
+    idx = torch.tensor([[0, 2]] * 6)  # experts 1 and 3 get no token
+    groups = group_by_expert(idx, torch.ones(6, 2), num_experts=4)
+    assert groups.counts == (6, 0, 6, 0)
+    assert groups.token.tolist() == list(range(6)) * 2  # token order within each expert
+    with torch.no_grad():
+        wrapped.gate_up_B.normal_(0, 0.1)
+        wrapped.down_B.normal_(0, 0.1)
+    wrapped(x, idx, torch.full((6, 2), 0.5)).sum().backward()
+    for factor in wrapped.factors():
+        assert factor.grad[[1, 3]].abs().sum() == 0
+        assert factor.grad[[0, 2]].abs().sum() > 0

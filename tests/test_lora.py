@@ -1,10 +1,11 @@
 """LoRA lands on exactly the intended modules, only adapters train, and adapters round-trip."""
 
+import json
 import re
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import many_expert_model, tiny_model
 from pydantic import ValidationError
 
 from fedmoe.model.expert_lora import ExpertLoRA
@@ -19,7 +20,10 @@ from fedmoe.model.lora import (
     save_adapter,
     set_adapter_tensors,
 )
+from fedmoe.model.peft_format import write_peft_adapter
 from fedmoe.model.settings import LoraSettings
+
+ALL_GROUPS = ("attention", "shared_experts", "routed_experts")
 
 ATTN = {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
 
@@ -107,20 +111,62 @@ def test_save_and_reload_give_identical_logits(tmp_path):
     assert adapter_layout(reloaded) == adapter_layout(model)
 
 
-def test_peft_from_pretrained_loads_the_linear_lora_including_shared_experts(tmp_path):
+@pytest.mark.parametrize(
+    "targets",
+    [("attention",), ("attention", "shared_experts"), ("routed_experts",), ALL_GROUPS],
+)
+def test_peft_from_pretrained_on_a_checkpoint_is_exact_or_fails_loudly(tmp_path, targets):
     from peft import PeftModel
 
-    from fedmoe.model.lora import peft_conversion_disabled
-
-    settings = LoraSettings(r=4, alpha=8, targets=("attention", "shared_experts"))
+    settings = LoraSettings(r=4, alpha=8, targets=targets)
     model = attach_lora(tiny_model(), settings)
     _perturb(model)
     save_adapter(model, settings, tmp_path / "a")
-    with peft_conversion_disabled():
+    if targets == ("attention",):
         loaded = PeftModel.from_pretrained(tiny_model(), str(tmp_path / "a"))
-    ids = torch.randint(0, 64, (1, 8))
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
-    assert _lora_linear_modules(loaded) == _lora_linear_modules(model)
+        ids = torch.randint(0, 64, (1, 8))
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    else:
+        with pytest.raises(KeyError, match="NOT LOADABLE BY PEFT ALONE.*fedmoe export"):
+            PeftModel.from_pretrained(tiny_model(), str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("family", ["v2", "v3"])
+def test_the_peft_export_loads_with_plain_peft_to_the_fine_tuned_logits(tmp_path, family):
+    from peft import PeftModel
+
+    settings = LoraSettings(r=4, alpha=8, top_layers_fraction=0.7)
+    model = attach_lora(many_expert_model(family), settings)
+    _perturb(model)
+    error = write_peft_adapter(model, settings, lambda: many_expert_model(family), tmp_path)
+    assert error <= 1e-5
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert any("mlp.experts.gate_up_proj" in t for t in config["target_parameters"])
+    loaded = PeftModel.from_pretrained(many_expert_model(family), str(tmp_path)).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_peft_export_that_peft_would_load_differently_is_refused_and_removed(
+    tmp_path, monkeypatch
+):
+    from fedmoe.model import peft_format
+
+    settings = LoraSettings(r=2, alpha=4)
+    model = attach_lora(tiny_model(), settings)
+    _perturb(model)
+    make_twin = peft_format._peft_twin
+
+    def twin_without_one_factor(*args):
+        twin = make_twin(*args)
+        with torch.no_grad():
+            next(p for n, p in twin.named_parameters() if "experts.lora_B" in n).zero_()
+        return twin
+
+    monkeypatch.setattr(peft_format, "_peft_twin", twin_without_one_factor)
+    with pytest.raises(ValueError, match="export with --merge"):
+        write_peft_adapter(model, settings, tiny_model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
 
 
 def test_merge_equals_adapter(tmp_path):

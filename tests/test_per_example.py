@@ -1,22 +1,29 @@
 """Per-example gradients of every trainable tensor equal batch-size-1 backward passes."""
 
+import pytest
 import torch
-from conftest import tiny_model
+from conftest import many_expert_model, tiny_model
 
 from fedmoe.model.data import PADDING
-from fedmoe.model.lora import adapter_parameters, attach_lora
+from fedmoe.model.lora import adapter_parameters, attach_lora, expert_lora_modules
 from fedmoe.model.loss import per_sequence_loss
 from fedmoe.model.settings import LoraSettings
 from fedmoe.privacy.per_example import per_example_gradients
 
 
-def test_per_example_gradients_equal_batch_size_one_backward():
-    model = attach_lora(tiny_model(), LoraSettings(r=4, alpha=8))
+@pytest.mark.parametrize(
+    "make_model",
+    [tiny_model, lambda: many_expert_model("v2"), lambda: many_expert_model("v3")],
+    ids=["v3-4-experts", "v2-16-experts-top6", "v3-16-experts-top4"],
+)
+def test_per_example_gradients_equal_batch_size_one_backward(make_model):
+    model = attach_lora(make_model(), LoraSettings(r=4, alpha=8))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move B off zero so every factor has a non-trivial gradient
         for p in adapter_parameters(model).values():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     ids = torch.randint(0, model.config.vocab_size, (4, 12), generator=g)
+    ids[1, 7:] = PADDING  # a padded record: its padding must add nothing to its gradient
     per_example = per_example_gradients(model, ids)
     params = adapter_parameters(model)
     groups = {"self_attn", "shared_experts", "mlp.experts"}
@@ -30,9 +37,12 @@ def test_per_example_gradients_equal_batch_size_one_backward():
 
 
 def _vmap_reference(model, ids):
-    """The torch.func way (vmap of grad over the batch): slower, kept as an independent check."""
+    """The torch.func way (vmap of grad over the batch) on the dense expert form: slower, kept as
+    an independent check."""
     from torch.func import functional_call, grad, vmap
 
+    for module in expert_lora_modules(model).values():
+        module.dense = True
     params = {n: p.detach() for n, p in adapter_parameters(model).items()}
 
     def loss(p, row):
@@ -51,6 +61,7 @@ def test_per_example_gradients_equal_torch_func_vmap_with_padded_records():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=g)
     ids[0, 6:] = PADDING
-    ours, reference = per_example_gradients(model, ids), _vmap_reference(model, ids)
+    ours = per_example_gradients(model, ids)
+    reference = _vmap_reference(model, ids)
     for name in reference:
         torch.testing.assert_close(ours[name], reference[name], atol=1e-6, rtol=1e-4, msg=name)
