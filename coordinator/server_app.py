@@ -27,7 +27,7 @@ from flwr.app import Context, Message
 from flwr.common import GetPropertiesIns, MessageTypeLegacy
 from flwr.compat.common import recorddict_compat
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedmoe.coordinator.config import RunConfig
@@ -35,6 +35,7 @@ from fedmoe.coordinator.db import FINAL_STATUSES, RoundRecord, RunStore
 from fedmoe.coordinator.flower_run import FlowerRun
 from fedmoe.coordinator.grid import FleetGrid
 from fedmoe.coordinator.outcome import outcome
+from fedmoe.coordinator.secure_sum import SecureSumWorkflow
 from fedmoe.coordinator.strategy import AskNodes, BudgetExhausted, FederatedLoRA, RoundContext
 from fedmoe.coordinator.superlink import LOG_END
 from fedmoe.coordinator.views import describe_privacy
@@ -281,7 +282,7 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         fit_workflow = None
         if secagg.enabled:
             secagg_prg.install()  # the nodes mask with it; unmasking must match
-            fit_workflow = SecAggPlusWorkflow(
+            fit_workflow = SecureSumWorkflow(
                 num_shares=1.0,  # every client holds shares of every other's masks
                 reconstruction_threshold=secagg.reconstruction_threshold,
                 max_weight=1.0,  # clients send weight 1: the coordinator gets the plain average
