@@ -14,7 +14,8 @@ the blocks' output. Modes, one fresh process each (peak memory is the process's 
 - `dense DP` / `sparse DP`: the same plus a DP-SGD step: exact per-example gradients of every
   adapter tensor (dense: torch.func vmap over the batch; sparse: privacy/per_example.py), clipping
   and noise;
-- `sparse int8 experts`: `sparse` over routed experts stored as int8 (`[model] quantize`).
+- `sparse int8 experts` / `sparse nf4 experts`: `sparse` over routed experts stored as int8 or
+  NF4 (`[model] quantize`).
 
 Time is the median step; memory is the peak resident size during the steps minus the size before
 them, per token. The last table gives a full-size V2-Lite adapter's bytes per client per round,
@@ -50,7 +51,15 @@ V2_LITE_MOE = {
         "topk_group",
     )
 } | {"topk_method": "greedy"}
-MODES = ["transformers", "dense", "sparse", "dense DP", "sparse DP", "sparse int8 experts"]
+MODES = [
+    "transformers",
+    "dense",
+    "sparse",
+    "dense DP",
+    "sparse DP",
+    "sparse int8 experts",
+    "sparse nf4 experts",
+]
 
 
 class Residual(nn.Module):
@@ -66,7 +75,7 @@ class Residual(nn.Module):
         return h
 
 
-def build_blocks(layers: int, lora: bool, int8: bool = False):
+def build_blocks(layers: int, lora: bool, quantize: str | None = None):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     from fedmoe.model.lora import attach_lora, decoder_layers
@@ -92,8 +101,8 @@ def build_blocks(layers: int, lora: bool, int8: bool = False):
         model = DeepseekV2ForCausalLM(config)
         for layer in model.model.layers:
             torch.nn.init.normal_(layer.mlp.gate.weight, 0, 0.02)  # V2's router starts at zero
-        if int8:
-            quantize_experts(model)
+        if quantize:
+            quantize_experts(model, quantize)
     if lora:
         settings = LoraSettings(r=8, alpha=16, targets=("shared_experts", "routed_experts"))
         model = attach_lora(model, settings)
@@ -109,7 +118,8 @@ def measure(mode: str, layers: int, batch: int, seq_len: int, steps: int) -> dic
     from fedmoe.privacy.per_example import per_example_gradients_of
 
     torch.set_num_threads(2)
-    model, blocks = build_blocks(layers, lora=mode != "transformers", int8="int8" in mode)
+    scheme = next((s for s in ("int8", "nf4") if s in mode), None)
+    model, blocks = build_blocks(layers, lora=mode != "transformers", quantize=scheme)
     for module in expert_lora_modules(model).values():
         module.dense = mode.startswith("dense")
     hidden = V2_LITE_MOE["hidden_size"]
@@ -130,7 +140,7 @@ def measure(mode: str, layers: int, batch: int, seq_len: int, steps: int) -> dic
         frozen = {k: v.detach() for k, v in params.items()}
         return vmap(grad(one), in_dims=(None, 0, 0))(frozen, x.detach(), target)
 
-    # Building the model peaked higher (int8: the float32 experts before quantization); on Linux,
+    # Building the model peaked higher (quantized: the float32 experts before); on Linux,
     # count the peak from here.
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")

@@ -130,8 +130,8 @@ def load_base(
         raise ValueError(
             f"model.path: {directory} holds a {model.config.model_type} model without routed experts; fedmoe fine-tunes MoE models"
         )
-    if loading.quantize == "int8":
-        quantize_experts(model)
+    if loading.quantize != "none":
+        quantize_experts(model, loading.quantize)
     if loading.gradient_checkpointing:
         # Non-reentrant: recomputation runs under the per-example gradient rules (privacy/).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -159,17 +159,19 @@ def base_bytes(directory: Path, loading: BaseLoading) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fedmoe.model.expert_lora import is_fused_experts
+    from fedmoe.model.quantize import quantized_bytes
 
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     element = torch.empty(0, dtype=load_dtype(config.to_dict(), loading)).element_size()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters()) * element
-    if loading.quantize == "int8":  # 1 byte per expert weight, plus a scale per row
+    if loading.quantize != "none":
         for m in model.modules():
             if is_fused_experts(m):
                 for w in (m.gate_up_proj, m.down_proj):
-                    total -= w.numel() * element - w.numel() - w.shape[0] * w.shape[1] * element
+                    total += quantized_bytes(w.shape, loading.quantize, element)
+                    total -= w.numel() * element
     return total
 
 
@@ -193,7 +195,7 @@ def check_fits(directory: Path, loading: BaseLoading, device: torch.device) -> N
     node's GPUs with device_map is not supported yet)."""
     needed, free = base_bytes(directory, loading), free_bytes(device)
     if needed > free:
-        hint = ' or quantize = "int8"' if loading.quantize == "none" else ""
+        hint = ' or quantize = "nf4"' if loading.quantize != "nf4" else ""
         raise ValueError(
             f"model: the base in {directory.name} needs {_size(needed)} as loaded (dtype "
             f"{loading.dtype}, quantize {loading.quantize}); {device} has {_size(free)} free. "

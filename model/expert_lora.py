@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedmoe.model.quantize import Int8Rows
+from fedmoe.model.quantize import QuantizedWeight
 
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -63,23 +63,23 @@ def group_by_expert(
 
 
 def grouped_linear(
-    rows: torch.Tensor, weight: torch.Tensor | Int8Rows, groups: ExpertRows
+    rows: torch.Tensor, weight: torch.Tensor | QuantizedWeight, groups: ExpertRows
 ) -> torch.Tensor:
     """Row i times weight[expert of i] transposed: rows [M, in], weight [E, out, in] -> [M, out].
 
     Plain autograd: `split` and `unbind` backpropagate as one `cat` and one `stack`."""
-    if isinstance(weight, Int8Rows):
-        return _Int8GroupedLinear.apply(rows, weight, groups.counts)
+    if isinstance(weight, QuantizedWeight):
+        return _QuantizedGroupedLinear.apply(rows, weight, groups.counts)
     pieces = rows.split(groups.counts)
     return torch.cat([x @ w.T for x, w in zip(pieces, weight.unbind(0), strict=True)])
 
 
-class _Int8GroupedLinear(torch.autograd.Function):
-    """grouped_linear on frozen int8 experts: each expert is dequantized only while its rows are
-    multiplied, forward and backward, so autograd keeps no full-precision copy."""
+class _QuantizedGroupedLinear(torch.autograd.Function):
+    """grouped_linear on frozen quantized experts: each expert is dequantized only while its rows
+    are multiplied, forward and backward, so autograd keeps no full-precision copy."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, weight: Int8Rows, counts: tuple[int, ...]):
+    def forward(ctx, rows: torch.Tensor, weight: QuantizedWeight, counts: tuple[int, ...]):
         ctx.weight, ctx.counts = weight, counts
         return _each_expert(rows, weight, counts, lambda x, w: x @ w.T, weight.shape[1])
 
@@ -90,18 +90,14 @@ class _Int8GroupedLinear(torch.autograd.Function):
         return grad_rows, None, None
 
 
-def _each_expert(rows, weight: Int8Rows, counts, matmul, out_features: int) -> torch.Tensor:
-    # One buffer for every expert's dequantized weight: a fresh tensor per expert would let the
-    # allocator's heap grow to the size of all experts (measured: +1.5 GB on one V2-Lite layer).
-    buffer = torch.empty(weight.shape[1:], dtype=weight.dtype, device=weight.device)
-    pieces = []
-    for e, x in enumerate(rows.split(counts)):
-        if len(x):
-            buffer.copy_(weight.values[e]).mul_(weight.scales[e].unsqueeze(-1))
-            pieces.append(matmul(x, buffer))
-        else:
-            pieces.append(x.new_zeros(0, out_features))
-    return torch.cat(pieces)
+def _each_expert(rows, weight: QuantizedWeight, counts, matmul, out_features: int) -> torch.Tensor:
+    dequantize = weight.dequantizer()
+    return torch.cat(
+        [
+            matmul(x, dequantize(e)) if len(x) else x.new_zeros(0, out_features)
+            for e, x in enumerate(rows.split(counts))
+        ]
+    )
 
 
 FactorMatmul = Callable[[torch.Tensor, torch.Tensor, ExpertRows], torch.Tensor]
@@ -182,11 +178,11 @@ def dense_routed_experts_forward(
 
 def is_fused_experts(module: nn.Module) -> bool:
     """True for fused routed-expert modules (3-D gate_up_proj and down_proj): transformers' own
-    and their int8 form (model/quantize.py)."""
+    and their quantized form (model/quantize.py)."""
     gate_up = getattr(module, "gate_up_proj", None)
     down = getattr(module, "down_proj", None)
     return all(
-        isinstance(w, Int8Rows) or (isinstance(w, torch.Tensor) and w.dim() == 3)
+        isinstance(w, QuantizedWeight) or (isinstance(w, torch.Tensor) and w.dim() == 3)
         for w in (gate_up, down)
     )
 
@@ -263,8 +259,8 @@ class ExpertLoRA(nn.Module):
     @torch.no_grad()
     def merged_base(self) -> nn.Module:
         """The base experts with the LoRA product folded into their weights."""
-        if isinstance(self.base.gate_up_proj, Int8Rows):
-            raise ValueError("cannot merge LoRA into int8 experts: load the base unquantized")
+        if isinstance(self.base.gate_up_proj, QuantizedWeight):
+            raise ValueError("cannot merge LoRA into quantized experts: load the base unquantized")
         self.base.gate_up_proj += self.scaling * (self.gate_up_B @ self.gate_up_A)
         self.base.down_proj += self.scaling * (self.down_B @ self.down_A)
         return self.base

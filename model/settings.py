@@ -53,10 +53,10 @@ class BaseLoading(BaseModel):
     dtype: Literal["float32", "bfloat16", "auto"] = Field(
         "float32", description="the base weights' dtype; \"auto\" keeps the checkpoint's own"
     )
-    quantize: Literal["none", "int8"] = Field(
+    quantize: Literal["none", "int8", "nf4"] = Field(
         "none",
-        description="int8: the routed experts (most of a MoE's weights) stored as int8 with one "
-        "scale per output row, on any device; LoRA stays in float32",
+        description="the routed experts (most of a MoE's weights) stored as int8 (one scale per "
+        "row) or NF4 (4 bits, one scale per 64 weights), on any device; LoRA stays in float32",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"

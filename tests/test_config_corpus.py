@@ -164,9 +164,9 @@ CASES += [
         "[model]\ndtype = 'float64'\n",
     ),
     case(
-        "model-quantize-nf4",
-        "model.quantize: Input should be 'none' or 'int8'",
-        "[model]\nquantize = 'nf4'\n",
+        "model-quantize-int4",
+        "model.quantize: Input should be 'none', 'int8' or 'nf4'",
+        "[model]\nquantize = 'int4'\n",
     ),
     case(
         "model-checkpointing-string",
