@@ -2,20 +2,21 @@
 
 Every adapter tensor W enters the model through token-wise linear maps: peft's LoRA factors
 (`nn.Linear` without bias, y = x W^T) and the routed-expert factors of `ExpertLoRA` (one grouped
-matmul each over token-expert rows, see model/expert_lora.py). The gradient of a loss w.r.t. W is then a contraction of the map's
-input x with the gradient g of its output, summed over tokens. The loss here is the sum of the
-examples' own per-sequence losses, and examples do not interact in the forward pass (no batch
-statistics, no router auxiliary loss: DeepSeek-V3 has none), so the rows of g that belong to
-example b are exactly the gradient of b's loss; summing over b's tokens alone gives b's gradient.
-An expert row knows its token, hence its example, so the same holds for the sparse experts.
+matmul each over token-expert rows, see model/expert_lora.py). The gradient of a loss w.r.t. W
+is then a contraction of the map's input x with the gradient g of its output, summed over
+tokens. The loss here is the sum of the examples' own per-sequence losses, and examples do not
+interact in the forward pass (no batch statistics, no router auxiliary loss: DeepSeek-V3 has
+none), so the rows of g that belong to example b are exactly the gradient of b's loss; summing
+over b's tokens alone gives b's gradient. An expert row knows its token, hence its example, so
+the same holds for the sparse experts.
 
 So for one forward pass every such map is computed by `_PerExampleLinear` /
-`_PerExampleGroupedLinear`,
-whose backward returns the usual input gradient and, in place of the batch gradient of W, stores
-the [B, *W.shape] per-example one. One ordinary backward pass then yields them all, at about the
-time and memory of the non-private step (`vmap(grad(...))` over the batch, the torch.func way,
-made the DP step 1.5x slower and 1.6x bigger than a plain one). Opacus's own per-sample hooks are
-not used: on MoE experts they treat routed tokens as samples (silently wrong clipping).
+`_PerExampleGroupedLinear`, whose backward returns the usual input gradient and, in place of the
+batch gradient of W, stores the [B, *W.shape] per-example one. One ordinary backward pass then
+yields them all, at about the time and memory of the non-private step (`vmap(grad(...))` over
+the batch, the torch.func way, made the DP step 1.5x slower and 1.6x bigger than a plain one).
+Opacus's own per-sample hooks are not used: on MoE experts they treat routed tokens as samples
+(silently wrong clipping).
 """
 
 from __future__ import annotations
