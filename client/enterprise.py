@@ -25,10 +25,17 @@ from fedmoe.client.dp_trainer import train_local_private
 from fedmoe.client.ledger import PrivacyLedger, Release, ReplayRefused
 from fedmoe.client.settings import NodeSettings
 from fedmoe.client.trainer import train_local
+from fedmoe.contract.expert_weighting import weighted_release
 from fedmoe.contract.round import BudgetAnswer, RoundSpec, SecureSum
 from fedmoe.model.base import fingerprint, load_base, load_tokenizer
 from fedmoe.model.data import find_split, load_blocks, load_records
-from fedmoe.model.lora import adapter_layout, attach_lora, get_adapter_vector, set_adapter_vector
+from fedmoe.model.lora import (
+    adapter_layout,
+    attach_lora,
+    expert_slots,
+    get_adapter_vector,
+    set_adapter_vector,
+)
 from fedmoe.model.loss import evaluate_loss, per_sequence_loss
 from fedmoe.model.settings import BaseLoading, LoraSettings
 from fedmoe.privacy.audit import make_canaries, score_guesses
@@ -110,6 +117,19 @@ def workspace(
 @lru_cache(maxsize=16)
 def _privacy_plan(privacy_json: str, records: int, steps: int, rounds: int) -> PrivacyPlan:
     return plan_run(PrivacySettings.model_validate_json(privacy_json), records, steps, rounds)
+
+
+def _expert_weighted(
+    delta: np.ndarray, ws: Workspace, spec: RoundSpec, expert_load: dict[str, list[int]]
+) -> np.ndarray:
+    """The update in expert-weighted form (contract/expert_weighting.py): each expert's token
+    count over the round's public bound on it, the same bound on every node."""
+    expert_of, layers = expert_slots(ws.model)
+    train = spec.train
+    bound = train.local_steps * train.batch_size * train.seq_len
+    bound *= ws.model.config.num_experts_per_tok
+    counts = np.concatenate([np.asarray(expert_load[str(layer)], np.float64) for layer in layers])
+    return weighted_release(delta, expert_of, np.minimum(counts / bound, 1.0))
 
 
 class RoundRefused(RuntimeError):
@@ -232,6 +252,11 @@ class EnterpriseNode:
         plan = _privacy_plan(
             spec.privacy.model_dump_json(), records, spec.train.local_steps, spec.rounds
         )
+        if spec.aggregation == "expert-weighted" and spec.privacy.enabled:
+            raise RoundRefused(
+                "asked for expert-weighted aggregation in a private run: the routing counts it "
+                "releases are not covered by any privacy level"
+            )
         for level in ("record", "enterprise"):
             run_delta = plan.epsilon_after(level, 1)[1]
             if run_delta > self.node.budget.delta:
@@ -345,6 +370,9 @@ class EnterpriseNode:
             )
         if plan.enterprise is not None:
             delta, _ = privatize_update(delta, plan.enterprise, shares)
+        weighted = spec.aggregation == "expert-weighted"
+        if weighted:
+            delta = [_expert_weighted(delta[0], ws, spec, result.expert_load)]
         if value_range is not None and max(float(np.abs(d).max()) for d in delta) > value_range:
             # Secure aggregation would silently clip it: refuse to send a corrupted update.
             raise ValueError(
@@ -361,13 +389,15 @@ class EnterpriseNode:
             metrics.update(
                 train_loss=result.mean_loss,
                 update_norm=norm,
-                expert_load=json.dumps(result.expert_load),
                 steps=result.steps,
                 duration_s=time.perf_counter() - started,
             )
+            if not (weighted and secure_sum is not None):  # there only the sum may show it
+                metrics["expert_load"] = json.dumps(result.expert_load)
             # FedAvg weight: the enterprise's number of training sequences (SecAgg+ would scale
-            # the masked values by it, so there every client weighs 1).
-            weight = 1 if secure_sum is not None else int(rows.shape[0])
+            # the masked values by it, so there every client weighs 1; expert-weighted
+            # aggregation weighs the experts by their token counts instead).
+            weight = 1 if secure_sum is not None or weighted else int(rows.shape[0])
         release = Release(delta, weight, metrics, sha, shares, unmasked=False)
         self.ledger.record_release(key, spec.server_round, release)  # before anything leaves
         return delta, weight, metrics

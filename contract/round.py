@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -73,6 +74,7 @@ class RoundSpec(BaseModel):
     audit: bool = Field(
         False, description="an evaluate message that asks for the one-run audit's counts"
     )
+    aggregation: Literal["fedavg", "expert-weighted"] = "fedavg"
 
     def to_config(self, **extra) -> dict:
         config = self.model_dump(exclude=set(NESTED), exclude_none=True)

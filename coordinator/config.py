@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -184,6 +184,11 @@ class FederationSection(_Section):
         le=10.0,
         description="the coordinator applies server_lr x the average update: below 1 it trades "
         "speed for less of the enterprise-level noise in every step",
+    )
+    aggregation: Literal["fedavg", "expert-weighted"] = Field(
+        "fedavg",
+        description="expert-weighted: each routed expert's update is weighted by how many tokens "
+        "each enterprise routed to it (contract/expert_weighting.py)",
     )
 
     @field_validator("enterprises")
@@ -505,6 +510,17 @@ def check_privacy(config: RunConfig) -> list[Forecast]:
         )
     if fed.secure_aggregation.enabled and n < 2:
         problems.append("  federation.secure_aggregation.enabled: needs at least 2 enterprises")
+    if fed.aggregation == "expert-weighted":
+        if "routed_experts" not in config.lora.targets:
+            problems.append(
+                '  federation.aggregation: "expert-weighted" weighs routed-expert LoRA; add '
+                '"routed_experts" to lora.targets'
+            )
+        if privacy.enabled:  # the token counts are data: no privacy level covers them yet
+            problems.append(
+                '  federation.aggregation: "expert-weighted" releases routing counts that no '
+                'privacy level covers yet; use "fedavg" in a private run'
+            )
     if privacy.record and any(e.data is not None for e in fed.enterprises):
         try:  # the nodes tokenize their records one per row before the first DP-SGD step
             load_tokenizer(config.model.path)

@@ -44,6 +44,7 @@ from fedmoe.model.data import load_records
 from fedmoe.model.lora import (
     adapter_layout,
     attach_lora,
+    expert_slots,
     get_adapter_tensors,
     get_adapter_vector,
     load_adapter_weights,
@@ -156,6 +157,7 @@ def build_round_context(
         server_eval=server_eval,
         first_round=first_round,
         connect_timeout_s=config.federation.connect_timeout_s,
+        expert_of=expert_slots(model)[0],
     )
 
 

@@ -39,6 +39,7 @@ from flwr.common import (
 )
 from flwr.server.strategy import FedAvg
 
+from fedmoe.contract.expert_weighting import expert_weighted_update
 from fedmoe.contract.round import BUDGET_QUERY, BudgetAnswer, MalformedRound, RoundSpec
 from fedmoe.coordinator.aggregation import (
     MalformedUpdate,
@@ -84,6 +85,9 @@ class RoundContext:
     enterprise_of: Callable[[int], str | None] = lambda node_id: None  # the node registry
     node_errors: Callable[[], dict[int, str]] = dict  # why each node's last reply failed
     connect_timeout_s: float = 600.0
+    # Each adapter element's routed-expert slot, or -1 (model.lora.expert_slots): the layout that
+    # expert-weighted aggregation reads the nodes' vectors with.
+    expert_of: np.ndarray | None = None
 
 
 @dataclass
@@ -158,6 +162,7 @@ class FederatedLoRA(FedAvg):
             rounds=fed.rounds,
             run_uid=self.ctx.run_uid,
             lora=self.config.lora,
+            aggregation=self.config.federation.aggregation,
             base=self.config.model.loading,
             train=self.config.train,
             privacy=self.config.privacy,
@@ -305,7 +310,7 @@ class FederatedLoRA(FedAvg):
             pending.bytes_up += _nbytes(res.parameters)
             delta = parameters_to_ndarrays(res.parameters)
             try:
-                check_update(delta, self.global_adapter, res.num_examples)
+                check_update(delta, self._expected_update(), res.num_examples)
             except MalformedUpdate as err:
                 record.status, record.error = "rejected", f"malformed update: {err}"
             else:
@@ -345,6 +350,8 @@ class FederatedLoRA(FedAvg):
             {hashlib.sha256(b"".join(res.parameters.tensors)).digest() for _, res in results}
         )
         average = weighted_average(deltas, weights)
+        if self.config.federation.aggregation == "expert-weighted":
+            average = [expert_weighted_update(average[0], self.ctx.expert_of)]
         self.global_adapter = apply_update(
             self.global_adapter, average, self.config.federation.server_lr
         )
@@ -357,6 +364,14 @@ class FederatedLoRA(FedAvg):
         return ndarrays_to_parameters(self.global_adapter), {
             "train_loss": pending.train_loss or float("nan")
         }
+
+    def _expected_update(self) -> list[np.ndarray]:
+        """What a node's update must look like: the adapter, and under expert-weighted
+        aggregation one count fraction per routed-expert slot after it."""
+        if self.config.federation.aggregation == "fedavg":
+            return self.global_adapter
+        slots = int(self.ctx.expert_of.max()) + 1
+        return [np.zeros(self.global_adapter[0].size + slots, self.global_adapter[0].dtype)]
 
     # --- evaluation ------------------------------------------------------------------------
     def evaluate(self, server_round, parameters):

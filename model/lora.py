@@ -173,6 +173,26 @@ def get_adapter_vector(model: nn.Module) -> np.ndarray:
     ).numpy()
 
 
+def expert_slots(model: nn.Module) -> tuple[np.ndarray, list[int]]:
+    """(for each element of the adapter vector, its routed-expert slot or -1; the layers in slot
+    order): slot j * E + e is expert e of the j-th layer with expert LoRA."""
+    modules = expert_lora_modules(model)
+    layers = sorted(modules)
+    slot_of_factor = {}
+    for j, layer in enumerate(layers):
+        for factor in modules[layer].factors():
+            slot_of_factor[id(factor)] = j * factor.shape[0]
+    pieces = []
+    for p in adapter_parameters(model).values():
+        if id(p) in slot_of_factor:  # [E, ...]: expert e's values are the e-th contiguous block
+            experts = p.shape[0]
+            slots = slot_of_factor[id(p)] + np.arange(experts, dtype=np.int64)
+            pieces.append(np.repeat(slots, p.numel() // experts))
+        else:
+            pieces.append(np.full(p.numel(), -1, dtype=np.int64))
+    return np.concatenate(pieces), layers
+
+
 @torch.no_grad()
 def set_adapter_vector(model: nn.Module, vector: np.ndarray) -> None:
     params = adapter_parameters(model)

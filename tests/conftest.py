@@ -57,6 +57,16 @@ def tiny():
     return tiny_model()
 
 
+@pytest.fixture
+def server_identity(monkeypatch):
+    """Who a ServerApp run in-process is, as Flower's runtime would have set it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+
+
 def many_expert_model(family: str, seed: int = 0):
     """A tiny DeepSeek-V2-style (softmax router, greedy top-6) or V3-style (sigmoid router with
     bias, group-limited top-4) model with 16 routed experts in 2 MoE layers."""

@@ -22,7 +22,6 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WKey
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.client.client_app import build_client_app
 from fedmoe.contract.round import RoundSpec
@@ -81,16 +80,8 @@ class _Grid:
         return replies
 
 
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Who the ServerApp is, as Flower's runtime would have set it."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
-
-
-def _round(n: int, lost: dict[str, set[int]]) -> tuple[np.ndarray, dict[int, _Node]]:
-    nodes = {i: _Node(i) for i in range(1, n + 1)}
+def _round(n: int, lost: dict[str, set[int]], make_node=_Node) -> tuple[np.ndarray, dict]:
+    nodes = {i: make_node(i) for i in range(1, n + 1)}
     manager = SimpleClientManager()
     for i in nodes:
         manager.register(_Proxy(str(i)))
@@ -105,7 +96,8 @@ def _round(n: int, lost: dict[str, set[int]]) -> tuple[np.ndarray, dict[int, _No
         strategy=strategy,
         client_manager=manager,
     )
-    start = ndarrays_to_parameters([np.zeros(SIZE, np.float32)])
+    size = nodes[1].update.size
+    start = ndarrays_to_parameters([np.zeros(size, np.float32)])
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WKey.CURRENT_ROUND: 1})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
         [a for a in parameters_to_ndarrays(start)]

@@ -1,0 +1,157 @@
+"""Expert-weighted aggregation: the weighting by hand, the layout, a node's release, the same
+result through SecAgg+, and the refusals (private runs, no routed-expert LoRA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import round_config, tiny_model
+from test_node_terms import LORA, TRAIN, _adapter, _node
+from test_secagg_round import _round
+
+from fedmoe.client.enterprise import RoundRefused
+from fedmoe.contract.expert_weighting import expert_weighted_update, weighted_release
+from fedmoe.contract.round import SecureSum
+from fedmoe.coordinator.config import ConfigError, load_run_config
+from fedmoe.model.lora import (
+    adapter_parameters,
+    attach_lora,
+    expert_lora_modules,
+    expert_slots,
+    get_adapter_vector,
+)
+from fedmoe.privacy import secagg_prg
+
+# Two attention values, then 4 expert slots of 2 values each.
+EXPERT_OF = np.array([-1, -1, 0, 0, 1, 1, 2, 2, 3, 3])
+
+
+def test_each_expert_is_weighted_by_its_token_counts_as_by_hand():
+    a = np.arange(1.0, 11.0)
+    b = -np.arange(1.0, 11.0) * 2
+    fa, fb = np.array([0.5, 0.0, 0.25, 0.0]), np.array([0.25, 0.0, 0.0, 0.0])
+    average = (weighted_release(a, EXPERT_OF, fa) + weighted_release(b, EXPERT_OF, fb)) / 2
+    update = expert_weighted_update(average, EXPERT_OF)
+    expected = np.array(
+        [
+            (1 - 2) / 2,  # attention: the plain average
+            (2 - 4) / 2,
+            (0.5 * 3 + 0.25 * -6) / 0.75,  # expert 0: both, by their counts
+            (0.5 * 4 + 0.25 * -8) / 0.75,
+            0.0,  # expert 1: no one routed a token to it, so no update
+            0.0,
+            7.0,  # expert 2: only a
+            8.0,
+            0.0,
+            0.0,
+        ]
+    )
+    np.testing.assert_allclose(update, expected, atol=1e-12)
+    # Under FedAvg, b's zero use of expert 2 would halve a's update there.
+    assert (a[6] + b[6]) / 2 != update[6]
+
+
+def test_a_release_is_refused_with_fractions_out_of_range_or_a_wrong_layout():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        weighted_release(np.zeros(10), EXPERT_OF, np.array([1.5, 0, 0, 0]))
+    with pytest.raises(ValueError, match="layout"):
+        weighted_release(np.zeros(9), EXPERT_OF, np.zeros(4))
+    with pytest.raises(ValueError, match="does not fit"):
+        expert_weighted_update(np.zeros(12), EXPERT_OF)
+
+
+def test_the_layout_maps_every_expert_factor_value_to_its_slot():
+    model = attach_lora(tiny_model(), LORA)
+    expert_of, layers = expert_slots(model)
+    modules = expert_lora_modules(model)
+    assert layers == sorted(modules)
+    with torch.no_grad():
+        for p in adapter_parameters(model).values():
+            p.fill_(-1)
+        for j, layer in enumerate(layers):
+            for factor in modules[layer].factors():
+                for e in range(factor.shape[0]):
+                    factor[e] = j * factor.shape[0] + e
+    np.testing.assert_array_equal(get_adapter_vector(model), expert_of)
+
+
+def test_a_node_sends_weighted_experts_and_their_fractions_and_only_under_the_sum(tmp_path):
+    node, ws = _node(tmp_path)
+    expert_of, layers = expert_slots(ws.model)
+    experts = ws.model.config.n_routed_experts
+    for secure_sum in (None, SecureSum(threshold=1, clipping_range=8.0)):
+        config = round_config(
+            ws,
+            {},
+            lora=LORA,
+            train=TRAIN,
+            aggregation="expert-weighted",
+            run_uid=f"{len(str(secure_sum)):032x}",
+            noise_shares=1,
+        )
+        (release,), weight, metrics = node.fit(_adapter(ws), config, secure_sum)
+        fractions = release[expert_of.size :]
+        assert weight == 1 and release.size == expert_of.size + fractions.size
+        assert fractions.size == len(layers) * experts
+        assert ((fractions >= 0) & (fractions <= 1)).all()
+        # Every token-slot of a full batch is counted once: each layer's fractions sum to 1.
+        per_layer = fractions.reshape(len(layers), experts).sum(axis=1)
+        np.testing.assert_allclose(per_layer, 1.0, atol=1e-6)
+        assert ("expert_load" in metrics) == (secure_sum is None)
+
+
+def test_a_node_refuses_expert_weighting_in_a_private_run(tmp_path):
+    node, ws = _node(tmp_path)
+    config = round_config(
+        ws,
+        {"record": {"epsilon": 8.0}},
+        lora=LORA,
+        train=TRAIN,
+        aggregation="expert-weighted",
+    )
+    with pytest.raises(RoundRefused, match="routing counts"):
+        node.fit(_adapter(ws), config, secure_sum=None)
+    assert node.ledger.entries() == []
+
+
+class _WeightedNode:
+    """A node whose update is a random expert-weighted release over EXPERT_OF."""
+
+    def __init__(self, node_id: int):
+        rng = np.random.default_rng(100 + node_id)
+        self.delta = rng.uniform(-1, 1, EXPERT_OF.size)
+        self.fractions = rng.dirichlet(np.full(4, 0.5)) * (rng.random(4) > 0.3)
+        self.update = weighted_release(self.delta, EXPERT_OF, self.fractions).astype(np.float32)
+        self.secure_sums = []
+
+    def fit(self, parameters, config, secure_sum):
+        self.secure_sums.append(secure_sum)
+        return [self.update], 1, {}
+
+    def mark_unmasked(self, run_key, round_number):
+        pass
+
+
+@pytest.mark.parametrize("n", [3, 10])
+def test_through_secagg_the_aggregate_is_the_plain_expert_weighted_one(n, server_identity):
+    secagg_prg.install()
+    aggregate, nodes = _round(n, {}, make_node=_WeightedNode)
+    plain = np.mean([node.update.astype(np.float64) for node in nodes.values()], axis=0)
+    update = expert_weighted_update(aggregate.astype(np.float64), EXPERT_OF)
+    expected = expert_weighted_update(plain, EXPERT_OF)
+    # 22-bit quantization over [-4, 4] (~2e-6 per value), divided by fractions of 0.05 or more.
+    np.testing.assert_allclose(update, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"privacy.record.epsilon": 8.0}, "routing counts that no privacy level covers"),
+        ({"lora.targets": ["attention"]}, 'add "routed_experts" to lora.targets'),
+    ],
+)
+def test_expert_weighting_is_refused_where_it_cannot_hold(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, {"federation.aggregation": "expert-weighted", **overrides})
+    load_run_config(None, {"federation.aggregation": "expert-weighted"})
