@@ -116,13 +116,14 @@ def test_a_node_refuses_expert_weighting_in_a_private_run(tmp_path):
 
 
 class _WeightedNode:
-    """A node whose update is a random expert-weighted release over EXPERT_OF."""
+    """A node whose update is a random expert-weighted release over `expert_of`."""
 
-    def __init__(self, node_id: int):
+    def __init__(self, node_id: int, expert_of: np.ndarray = EXPERT_OF):
         rng = np.random.default_rng(100 + node_id)
-        self.delta = rng.uniform(-1, 1, EXPERT_OF.size)
-        self.fractions = rng.dirichlet(np.full(4, 0.5)) * (rng.random(4) > 0.3)
-        self.update = weighted_release(self.delta, EXPERT_OF, self.fractions).astype(np.float32)
+        slots = int(expert_of.max()) + 1
+        self.delta = rng.uniform(-1, 1, expert_of.size)
+        self.fractions = rng.dirichlet(np.full(slots, 0.5)) * (rng.random(slots) > 0.3)
+        self.update = weighted_release(self.delta, expert_of, self.fractions).astype(np.float32)
         self.secure_sums = []
 
     def fit(self, parameters, config, secure_sum):
@@ -155,3 +156,36 @@ def test_expert_weighting_is_refused_where_it_cannot_hold(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(None, {"federation.aggregation": "expert-weighted", **overrides})
     load_run_config(None, {"federation.aggregation": "expert-weighted"})
+
+
+def test_the_coordinator_cannot_read_any_single_update_or_count_vector(server_identity):
+    """Everything the coordinator receives in a SecAgg+ round: public keys, encrypted key shares,
+    masked vectors and the survivors' secret shares. No masked vector tells anything about the
+    update under it, counts included; only the unmasked total is right."""
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    secagg_prg.install()
+    # 8 attention values, then 128 experts x 8: enough values that chance correlations stay
+    # far below the bounds (more than 4 standard deviations).
+    expert_of = np.repeat(np.arange(-1, 128), 8)
+    received: list = []
+    aggregate, nodes = _round(
+        10, {}, make_node=lambda i: _WeightedNode(i, expert_of), received=received
+    )
+    arrays = [
+        bytes_to_ndarray(b).astype(np.float64)
+        for reply in received
+        for b in reply.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS, [])
+    ]
+    masked = [a for a in arrays if a.size > 1]  # each node also sends its masked weight
+    assert len(masked) == len(nodes)
+    for vector in masked:
+        # Masked values are uniform on [0, 2^32): mean 2^31, spread 2^32 / sqrt(12).
+        assert abs(vector.mean() / 2**31 - 1) < 0.1 and abs(vector.std() / 2**32 - 0.2887) < 0.03
+        for node in nodes.values():
+            update, counts = node.update[: expert_of.size], node.update[expert_of.size :]
+            assert abs(np.corrcoef(vector[: expert_of.size], update)[0, 1]) < 0.15
+            assert abs(np.corrcoef(vector[expert_of.size :], counts)[0, 1]) < 0.4
+    plain = np.mean([node.update for node in nodes.values()], axis=0)
+    np.testing.assert_allclose(aggregate, plain, atol=1e-5)

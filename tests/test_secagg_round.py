@@ -61,7 +61,7 @@ class _Grid:
     answer from that stage on."""
 
     def __init__(self, nodes: dict[int, _Node], lost: dict[str, set[int]]):
-        self.nodes, self.lost, self.gone = nodes, lost, set()
+        self.nodes, self.lost, self.gone, self.received = nodes, lost, set(), []
         self.app = build_client_app(lambda context: nodes[context.node_id])
         self.contexts = {
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
@@ -77,10 +77,14 @@ class _Grid:
             if node not in self.gone:  # each node gets its own copy, as over the wire
                 copy = deepcopy(message)
                 replies.append(self.app(message=copy, context=self.contexts[node]))
+        self.received += replies
         return replies
 
 
-def _round(n: int, lost: dict[str, set[int]], make_node=_Node) -> tuple[np.ndarray, dict]:
+def _round(
+    n: int, lost: dict[str, set[int]], make_node=_Node, received: list | None = None
+) -> tuple[np.ndarray, dict]:
+    """One SecAgg+ round; `received` collects every reply the coordinator gets."""
     nodes = {i: make_node(i) for i in range(1, n + 1)}
     manager = SimpleClientManager()
     for i in nodes:
@@ -110,7 +114,10 @@ def _round(n: int, lost: dict[str, set[int]], make_node=_Node) -> tuple[np.ndarr
         quantization_range=1 << 22,
         modulus_range=1 << 32,
     )
-    workflow(_Grid(nodes, lost), context)
+    grid = _Grid(nodes, lost)
+    workflow(grid, context)
+    if received is not None:
+        received += grid.received
     record = context.state.array_records[MAIN_PARAMS_RECORD]
     return next(iter(record.values())).numpy(), nodes
 
