@@ -10,6 +10,7 @@ run whose launcher was killed.
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 import threading
@@ -19,8 +20,9 @@ from pathlib import Path
 
 from fedmoe.coordinator.config import ConfigError, RunConfig, parse_run_config
 from fedmoe.coordinator.db import FINAL_STATUSES, RunStore
+from fedmoe.coordinator.outcome import outcome
 from fedmoe.coordinator.runs import RunSupervisor
-from fedmoe.coordinator.superlink import FINISHED, SuperLink, follow_logs
+from fedmoe.coordinator.superlink import FINISHED, LOG_END, SuperLink, follow_logs
 from fedmoe.coordinator.views import privacy_plan_summary
 from fedmoe.support.processes import Stopped, stop_on_signals
 
@@ -61,6 +63,28 @@ def _follow(superlink: SuperLink, flower_run_id: str, on_text) -> threading.Thre
     return thread
 
 
+# A ServerApp's progress line for round N (coordinator/server_app.py's format_round).
+ROUND_LINE = re.compile(r"\[fedmoe\] round (\d+)/")
+
+
+def _print_from_database(
+    store: RunStore, run_id: int, config: RunConfig, printed: set[int]
+) -> None:
+    """Under load Flower can lose a ServerApp's last log lines for good: print what they said
+    (the rounds not shown, how the run ended) from the run database instead."""
+    from fedmoe.coordinator.server_app import format_round
+
+    print("[fedmoe] (Flower's log lost the run's last lines; from the run database:)", flush=True)
+    run = store.run(run_id)
+    for record in store.rounds(run_id):
+        if record.number not in printed and record.status == "completed":
+            print(format_round(record, config, run.base_eval_loss), flush=True)
+    ended = f"[fedmoe] run {run_id} {run.status}" + (f": {run.error}" if run.error else "")
+    print(ended, flush=True)
+    if run.status == "completed" and (result := outcome(store.rounds(run_id), run.base_eval_loss)):
+        print(f"[fedmoe] run {run_id} {result.describe()}", flush=True)
+
+
 def launch(
     config: RunConfig | None,
     verbose: bool = False,
@@ -99,12 +123,18 @@ def launch(
         flush=True,
     )
     tail: deque[str] = deque(maxlen=60)
+    printed_rounds: set[int] = set()
+    log_ended = threading.Event()
 
     def on_text(text: str) -> None:
         with open(home / "run.log", "a") as log:
             log.write(text)
         for line in text.splitlines(keepends=True):
             tail.append(line)
+            if LOG_END in line:
+                log_ended.set()
+            if (round_line := ROUND_LINE.search(line)) is not None:
+                printed_rounds.add(int(round_line.group(1)))
             if verbose:
                 print(line, end="", flush=True)
             elif "[fedmoe]" in line:
@@ -126,6 +156,8 @@ def launch(
                 time.sleep(POLL_S)
             # Its stream ends once Flower has delivered the last lines.
             follower.join(timeout=30)
+            if not log_ended.is_set():
+                _print_from_database(store, run_id, config, printed_rounds)
         except Stopped as signal_name:
             supervisor.stop(run_id, f"interrupted ({signal_name}) while running")
             print(

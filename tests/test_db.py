@@ -79,3 +79,22 @@ def test_migrations_produce_the_models_schema(database_url):
     with store.engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert diff == []
+
+
+def test_a_run_whose_last_log_lines_were_lost_is_told_from_the_database(tmp_path, capsys):
+    from fedmoe.coordinator.config import load_run_config
+    from fedmoe.coordinator.launcher import _print_from_database
+
+    config = load_run_config(None, {"federation.rounds": 2})
+    store = RunStore(f"sqlite:///{tmp_path / 'runs.db'}")
+    run_id = store.create_run(config.to_toml_dict(), planned_rounds=2)
+    store.set_base_eval(run_id, 2.0)
+    for number in (1, 2):
+        record = _round(number)
+        record.server_eval_loss = 1.0 + number / 10
+        store.record_round(run_id, record)
+    store.finish_run(run_id, "completed")
+    _print_from_database(store, run_id, config, printed={1})
+    out = capsys.readouterr().out
+    assert "round 1/" not in out and "[fedmoe] round 2/2 | clients 1/3" in out
+    assert f"run {run_id} completed" in out and "round 1, server eval 1.1" in out
