@@ -292,6 +292,7 @@ class FederatedLoRA(FedAvg):
     def aggregate_fit(self, server_round, results, failures):
         pending = self.pending
         deltas, weights, losses, loads = [], [], [], []
+        expected = self._expected_update()
         for proxy, res in results:
             node = str(proxy.node_id)
             m = res.metrics
@@ -310,7 +311,7 @@ class FederatedLoRA(FedAvg):
             pending.bytes_up += _nbytes(res.parameters)
             delta = parameters_to_ndarrays(res.parameters)
             try:
-                check_update(delta, self._expected_update(), res.num_examples)
+                check_update(delta, expected, res.num_examples)
             except MalformedUpdate as err:
                 record.status, record.error = "rejected", f"malformed update: {err}"
             else:
