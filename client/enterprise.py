@@ -25,7 +25,7 @@ from fedmoe.client.dp_trainer import train_local_private
 from fedmoe.client.ledger import PrivacyLedger, Release, ReplayRefused
 from fedmoe.client.settings import NodeSettings
 from fedmoe.client.trainer import train_local
-from fedmoe.contract.expert_weighting import weighted_release
+from fedmoe.contract.expert_weighting import Weighting, weighted_release
 from fedmoe.contract.round import BudgetAnswer, RoundSpec, SecureSum
 from fedmoe.model.base import fingerprint, load_base, load_tokenizer
 from fedmoe.model.data import find_split, load_blocks, load_records
@@ -125,11 +125,12 @@ def _expert_weighted(
     """The update in expert-weighted form (contract/expert_weighting.py): each expert's token
     count over the round's public bound on it, the same bound on every node."""
     expert_of, layers = expert_slots(ws.model)
-    train = spec.train
-    bound = train.local_steps * train.batch_size * train.seq_len
-    bound *= ws.model.config.num_experts_per_tok
+    train, top_k = spec.train, ws.model.config.num_experts_per_tok
+    bound = train.local_steps * train.batch_size * train.seq_len * top_k
     counts = np.concatenate([np.asarray(expert_load[str(layer)], np.float64) for layer in layers])
-    return weighted_release(delta, expert_of, np.minimum(counts / bound, 1.0))
+    experts = (int(expert_of.max()) + 1) // len(layers)
+    weighting = Weighting.for_round(spec.privacy.enterprise, len(layers), experts, top_k)
+    return weighted_release(delta, expert_of, np.minimum(counts / bound, 1.0), weighting)
 
 
 class RoundRefused(RuntimeError):
@@ -252,10 +253,11 @@ class EnterpriseNode:
         plan = _privacy_plan(
             spec.privacy.model_dump_json(), records, spec.train.local_steps, spec.rounds
         )
-        if spec.aggregation == "expert-weighted" and spec.privacy.enabled:
+        if spec.aggregation == "expert-weighted" and spec.privacy.record:
+            # The counts go out clipped and noised with the update only at enterprise level.
             raise RoundRefused(
-                "asked for expert-weighted aggregation in a private run: the routing counts it "
-                "releases are not covered by any privacy level"
+                "asked for expert-weighted aggregation in a run with record-level privacy: the "
+                "routing counts it releases are not covered by DP-SGD"
             )
         for level in ("record", "enterprise"):
             run_delta = plan.epsilon_after(level, 1)[1]
@@ -368,11 +370,11 @@ class EnterpriseNode:
             raise RuntimeError(
                 "local training left the adapter unchanged: nothing would be learned"
             )
+        weighted = spec.aggregation == "expert-weighted"
+        if weighted:  # before the clip and noise: the counts are part of the release
+            delta = [_expert_weighted(delta[0], ws, spec, result.expert_load)]
         if plan.enterprise is not None:
             delta, _ = privatize_update(delta, plan.enterprise, shares)
-        weighted = spec.aggregation == "expert-weighted"
-        if weighted:
-            delta = [_expert_weighted(delta[0], ws, spec, result.expert_load)]
         if value_range is not None and max(float(np.abs(d).max()) for d in delta) > value_range:
             # Secure aggregation would silently clip it: refuse to send a corrupted update.
             raise ValueError(

@@ -185,6 +185,13 @@ class FederationSection(_Section):
         description="the coordinator applies server_lr x the average update: below 1 it trades "
         "speed for less of the enterprise-level noise in every step",
     )
+    max_failed_rounds: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="rounds that may fail (too few updates, secure aggregation halted) before "
+        "the run stops; a failed round is recorded and the next starts from the same adapter",
+    )
     aggregation: Literal["fedavg", "expert-weighted"] = Field(
         "fedavg",
         description="expert-weighted: each routed expert's update is weighted by how many tokens "
@@ -214,6 +221,11 @@ class FederationSection(_Section):
         if self.enterprises and self.min_fit_clients > len(self.enterprises):
             raise ValueError(
                 f"min_fit_clients: {self.min_fit_clients} exceeds the {len(self.enterprises)} enterprises"
+            )
+        if self.max_failed_rounds >= self.rounds:
+            # At least one round must train, or a run could "complete" having learned nothing.
+            raise ValueError(
+                f"max_failed_rounds: must be below rounds ({self.rounds}), got {self.max_failed_rounds}"
             )
         bits = self.secure_aggregation.quantization_bits
         if (
@@ -516,10 +528,11 @@ def check_privacy(config: RunConfig) -> list[Forecast]:
                 '  federation.aggregation: "expert-weighted" weighs routed-expert LoRA; add '
                 '"routed_experts" to lora.targets'
             )
-        if privacy.enabled:  # the token counts are data: no privacy level covers them yet
+        if privacy.record:  # the token counts are clipped and noised at enterprise level only
             problems.append(
-                '  federation.aggregation: "expert-weighted" releases routing counts that no '
-                'privacy level covers yet; use "fedavg" in a private run'
+                '  federation.aggregation: "expert-weighted" releases routing counts that '
+                'record-level DP-SGD does not cover; use "fedavg" with privacy.record, or '
+                "enterprise-level privacy alone"
             )
     if privacy.record and any(e.data is not None for e in fed.enterprises):
         try:  # the nodes tokenize their records one per row before the first DP-SGD step

@@ -9,7 +9,10 @@ What Flower's own Grid does not do for us:
 - Flower's legacy workflow waits for training replies with no time limit; here a call without a
   timeout waits at most `default_timeout`;
 - the legacy workflow hands the strategy a node's error reply without saying whose it was; here
-  `last_errors` keeps, per node, why its reply to the last call failed (or that none came).
+  `last_errors` keeps, per node, why its reply to the last call failed (or that none came);
+- nothing counts what crosses the wire; `traffic()` is the bytes of every message this run sent
+  and received so far, whichever workflow sent it (the legacy one, the budget handshake, or
+  SecAgg+'s keys, shares and masked vectors, which the strategy never sees).
 Everything else is Flower's Grid, delegated unchanged.
 """
 
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedmoe.support.flower_tuning import shorten_object_pull_backoff
 
@@ -37,6 +41,8 @@ class FleetGrid(Grid):
         self._poll_interval = poll_interval
         self._default_timeout = default_timeout
         self.last_errors: dict[int, str] = {}
+        self.bytes_down = 0  # sent to nodes
+        self.bytes_up = 0  # received from nodes
         shorten_object_pull_backoff()  # replies are pulled as soon as their objects are up
 
     def set_run(self, run) -> None:
@@ -58,11 +64,19 @@ class FleetGrid(Grid):
         allowed = self._allowed()
         return [n for n in nodes if n in allowed]
 
+    def traffic(self) -> tuple[int, int]:
+        """Bytes (sent to nodes, received from them) by this run so far."""
+        return self.bytes_down, self.bytes_up
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self.bytes_down += sum(message_bytes(m) for m in messages)
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
+        replies = list(self._grid.pull_messages(message_ids))
+        self.bytes_up += sum(message_bytes(m) for m in replies)
+        return replies
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -94,3 +108,11 @@ class FleetGrid(Grid):
             f"[fedmoe-timing] {kind} x{len(messages)} {time.monotonic() - started:.3f}s", flush=True
         )
         return replies
+
+
+def message_bytes(message: Message) -> int:
+    """A message's size on the wire: Flower 1.41 sends a message as the tree of its objects
+    (metadata, records, arrays cut into chunks of up to 5 MB), each distinct object once, in its
+    serialized (`deflate`) form. Counted per message, i.e. per node: the SuperLink keeps one copy
+    of content sent to several nodes, but each node downloads its own."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())

@@ -30,6 +30,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
+from fedmoe.contract.expert_weighting import Weighting
 from fedmoe.coordinator.config import RunConfig
 from fedmoe.coordinator.db import FINAL_STATUSES, RoundRecord, RunStore
 from fedmoe.coordinator.flower_run import FlowerRun
@@ -147,6 +148,8 @@ def build_round_context(
             set_adapter_vector(model, adapter[0])
             return evaluate_loss(model, records, config.train.eval_batch_size, torch.device("cpu"))
 
+    expert_of, layers = expert_slots(model)
+    experts = (int(expert_of.max()) + 1) // max(len(layers), 1)
     return RoundContext(
         run_uid=run_uid,
         base_fingerprint=base_fp,
@@ -157,7 +160,10 @@ def build_round_context(
         server_eval=server_eval,
         first_round=first_round,
         connect_timeout_s=config.federation.connect_timeout_s,
-        expert_of=expert_slots(model)[0],
+        expert_of=expert_of,
+        expert_weighting=Weighting.for_round(
+            config.privacy.enterprise, len(layers), experts, model.config.num_experts_per_tok
+        ),
     )
 
 
@@ -250,6 +256,7 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         )
         ctx.enterprise_of = enterprise_of
         ctx.node_errors = lambda: fleet.last_errors
+        ctx.traffic = fleet.traffic
         store.set_fingerprint(run_id, ctx.base_fingerprint)
         remaining = config.federation.rounds - (ctx.first_round - 1)
         resumed = f", resumed after round {ctx.first_round - 1}" if ctx.first_round > 1 else ""
@@ -310,12 +317,16 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         print(f"[fedmoe] run {run_id} interrupted; its coordinator resumes or ends it", flush=True)
         raise
     else:
-        # Rounds may go on without an enterprise (min_fit_clients); the run says so, loudly.
-        note = (
-            f"completed without some enterprises: {'; '.join(strategy.lost)}"[:4000]
-            if strategy.lost
-            else None
-        )
+        # Rounds may go on without an enterprise (min_fit_clients), or past a failed round
+        # (max_failed_rounds); the run says so, loudly.
+        notes = []
+        if strategy.failed:
+            notes.append(
+                f"{len(strategy.failed)} round(s) failed: {'; '.join(strategy.failed.values())}"
+            )
+        if strategy.lost:
+            notes.append(f"completed without some enterprises: {'; '.join(strategy.lost)}")
+        note = "; ".join(notes)[:4000] or None
         result = outcome(store.rounds(run_id), store.run(run_id).base_eval_loss)
         worse = result is not None and not result.last_loss < result.base_loss
         if worse:

@@ -33,13 +33,12 @@ import numpy as np
 from flwr.common import (
     EvaluateIns,
     FitIns,
-    Parameters,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.server.strategy import FedAvg
 
-from fedmoe.contract.expert_weighting import expert_weighted_update
+from fedmoe.contract.expert_weighting import Weighting, expert_weighted_update
 from fedmoe.contract.round import BUDGET_QUERY, BudgetAnswer, MalformedRound, RoundSpec
 from fedmoe.coordinator.aggregation import (
     MalformedUpdate,
@@ -88,14 +87,17 @@ class RoundContext:
     # Each adapter element's routed-expert slot, or -1 (model.lora.expert_slots): the layout that
     # expert-weighted aggregation reads the nodes' vectors with.
     expert_of: np.ndarray | None = None
+    # Bytes (sent, received) by the run so far, every message counted (FleetGrid.traffic): under
+    # SecAgg+ most of a round's messages never reach the strategy.
+    traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    expert_weighting: Weighting = Weighting()  # its public scales (contract/expert_weighting.py)
 
 
 @dataclass
 class _PendingRound:
     number: int
     started_at: dt.datetime
-    bytes_down: int = 0
-    bytes_up: int = 0
+    traffic_at_start: tuple[int, int] = (0, 0)  # RoundContext.traffic when the round began
     updates_seen: int | None = None
     train_loss: float | None = None
     update_norm: float | None = None
@@ -104,10 +106,6 @@ class _PendingRound:
     checkpoint: tuple[str, str] | None = None
     trained: list = field(default_factory=list)  # proxies whose update was averaged
     participations: dict[str, ParticipationRecord] = field(default_factory=dict)
-
-
-def _nbytes(parameters: Parameters) -> int:
-    return sum(len(t) for t in parameters.tensors)
 
 
 def sum_expert_load(loads: list[dict[str, list[int]]]) -> dict[str, list[int]]:
@@ -146,6 +144,7 @@ class FederatedLoRA(FedAvg):
         self.global_adapter = [a.copy() for a in round_context.initial_adapter]
         self.pending: _PendingRound | None = None
         self.lost: list[str] = []  # enterprises that failed or were rejected in a committed round
+        self.failed: dict[int, str] = {}  # rounds that failed while the run went on: why
 
     def __repr__(self) -> str:
         return f"FederatedLoRA(rounds={self.config.federation.rounds}, enterprises={len(self.config.federation.enterprises)})"
@@ -242,7 +241,9 @@ class FederatedLoRA(FedAvg):
         sampled = (
             client_manager.sample(num_clients=sample_size, min_num_clients=1) if sample_size else []
         )
-        self.pending = _PendingRound(number=number, started_at=utcnow())
+        self.pending = _PendingRound(
+            number=number, started_at=utcnow(), traffic_at_start=self.ctx.traffic()
+        )
         if self.config.privacy.enabled or fed.secure_aggregation.enabled:
             accepted = self._handshake(number, sampled) if sampled else []
         else:  # one message less per round: a node that must refuse says so instead of training
@@ -264,15 +265,37 @@ class FederatedLoRA(FedAvg):
                 why = f"no enterprise connected within federation.connect_timeout_s={self.ctx.connect_timeout_s:g}"
             self._record_failed_round()
             message = f"round {number}: {len(accepted)} of {len(sampled)} sampled enterprises can take part, {needed} needed; {why}"
-            raise (BudgetExhausted if refused else RoundAborted)(message[:4000])
+            self._fail(number, (BudgetExhausted if refused else RoundAborted)(message[:4000]))
+            return []
         changes = {}
         if fed.secure_aggregation.enabled:
             # Each client adds a share of the noise; any `noise_shares` of them carry it all, and
             # SecAgg+ never unmasks a sum of fewer clients than its reconstruction threshold.
             changes["noise_shares"] = fed.secure_aggregation.threshold_for(len(accepted))
-        self.pending.bytes_down = _nbytes(parameters) * len(accepted)
         fit_ins = FitIns(parameters, self.round_spec(number, **changes).to_config())
         return [(proxy, fit_ins) for proxy in accepted]
+
+    def _round_bytes(self, pending: _PendingRound) -> dict[str, int]:
+        """Bytes of every message since the round began: the budget handshake, training (all of
+        SecAgg+'s stages) and federated evaluation."""
+        down, up = self.ctx.traffic()
+        return {
+            "bytes_down": down - pending.traffic_at_start[0],
+            "bytes_up": up - pending.traffic_at_start[1],
+        }
+
+    def _fail(self, number: int, error: RoundAborted | BudgetExhausted) -> None:
+        """After round `number` is recorded as failed: raise `error` (the run stops), unless
+        federation.max_failed_rounds lets the run go on from the same adapter."""
+        tolerated = self.config.federation.max_failed_rounds
+        if isinstance(error, BudgetExhausted) or len(self.failed) >= tolerated:
+            raise error
+        self.failed[number] = str(error)
+        print(
+            f"[fedmoe] round {number} failed and is recorded; the run goes on from the same "
+            f"adapter ({len(self.failed)} of federation.max_failed_rounds={tolerated}): {error}",
+            flush=True,
+        )
 
     def _record_failed_round(self) -> None:
         pending, self.pending = self.pending, None
@@ -283,8 +306,7 @@ class FederatedLoRA(FedAvg):
                 started_at=pending.started_at,
                 ended_at=utcnow(),
                 status="failed",
-                bytes_up=pending.bytes_up,
-                bytes_down=pending.bytes_down,
+                **self._round_bytes(pending),
                 participations=list(pending.participations.values()),
             ),
         )
@@ -308,7 +330,6 @@ class FederatedLoRA(FedAvg):
             record.heldout_loss_before = _float(m.get("heldout_loss_before"))
             record.update_norm = _float(m.get("update_norm"))
             record.duration_s = _float(m.get("duration_s"))
-            pending.bytes_up += _nbytes(res.parameters)
             delta = parameters_to_ndarrays(res.parameters)
             try:
                 check_update(delta, expected, res.num_examples)
@@ -343,16 +364,22 @@ class FederatedLoRA(FedAvg):
             ]
             refused = any(r.status == "refused" for r in pending.participations.values())
             self._record_failed_round()
-            raise (BudgetExhausted if refused else RoundAborted)(
-                f"round {pending.number}: {len(deltas)} usable update(s), federation.min_fit_clients={needed}; "
-                + "; ".join(problems)[:2000]
+            self._fail(
+                pending.number,
+                (BudgetExhausted if refused else RoundAborted)(
+                    f"round {pending.number}: {len(deltas)} usable update(s), federation.min_fit_clients={needed}; "
+                    + "; ".join(problems)[:2000]
+                ),
             )
+            return None, {}
         pending.updates_seen = len(
             {hashlib.sha256(b"".join(res.parameters.tensors)).digest() for _, res in results}
         )
         average = weighted_average(deltas, weights)
         if self.config.federation.aggregation == "expert-weighted":
-            average = [expert_weighted_update(average[0], self.ctx.expert_of)]
+            average = [
+                expert_weighted_update(average[0], self.ctx.expert_of, self.ctx.expert_weighting)
+            ]
         self.global_adapter = apply_update(
             self.global_adapter, average, self.config.federation.server_lr
         )
@@ -382,13 +409,18 @@ class FederatedLoRA(FedAvg):
         if server_round > 0 and (
             pending is None or pending.number != number or pending.checkpoint is None
         ):
+            if number in self.failed:  # failed earlier in the round, and the run goes on
+                return None
             # SecAgg+ halts without calling aggregate_fit when too few clients finish: never let
             # that pass as a round that trained.
-            if pending is not None and pending.number == number:
-                self._record_failed_round()
-            raise RoundAborted(
+            halted = RoundAborted(
                 f"round {number}: no aggregate update arrived (secure aggregation halted: too few clients finished)"
             )
+            if pending is None or pending.number != number:
+                raise halted
+            self._record_failed_round()
+            self._fail(number, halted)
+            return None
         loss = (
             self.ctx.server_eval(parameters_to_ndarrays(parameters))
             if self.ctx.server_eval
@@ -474,8 +506,7 @@ class FederatedLoRA(FedAvg):
             started_at=pending.started_at,
             ended_at=utcnow(),
             status="completed",
-            bytes_up=pending.bytes_up,
-            bytes_down=pending.bytes_down,
+            **self._round_bytes(pending),
             updates_seen=pending.updates_seen,
             train_loss=pending.train_loss,
             eval_loss=eval_loss,

@@ -8,20 +8,24 @@ import multiprocessing as mp
 import ssl
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from db_worker import open_and_create_run
+from flwr.app import ArrayRecord, Error, Metadata, RecordDict
+from flwr.app.message import make_message
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from fedmoe.client.agent_config import load_agent_config
 from fedmoe.client.keys import make_node_keys
 from fedmoe.contract.keys import fingerprint, load_public_key, openssh_public
 from fedmoe.coordinator.certs import make_dev_certificates
 from fedmoe.coordinator.db import DatabaseMissing, RunStore
-from fedmoe.coordinator.grid import FleetGrid
+from fedmoe.coordinator.grid import FleetGrid, message_bytes
 from fedmoe.coordinator.service_config import load_coordinator_config, new_admin_token
 from fedmoe.model.corpus import DEMO_DATA_DIR
 from fedmoe.support.files import ConfigError
@@ -180,16 +184,6 @@ def test_a_bad_agent_config_names_the_field(tmp_path, certs, extra, field):
         load_agent_config(tmp_path / "agent.toml")
 
 
-class _Reply:
-    def __init__(self, to: str, node: int, error: str | None = None):
-        self.metadata = SimpleNamespace(reply_to_message_id=to, src_node_id=node)
-        self.error = SimpleNamespace(reason=error)
-        self._error = error
-
-    def has_error(self):
-        return self._error is not None
-
-
 class _FakeGrid:
     def __init__(self, replies):
         self.replies = replies
@@ -205,12 +199,20 @@ class _FakeGrid:
         return out
 
 
-def _message(node: int):
-    return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, message_type="train"))
+def _message(node: int, reply_to: str = "", content=None, error: str | None = None):
+    """A train message to `node`, or (`reply_to` given) the node's reply to message `reply_to`."""
+    metadata = Metadata(
+        run_id=1, message_id="", src_node_id=node if reply_to else 0,
+        dst_node_id=0 if reply_to else node, reply_to_message_id=reply_to, group_id="",
+        created_at=0.0, ttl=60.0, message_type="train",
+    )  # fmt: skip
+    if error is not None:
+        return make_message(metadata, error=Error(code=0, reason=error))
+    return make_message(metadata, content=content or RecordDict())
 
 
 def test_the_grid_lists_only_registered_nodes_and_says_whose_reply_failed():
-    replies = [_Reply("m1", 1), _Reply("m2", 0, "Node Unavailable")]  # node 3 never answers
+    replies = [_message(1, "m1"), _message(2, "m2", error="Node Unavailable")]  # 3 never answers
     grid = FleetGrid(
         _FakeGrid(replies), allowed=lambda: {1, 2, 3}, poll_interval=0.01, default_timeout=0.3
     )
@@ -219,6 +221,31 @@ def test_the_grid_lists_only_registered_nodes_and_says_whose_reply_failed():
         [_message(1), _message(2), _message(3)]
     )  # no timeout given: the default bounds it
     assert len(got) == 2 and grid.last_errors == {2: "Node Unavailable", 3: "no reply within 0.3s"}
+
+
+def test_the_grid_counts_the_serialized_bytes_of_every_message_each_way():
+    adapter = RecordDict({"fit": ArrayRecord([np.full(1000, 0.5, np.float32)])})  # 4,000 bytes
+    update = RecordDict({"fit": ArrayRecord([np.ones(300_000, np.float32)])})  # 1.2 MB
+    sent = [_message(1, content=adapter), _message(2, content=adapter)]
+    replies = [_message(1, "m1", content=update), _message(2, "m2", error="Node Unavailable")]
+    grid = FleetGrid(_FakeGrid(replies), poll_interval=0.01, default_timeout=0.3)
+    assert grid.traffic() == (0, 0)
+    grid.send_and_receive(iter(sent))
+    down, up = grid.traffic()
+    # Each node downloads its own copy: the array's bytes plus a few hundred bytes of headers,
+    # metadata and record names per message.
+    assert down == sum(message_bytes(m) for m in sent)
+    assert 2 * 4_000 < down < 2 * 4_000 + 2 * 1_000
+    assert 1_200_000 < up < 1_200_000 + 2 * 1_000  # the error reply is a few dozen bytes
+    # What is counted is Flower's own serialized form: the objects rebuild the message.
+    objects = get_all_nested_objects(replies[0])
+    contents = {object_id: obj.deflate() for object_id, obj in objects.items()}
+    assert message_bytes(replies[0]) == sum(map(len, contents.values()))
+    rebuilt = inflate_object_from_contents(replies[0].object_id, contents)
+    np.testing.assert_array_equal(rebuilt.content["fit"].to_numpy_ndarrays()[0], np.ones(300_000))
+    another = _message(3, content=adapter)
+    grid.push_messages([another])  # the totals run on across calls
+    assert grid.traffic() == (down + message_bytes(another), up)
 
 
 def test_read_only_commands_never_create_a_database(tmp_path):

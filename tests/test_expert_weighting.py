@@ -1,5 +1,6 @@
 """Expert-weighted aggregation: the weighting by hand, the layout, a node's release, the same
-result through SecAgg+, and the refusals (private runs, no routed-expert LoRA)."""
+result through SecAgg+, the counts clipped and noised with the update under enterprise-level DP,
+and the refusals (record-level DP, no routed-expert LoRA)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from test_node_terms import LORA, TRAIN, _adapter, _node
 from test_secagg_round import _round
 
 from fedmoe.client.enterprise import RoundRefused
-from fedmoe.contract.expert_weighting import expert_weighted_update, weighted_release
+from fedmoe.contract.expert_weighting import Weighting, expert_weighted_update, weighted_release
 from fedmoe.contract.round import SecureSum
 from fedmoe.coordinator.config import ConfigError, load_run_config
 from fedmoe.model.lora import (
@@ -21,7 +22,9 @@ from fedmoe.model.lora import (
     expert_slots,
     get_adapter_vector,
 )
+from fedmoe.privacy import plan as plan_module
 from fedmoe.privacy import secagg_prg
+from fedmoe.privacy.settings import EnterpriseLevel
 
 # Two attention values, then 4 expert slots of 2 values each.
 EXPERT_OF = np.array([-1, -1, 0, 0, 1, 1, 2, 2, 3, 3])
@@ -31,8 +34,11 @@ def test_each_expert_is_weighted_by_its_token_counts_as_by_hand():
     a = np.arange(1.0, 11.0)
     b = -np.arange(1.0, 11.0) * 2
     fa, fb = np.array([0.5, 0.0, 0.25, 0.0]), np.array([0.25, 0.0, 0.0, 0.0])
-    average = (weighted_release(a, EXPERT_OF, fa) + weighted_release(b, EXPERT_OF, fb)) / 2
-    update = expert_weighted_update(average, EXPERT_OF)
+    plain = Weighting()
+    average = (
+        weighted_release(a, EXPERT_OF, fa, plain) + weighted_release(b, EXPERT_OF, fb, plain)
+    ) / 2
+    update = expert_weighted_update(average, EXPERT_OF, plain)
     expected = np.array(
         [
             (1 - 2) / 2,  # attention: the plain average
@@ -54,11 +60,11 @@ def test_each_expert_is_weighted_by_its_token_counts_as_by_hand():
 
 def test_a_release_is_refused_with_fractions_out_of_range_or_a_wrong_layout():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        weighted_release(np.zeros(10), EXPERT_OF, np.array([1.5, 0, 0, 0]))
+        weighted_release(np.zeros(10), EXPERT_OF, np.array([1.5, 0, 0, 0]), Weighting())
     with pytest.raises(ValueError, match="layout"):
-        weighted_release(np.zeros(9), EXPERT_OF, np.zeros(4))
+        weighted_release(np.zeros(9), EXPERT_OF, np.zeros(4), Weighting())
     with pytest.raises(ValueError, match="does not fit"):
-        expert_weighted_update(np.zeros(12), EXPERT_OF)
+        expert_weighted_update(np.zeros(12), EXPERT_OF, Weighting())
 
 
 def test_the_layout_maps_every_expert_factor_value_to_its_slot():
@@ -101,7 +107,7 @@ def test_a_node_sends_weighted_experts_and_their_fractions_and_only_under_the_su
         assert ("expert_load" in metrics) == (secure_sum is None)
 
 
-def test_a_node_refuses_expert_weighting_in_a_private_run(tmp_path):
+def test_a_node_refuses_expert_weighting_under_record_level_dp(tmp_path):
     node, ws = _node(tmp_path)
     config = round_config(
         ws,
@@ -123,7 +129,8 @@ class _WeightedNode:
         slots = int(expert_of.max()) + 1
         self.delta = rng.uniform(-1, 1, expert_of.size)
         self.fractions = rng.dirichlet(np.full(slots, 0.5)) * (rng.random(slots) > 0.3)
-        self.update = weighted_release(self.delta, expert_of, self.fractions).astype(np.float32)
+        self.update = weighted_release(self.delta, expert_of, self.fractions, Weighting())
+        self.update = self.update.astype(np.float32)
         self.secure_sums = []
 
     def fit(self, parameters, config, secure_sum):
@@ -139,8 +146,8 @@ def test_through_secagg_the_aggregate_is_the_plain_expert_weighted_one(n, server
     secagg_prg.install()
     aggregate, nodes = _round(n, {}, make_node=_WeightedNode)
     plain = np.mean([node.update.astype(np.float64) for node in nodes.values()], axis=0)
-    update = expert_weighted_update(aggregate.astype(np.float64), EXPERT_OF)
-    expected = expert_weighted_update(plain, EXPERT_OF)
+    update = expert_weighted_update(aggregate.astype(np.float64), EXPERT_OF, Weighting())
+    expected = expert_weighted_update(plain, EXPERT_OF, Weighting())
     # 22-bit quantization over [-4, 4] (~2e-6 per value), divided by fractions of 0.05 or more.
     np.testing.assert_allclose(update, expected, atol=1e-3)
 
@@ -148,7 +155,7 @@ def test_through_secagg_the_aggregate_is_the_plain_expert_weighted_one(n, server
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"privacy.record.epsilon": 8.0}, "routing counts that no privacy level covers"),
+        ({"privacy.record.epsilon": 8.0}, "record-level DP-SGD does not cover"),
         ({"lora.targets": ["attention"]}, 'add "routed_experts" to lora.targets'),
     ],
 )
@@ -156,6 +163,14 @@ def test_expert_weighting_is_refused_where_it_cannot_hold(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(None, {"federation.aggregation": "expert-weighted", **overrides})
     load_run_config(None, {"federation.aggregation": "expert-weighted"})
+    load_run_config(
+        None,
+        {
+            "federation.aggregation": "expert-weighted",
+            "privacy.enterprise.epsilon": 8.0,
+            "privacy.accept_noisy_plan": True,
+        },
+    )
 
 
 def test_the_coordinator_cannot_read_any_single_update_or_count_vector(server_identity):
@@ -189,3 +204,78 @@ def test_the_coordinator_cannot_read_any_single_update_or_count_vector(server_id
             assert abs(np.corrcoef(vector[expert_of.size :], counts)[0, 1]) < 0.4
     plain = np.mean([node.update for node in nodes.values()], axis=0)
     np.testing.assert_allclose(aggregate, plain, atol=1e-5)
+
+
+def test_the_private_scales_weigh_as_the_counts_do_and_leave_out_experts_under_half_a_share():
+    # EXPERT_OF: 2 layers of 2 experts; the floor is half the uniform share, 1/4.
+    private = Weighting.for_round(EnterpriseLevel(epsilon=8.0, clip=1e3), 2, experts=2, top_k=1)
+    assert private.floor == 0.25 and private.expert_scale == 2.0
+    deltas = np.random.default_rng(0).uniform(-1, 1, (3, EXPERT_OF.size))
+    fractions = np.array([[0.6, 0.4, 0.9, 0.1], [0.5, 0.5, 1.0, 0.0], [0.3, 0.7, 0.8, 0.2]])
+
+    def update(weighting):
+        releases = [
+            weighted_release(d, EXPERT_OF, f, weighting)
+            for d, f in zip(deltas, fractions, strict=True)
+        ]
+        return expert_weighted_update(np.mean(releases, axis=0), EXPERT_OF, weighting)
+
+    plain, scaled = update(Weighting()), update(private)
+    # Experts 0-2 are used at a quarter of the slots or more: the same weighting by the counts.
+    np.testing.assert_allclose(scaled[:8], plain[:8], atol=1e-12)
+    # Expert 3 (a tenth of the slots): updated by its counts in a plain run, left out in a
+    # private one, where a sum of fractions that small may be noise.
+    assert np.all(plain[8:] != 0) and np.all(scaled[8:] == 0)
+
+
+@pytest.mark.parametrize("mechanism, order", [("gaussian", 2), ("laplace", 1)])
+def test_under_enterprise_dp_the_counts_are_clipped_and_noised_with_the_update(
+    tmp_path, monkeypatch, mechanism, order
+):
+    """The whole release, counts included, is one clipped vector: its norm is within the clip (the
+    sensitivity the accounting assumes), and the noise covers every element of it."""
+    noise = {"value": 0.0}
+    constant = lambda n, *args, **kwargs: np.full(n, noise["value"])  # noqa: E731
+    monkeypatch.setattr(plan_module, "gaussian_noise", constant)
+    monkeypatch.setattr(plan_module, "laplace_share_noise", constant)
+    node, ws = _node(tmp_path)
+    expert_of, layers = expert_slots(ws.model)
+    clip = 0.05
+    privacy = {"enterprise": {"epsilon": 8.0, "clip": clip, "mechanism": mechanism}}
+    weighting = Weighting.for_round(
+        EnterpriseLevel(**privacy["enterprise"]),
+        len(layers),
+        (int(expert_of.max()) + 1) // len(layers),
+        ws.model.config.num_experts_per_tok,
+    )
+    for value, run in ((0.0, 1), (0.25, 2)):
+        noise["value"] = value
+        config = round_config(
+            ws,
+            privacy,
+            lora=LORA,
+            train=TRAIN,
+            aggregation="expert-weighted",
+            run_uid=f"{run:032x}",
+        )
+        (release,), weight, metrics = node.fit(_adapter(ws), config, secure_sum=None)
+        assert weight == 1 and "expert_load" not in metrics
+        # Less the noise (on every element, count or not), the release is within the clip.
+        clean = release.astype(np.float64) - value
+        rounding = clean.size * float(np.spacing(np.float32(value)))  # float32 release
+        assert np.linalg.norm(clean, ord=order) <= clip * (1 + 1e-5) + rounding
+        per_layer = clean[expert_of.size :].reshape(len(layers), -1).sum(axis=1)
+        assert per_layer.min() > 0
+        # The counts are released whole: every layer's fractions sum to 1 (full batches).
+        np.testing.assert_allclose(per_layer / weighting.count_scale, 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mechanism, order", [("gaussian", 2), ("laplace", 1)])
+def test_a_private_release_stays_within_the_clip_whatever_its_update_and_counts(mechanism, order):
+    enterprise = EnterpriseLevel(epsilon=8.0, clip=0.5, mechanism=mechanism)
+    weighting = Weighting.for_round(enterprise, layers=2, experts=2, top_k=1)
+    rng = np.random.default_rng(1)
+    for scale in (1e-3, 1.0, 1e6):
+        for fractions in (np.ones(4), np.zeros(4), rng.uniform(0, 1, 4)):
+            release = weighted_release(scale * rng.normal(size=10), EXPERT_OF, fractions, weighting)
+            assert np.linalg.norm(release, ord=order) <= 0.5 * (1 + 1e-9)

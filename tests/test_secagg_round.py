@@ -3,7 +3,7 @@ SecAggPlusWorkflow against our ClientApp (with its SecAgg+ mod and the full-key 
 privacy/secagg_prg.py) on every node, over a grid that delivers each stage's messages at once and
 can lose nodes at any stage. The masks must cancel: the unmasked result is the average of the
 updates that made it into the sum, whoever dropped out; with fewer survivors than the threshold
-nothing is unmasked."""
+nothing is unmasked, and the fewest survivors' noise shares still make the full noise."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from fedmoe.client.client_app import build_client_app
 from fedmoe.contract.round import RoundSpec
 from fedmoe.coordinator.secure_sum import SecureSumWorkflow
 from fedmoe.privacy import secagg_prg
+from fedmoe.privacy.plan import EnterprisePlan, privatize_update
 
 SIZE = 64
 RANGE = 4.0
@@ -170,3 +171,30 @@ def test_a_coordinator_with_another_mask_generator_cannot_unmask(server_identity
     aggregate, nodes = _round(3, {Stage.COLLECT_MASKED_VECTORS: {2}})
     expected = np.mean([nodes[i].update for i in (1, 3)], axis=0)
     assert np.abs(aggregate - expected).max() > 0.1
+
+
+class _NoiseShareNode(_Node):
+    """A node whose update is zero plus its Gaussian noise share, as an enterprise-level node
+    adds it (privacy/plan.privatize_update) for the threshold its SecAgg+ setup says."""
+
+    STD = 0.5  # the full noise: what any `threshold` shares must add up to
+
+    def __init__(self, node_id: int):
+        self.update, self.secure_sums = np.zeros(4096, np.float32), []
+
+    def fit(self, parameters, config, secure_sum):
+        plan = EnterprisePlan("gaussian", clip=1.0, noise_multiplier=self.STD, rounds=1, delta=1e-5)
+        self.update = privatize_update([self.update], plan, shares=secure_sum.threshold)[0][0]
+        return super().fit(parameters, config, secure_sum)
+
+
+@pytest.mark.parametrize("stage", [Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS])
+def test_the_fewest_survivors_of_a_round_still_carry_the_full_noise(stage, server_identity):
+    # 10 nodes, threshold 5; 5 lost mid-round: the sum that is unmasked is of exactly 5 shares.
+    secagg_prg.install()
+    aggregate, nodes = _round(10, {stage: {2, 4, 6, 8, 10}}, make_node=_NoiseShareNode)
+    noise_sum = aggregate.astype(np.float64) * 5  # the workflow hands out the average
+    # 4096 samples: the standard deviation is known to ~1.1%.
+    assert abs(noise_sum.std() / _NoiseShareNode.STD - 1) < 0.05
+    expected = np.sum([nodes[i].update for i in (1, 3, 5, 7, 9)], axis=0)
+    np.testing.assert_allclose(noise_sum, expected, atol=5e-5)

@@ -15,7 +15,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-from fedmoe.coordinator.config import load_run_config
+from fedmoe.coordinator.config import ConfigError, load_run_config
 from fedmoe.coordinator.db import RunStore
 from fedmoe.coordinator.strategy import (
     BudgetExhausted,
@@ -267,6 +267,41 @@ def test_a_round_without_an_aggregate_is_an_error_not_a_silent_skip(tmp_path):
     assert store.rounds(run_id)[0].status == "failed"
 
 
+def test_failed_rounds_are_recorded_and_the_run_goes_on_as_far_as_max_failed_rounds(
+    tmp_path, capsys
+):
+    strategy, store, run_id, saved, _ = _make(
+        tmp_path,
+        {1: _accept("a", 1.0, 1.0), 2: _accept("b", 1.0, 1.0)},
+        **PRIVATE,
+        **{"federation.max_failed_rounds": 2},
+    )
+    start = [a.copy() for a in strategy.global_adapter]
+    parameters = ndarrays_to_parameters(start)
+    # Round 1: node 3 never answers the handshake, too few can take part.
+    assert strategy.configure_fit(1, parameters, _manager([1, 3])) == []
+    assert strategy.evaluate(1, parameters) is None
+    # Round 2: SecAgg+ halts (no aggregate).
+    assert len(strategy.configure_fit(2, parameters, _manager([1, 2]))) == 2
+    assert strategy.evaluate(2, parameters) is None
+    # Round 3: one usable update of the two needed: a third failure stops the run.
+    strategy.configure_fit(3, parameters, _manager([1, 2]))
+    one = [(SimpleNamespace(node_id=1), _fit([np.ones(2, np.float32), np.ones((1, 2))], 1))]
+    with pytest.raises(RoundAborted, match="min_fit_clients=2"):
+        strategy.aggregate_fit(3, one, [])
+    assert [r.status for r in store.rounds(run_id)] == ["failed"] * 3
+    assert sorted(strategy.failed) == [1, 2] and not saved
+    for kept, before in zip(strategy.global_adapter, start, strict=True):
+        np.testing.assert_array_equal(kept, before)  # nothing half-applied
+    out = capsys.readouterr().out
+    assert "round 2 failed and is recorded; the run goes on" in out and "(2 of" in out
+
+
+def test_max_failed_rounds_must_leave_a_round_to_train():
+    with pytest.raises(ConfigError, match=r"federation.max_failed_rounds.*below rounds \(3\)"):
+        load_run_config(None, {"federation.max_failed_rounds": 3})
+
+
 def test_private_runs_ask_for_no_held_out_metrics_and_send_the_noise_shares(tmp_path):
     strategy, *_ = _make(
         tmp_path,
@@ -350,3 +385,20 @@ def test_the_audit_adds_up_the_nodes_counts_and_says_when_it_refutes_the_claim(t
     assert audit["epsilon_lower_bound"] == pytest.approx(epsilon_lower_bound(200, 80, 80, 1e-5))
     assert audit["epsilon_lower_bound"] > 1.0 == audit["claimed_epsilon"]
     assert "WARNING: the audit refutes the run's privacy claim" in capsys.readouterr().out
+
+
+def test_a_round_records_the_bytes_the_grid_counted_from_its_start_to_its_commit(tmp_path):
+    # Under SecAgg+ the strategy never sees the nodes' messages: the bytes are the grid's.
+    strategy, store, run_id, *_ = _make(tmp_path, {}, **{"federation.min_fit_clients": 1})
+    traffic = {"down": 1_000, "up": 200}  # an earlier round's messages
+    strategy.ctx.traffic = lambda: (traffic["down"], traffic["up"])
+    strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1]))
+    traffic["down"], traffic["up"] = 1_700, 250  # the round's messages go out and come back
+    good = [np.array([1.0, 1.0], np.float32), np.zeros((1, 2), np.float32)]
+    strategy.aggregate_fit(1, [(SimpleNamespace(node_id=1), _fit(good, 5))], [])
+    traffic["down"], traffic["up"] = 1_900, 260  # federated evaluation is part of the round
+    strategy.aggregate_evaluate(
+        1, [(SimpleNamespace(node_id=1), EvaluateRes(Status(Code.OK, ""), 1.0, 10, {}))], []
+    )
+    (r,) = store.rounds(run_id)
+    assert (r.bytes_down, r.bytes_up) == (900, 60)
