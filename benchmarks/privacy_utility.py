@@ -72,16 +72,26 @@ def cell_config(level: str, privacy: dict | None, recipe: bool, out: Path) -> di
     return config
 
 
+def heldout_losses(enterprises: dict[str, Path], adapter: Path | None) -> dict[str, float]:
+    """Each enterprise's mean per-record loss on its own held-out split (64 tokens a record) under
+    `adapter` on the embedded base (None: the base model); `enterprises` maps names to data
+    folders."""
+    model, tokenizer = load_adapted("embedded", adapter), load_tokenizer("embedded")
+    losses = {}
+    for name, data in enterprises.items():
+        rows = load_records(find_split(data, "heldout"), tokenizer, 64)
+        losses[name] = evaluate_loss(model, rows, 64, torch.device("cpu"))
+    return losses
+
+
 def mean_heldout_loss(level: str, adapter: Path | None) -> float:
     """Mean over the level's enterprises of their held-out loss under `adapter` (None: base)."""
-    model, tokenizer = load_adapted("embedded", adapter), load_tokenizer("embedded")
     federation = FEDERATION[level]
-    losses = []
-    for name in generated_enterprises(federation):
-        data = resolve_generated(f"demo:{federation}/{name}")
-        rows = load_records(find_split(data, "heldout"), tokenizer, 64)
-        losses.append(evaluate_loss(model, rows, 64, torch.device("cpu")))
-    return statistics.fmean(losses)
+    enterprises = {
+        name: resolve_generated(f"demo:{federation}/{name}")
+        for name in generated_enterprises(federation)
+    }
+    return statistics.fmean(heldout_losses(enterprises, adapter).values())
 
 
 def result_of_run(database: str) -> Path | None:
