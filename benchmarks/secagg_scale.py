@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord
-from flwr.common import ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
 from rich.console import Console
@@ -39,6 +38,7 @@ from fedmoe.coordinator.launcher import launch
 from fedmoe.model.base import load_base
 from fedmoe.model.corpus import generated_enterprises
 from fedmoe.model.lora import attach_lora, get_adapter_vector
+from fedmoe.support.secagg_wire import narrow_to_bytes
 
 TARGETS = {"time": 1.5, "bytes": 1.3}  # SecAgg+ over plain, at 10 enterprises
 MB = 1e6
@@ -87,8 +87,10 @@ def adapter_size(config) -> int:
 
 def masked_record_bytes(elements: int) -> int:
     """The serialized size of the record a SecAgg+ node sends its masked update in (Flower 1.41's
-    secaggplus_mod: one ConfigRecord of `np.save` bytes, the weight factor then the int64 vector)."""
-    masked = [ndarray_to_bytes(np.array([1])), ndarray_to_bytes(np.zeros(elements, np.int64))]
+    secaggplus_mod: one ConfigRecord of `np.save` bytes, the weight factor then the vector, uint32
+    under support/secagg_wire.py)."""
+    vector = np.zeros(elements, np.int64)
+    masked = [narrow_to_bytes(np.array([1])), narrow_to_bytes(vector)]
     return len(ConfigRecord({Key.MASKED_PARAMETERS: masked}).deflate())
 
 
@@ -96,9 +98,9 @@ def masked_vector_limit() -> int:
     """The most adapter elements a SecAgg+ node can send. Its masked update is one object on the
     wire (a plain round's arrays are cut into 5 MB chunks, this record is not), and protobuf cannot
     serialize a message over 2 GiB - 1, which is also the gRPC max message length Flower sets."""
-    overhead = masked_record_bytes(1024) - 8 * 1024
+    overhead = masked_record_bytes(1024) - 4 * 1024
     # + 1 KB: longer length prefixes near 2 GiB, and the request the object travels in
-    return (GRPC_MAX_MESSAGE_LENGTH - overhead - 1024) // 8
+    return (GRPC_MAX_MESSAGE_LENGTH - overhead - 1024) // 4
 
 
 def check_limit(limit: int) -> None:
@@ -223,7 +225,7 @@ def main() -> None:
     limit = masked_vector_limit()
     console.print(
         "Computed from Flower's source, not measured in a round: a SecAgg+ node's masked vector "
-        f"(8 bytes per element) must fit one {GRPC_MAX_MESSAGE_LENGTH:,}-byte object, so the "
+        f"(4 bytes per element) must fit one {GRPC_MAX_MESSAGE_LENGTH:,}-byte object, so the "
         f"adapter can have at most about {limit / 1e6:.1f}M parameters ({limit * 4 / 1e9:.2f} GB "
         "as fp32)"
     )

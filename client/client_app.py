@@ -23,6 +23,7 @@ from flwr.compat.common import recorddict_compat
 
 from fedmoe.contract.round import RoundSpec, SecureSum
 from fedmoe.privacy import secagg_prg
+from fedmoe.support import secagg_wire
 
 SECAGG_FLAG = "fedmoe.secure-aggregation"
 SECAGG_SETUP = "fedmoe.secagg-setup"
@@ -59,6 +60,7 @@ def build_client_app(node_for: Callable[[Context], object]) -> ClientApp:
         if not active:
             return call_next(msg, context)
         secagg_prg.install()
+        secagg_wire.install()
         configs = msg.content.config_records[RECORD_KEY_CONFIGS]
         stage = configs.get(Key.STAGE)
         if stage == Stage.SETUP:

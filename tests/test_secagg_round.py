@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import round_config
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
@@ -28,6 +28,7 @@ from fedmoe.contract.round import RoundSpec
 from fedmoe.coordinator.secure_sum import SecureSumWorkflow
 from fedmoe.privacy import secagg_prg
 from fedmoe.privacy.plan import EnterprisePlan, privatize_update
+from fedmoe.support import secagg_wire
 
 SIZE = 64
 RANGE = 4.0
@@ -198,3 +199,27 @@ def test_the_fewest_survivors_of_a_round_still_carry_the_full_noise(stage, serve
     assert abs(noise_sum.std() / _NoiseShareNode.STD - 1) < 0.05
     expected = np.sum([nodes[i].update for i in (1, 3, 5, 7, 9)], axis=0)
     np.testing.assert_allclose(noise_sum, expected, atol=5e-5)
+
+
+def test_masked_vectors_travel_at_4_bytes_an_element_and_still_sum_right(server_identity):
+    secagg_prg.install()
+    received = []
+    aggregate, nodes = _round(3, {}, received=received)
+    masked = [
+        reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS][0]
+        for reply in received
+        if Key.MASKED_PARAMETERS in reply.content.config_records[RECORD_KEY_CONFIGS]
+    ]
+    assert len(masked) == 3
+    for data in masked:
+        assert bytes_to_ndarray(data).dtype == np.uint32 and len(data) < 4 * SIZE + 200
+    expected = np.mean([node.update for node in nodes.values()], axis=0)
+    np.testing.assert_allclose(aggregate, expected, atol=1e-5)
+
+
+def test_the_wire_patch_refuses_a_flower_it_was_not_written_for(monkeypatch):
+    import flwr
+
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    with pytest.raises(secagg_wire.PatchRefused, match="1.41"):
+        secagg_wire.install()
