@@ -25,17 +25,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from fedmoe_run import run_in
 from privacy_utility import heldout_losses
 from torch import nn
 
-from fedmoe.coordinator.config import load_run_config
-from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.launcher import launch
 from fedmoe.model.base import load_base, load_tokenizer
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES, generate, write_jsonl
 from fedmoe.model.data import PADDING, find_split, load_blocks, load_records
@@ -143,13 +140,7 @@ def document_federation(root: Path, train: int = 400, heldout: int = 80) -> dict
 
 def run_federation(workdir: Path, overrides: dict) -> tuple[Path, float]:
     """(last round's adapter checkpoint, seconds) of one `fedmoe run` on the simulation engine."""
-    db = f"sqlite:///{workdir / 'runs.db'}"
-    config = load_run_config(None, {**overrides, "database.url": db, "output.dir": str(workdir)})
-    started = time.perf_counter()
-    if launch(config) != 0:
-        raise SystemExit("fedmoe run failed (its log tail is printed above)")
-    seconds = time.perf_counter() - started
-    store = RunStore(db, migrate=False)
+    config, seconds, store = run_in(workdir, overrides)
     (run,) = store.runs()
     last = store.last_checkpoint(run.id)
     if run.status != "completed" or last is None or last.number != config.federation.rounds:

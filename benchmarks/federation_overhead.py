@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedmoe_run import run_in
 from rich.console import Console
 from rich.table import Table
 
 from fedmoe.coordinator.config import load_run_config
-from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.launcher import federation_config, launch
+from fedmoe.coordinator.launcher import federation_config
 from fedmoe.coordinator.superlink import FINISHED, SuperLink, submit_app
 from fedmoe.model.base import EMBEDDED_BASE_DIR
 
@@ -32,21 +32,8 @@ BASELINE_APP = Path(__file__).parent / "flower_baseline"
 
 
 def run_fedmoe(workdir: Path, rounds: int, targets: list[str]) -> dict:
-    db = f"sqlite:///{workdir / 'runs.db'}"
-    config = load_run_config(
-        None,
-        {
-            "federation.rounds": rounds,
-            "lora.targets": targets,
-            "database.url": db,
-            "output.dir": str(workdir),
-        },
-    )
-    start = time.perf_counter()
-    if launch(config) != 0:
-        raise SystemExit(f"fedmoe run failed; see {workdir}")
-    total = time.perf_counter() - start
-    rounds_rows = RunStore(db, migrate=False).rounds(1)
+    _, total, store = run_in(workdir, {"federation.rounds": rounds, "lora.targets": targets})
+    rounds_rows = store.rounds(1)
     walls = [(r.ended_at - r.started_at).total_seconds() for r in rounds_rows]
     slowest = [
         max(p.duration_s for p in r.participations if p.duration_s is not None) for r in rounds_rows

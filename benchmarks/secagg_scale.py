@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from fedmoe_run import run_in
 from flwr.app import ConfigRecord
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
 from rich.console import Console
 from rich.table import Table
 
-from fedmoe.coordinator.config import load_run_config
-from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.launcher import launch
 from fedmoe.model.base import load_base
 from fedmoe.model.corpus import generated_enterprises
 from fedmoe.model.lora import attach_lora, get_adapter_vector
@@ -49,24 +46,17 @@ def progress(text: str) -> None:
 
 
 def run_fedmoe(workdir: Path, enterprises: int, secagg: bool, rounds: int, **overrides) -> dict:
-    db = f"sqlite:///{workdir / 'runs.db'}"
     names = generated_enterprises("many")[:enterprises]
-    config = load_run_config(
-        None,
+    config, total, store = run_in(
+        workdir,
         {
             "federation.enterprises": [{"name": n, "data": f"demo:many/{n}"} for n in names],
             "federation.rounds": rounds,
             "federation.secure_aggregation.enabled": secagg,
-            "database.url": db,
-            "output.dir": str(workdir),
             **overrides,
         },
     )
-    start = time.perf_counter()
-    if launch(config) != 0:
-        raise SystemExit(f"fedmoe run failed; see {workdir}")
-    total = time.perf_counter() - start
-    records = RunStore(db, migrate=False).rounds(1)
+    records = store.rounds(1)
     return {
         "total": total,
         "walls": [(r.ended_at - r.started_at).total_seconds() for r in records],
