@@ -254,6 +254,7 @@ NUMBERS = [
     ("federation", "rounds", int, "0", "100001"),
     ("federation", "fraction_fit", float, "0.0", "1.01"),
     ("federation", "min_fit_clients", int, "0", "10001"),
+    ("federation", "max_failed_rounds", int, "-1", "100001"),
     ("federation", "threads_per_client", int, "0", "513"),
     ("federation", "cpus_per_client", int, "0", "513"),
     ("federation", "connect_timeout_s", float, "0.0", "86400.5"),
@@ -615,6 +616,11 @@ CASES += [
         "min_fit_clients-above-enterprises",
         "federation.min_fit_clients: 2 exceeds the 1 enterprises",
         "[federation]\nmin_fit_clients = 2\n" + ENTERPRISE + "data = '@A@/good'\n",
+    ),
+    case(
+        "max_failed_rounds-not-below-rounds",
+        "federation.max_failed_rounds: must be below rounds (2), got 2",
+        "[federation]\nrounds = 2\nmax_failed_rounds = 2\n",
     ),
     case(
         "min_fit_clients-above-demo",
