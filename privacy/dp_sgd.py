@@ -5,7 +5,7 @@ gradients are summed, Gaussian noise with std `noise_multiplier * clip` is added
 divided by the EXPECTED batch size (Poisson sampling: dividing by the realised size would leak it).
 
 `private_gradient` is that, as a pure reference function; training uses Opacus's `DPOptimizer`
-(which also accumulates physical batches), with its noise drawn from the OS CSPRNG, and the tests
+(which also accumulates physical batches), with its noise drawn from our CSPRNG (mechanisms.py), and the tests
 hold the two equal.
 """
 
@@ -57,7 +57,7 @@ def private_gradient(
 
 class SecureNoiseDPOptimizer(DPOptimizer):
     """Opacus's DPOptimizer (per-example clipping over `p.grad_sample`, accumulation over physical
-    batches, scaling by the expected batch size), with its Gaussian noise drawn from the OS CSPRNG
+    batches, scaling by the expected batch size), with its Gaussian noise drawn from our CSPRNG
     instead of torch's generator, whose state an attacker could recover."""
 
     def __init__(self, *args, uniform: UniformSource = secure_uniform, **kwargs):

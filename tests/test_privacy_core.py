@@ -113,7 +113,7 @@ def test_bad_privacy_parameters_are_refused_with_the_allowed_range(call, match):
 
 
 def test_noise_comes_from_the_os_csprng_by_default(monkeypatch):
-    """Replacing os.urandom makes the default noise fixed: the default source is the OS CSPRNG."""
+    """Replacing os.urandom makes the default noise fixed: the OS CSPRNG alone keys the default source."""
     import fedmoe.privacy.mechanisms as mechanisms
 
     monkeypatch.setattr(
