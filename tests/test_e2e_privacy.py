@@ -121,3 +121,31 @@ def test_private_secure_run_enforces_node_budgets_across_restarts(tmp_path):
     assert "one-run privacy audit" in table.stdout
     node = fedmoe("agent", "ledger", str(ledger), cwd=tmp_path)
     assert node.returncode == 0 and "lifetime record-level: epsilon" in node.stdout
+
+
+def test_expert_weighting_under_enterprise_dp_and_secagg_learns_and_shows_no_counts(tmp_path):
+    """Nodes and coordinator agree on the private weighting's public scales (a mismatch would
+    scale the experts' update wrongly): the run learns with little noise, and the routing counts
+    appear nowhere but inside the masked sum."""
+    db_url = f"sqlite:///{tmp_path / 'runs.db'}"
+    settings = {
+        "federation.rounds": 2,
+        "federation.aggregation": "expert-weighted",
+        "federation.secure_aggregation.enabled": "true",
+        "privacy.enterprise.epsilon": 1000,  # little noise: the weighting is what is tested
+        "privacy.enterprise.clip": 1.0,
+        "privacy.accept_noisy_plan": "true",
+        "train.local_steps": 6,
+        "database.url": db_url,
+        "output.dir": "out",
+    }
+    overrides = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    run = fedmoe("run", *overrides, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    store = RunStore(db_url)
+    (record,) = store.runs()
+    rounds = store.rounds(record.id)
+    assert record.status == "completed" and [r.status for r in rounds] == ["completed"] * 2
+    assert all(r.updates_seen == 1 and r.expert_load is None for r in rounds)
+    assert min(r.server_eval_loss for r in rounds) < record.base_eval_loss - 0.01
+    assert all(p.epsilon_enterprise <= 1000 + 1e-9 for r in rounds for p in r.participations)
