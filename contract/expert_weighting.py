@@ -43,6 +43,12 @@ from fedmoe.privacy.settings import EnterpriseLevel
 MIN_FRACTION = 1e-4
 
 
+def update_share(mechanism: str) -> float:
+    """The share of the enterprise-level clip the weighted update gets (the counts get the rest):
+    C / sqrt(2) of an L2 clip, C / 2 of an L1 clip."""
+    return 0.5 if mechanism == "laplace" else 1 / math.sqrt(2)
+
+
 @dataclass(frozen=True)
 class Weighting:
     """The public scales of the weighted release (module docstring)."""
@@ -62,10 +68,11 @@ class Weighting:
         `layers` layers of `experts` routed experts, `top_k` per token."""
         if enterprise is None:
             return cls()
+        half = enterprise.clip * update_share(enterprise.mechanism)
         if enterprise.mechanism == "laplace":
-            half, counts_max = enterprise.clip / 2, layers  # L1: a layer's fractions sum to <= 1
+            counts_max = layers  # L1: a layer's fractions sum to <= 1
         else:  # L2: at most top_k fractions of 1 / top_k per layer
-            half, counts_max = enterprise.clip / math.sqrt(2), math.sqrt(layers / top_k)
+            counts_max = math.sqrt(layers / top_k)
         return cls(
             expert_scale=float(experts),
             count_scale=half / counts_max,

@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from fedmoe.contract.expert_weighting import update_share
 from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.base import EMBEDDED, check_model_dir, load_tokenizer, resolve_model_path
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES, resolve_generated
@@ -600,7 +601,9 @@ def check_privacy(config: RunConfig) -> list[Forecast]:
         else:
             secagg = fed.secure_aggregation.enabled
             shares = fed.secure_aggregation.threshold_for(n) if secagg else 1
-            forecast = enterprise_forecast(plan, params, n, shares)
+            weighted = fed.aggregation == "expert-weighted"
+            share = update_share(plan.mechanism) if weighted else 1.0
+            forecast = enterprise_forecast(plan, params, n, shares, share)
             forecasts.append(forecast)
             if forecast.hopeless and not privacy.accept_noisy_plan:
                 fixes = enterprise_fixes(forecast, plan, params, n, secagg)

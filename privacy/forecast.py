@@ -65,11 +65,14 @@ def enterprise_noise_std(plan: EnterprisePlan) -> float:
 
 
 def enterprise_forecast(
-    plan: EnterprisePlan, params: int, enterprises: int, noise_shares: int
+    plan: EnterprisePlan, params: int, enterprises: int, noise_shares: int, clip_share: float = 1.0
 ) -> Forecast:
+    """`clip_share`: the share of the clip the update may use (expert-weighted aggregation gives
+    the rest to the routing counts)."""
     per_coordinate = enterprise_noise_std(plan) * math.sqrt(enterprises / noise_shares)
     noise = per_coordinate * math.sqrt(params) / enterprises
-    signal = plan.clip / math.sqrt(params) if plan.mechanism == "laplace" else plan.clip
+    clip = plan.clip * clip_share
+    signal = clip / math.sqrt(params) if plan.mechanism == "laplace" else clip
     return Forecast("enterprise", noise / signal, noise, signal)
 
 

@@ -14,7 +14,7 @@ from test_secagg_round import _round
 from fedmoe.client.enterprise import RoundRefused
 from fedmoe.contract.expert_weighting import Weighting, expert_weighted_update, weighted_release
 from fedmoe.contract.round import SecureSum
-from fedmoe.coordinator.config import ConfigError, load_run_config
+from fedmoe.coordinator.config import ConfigError, check_privacy, load_run_config
 from fedmoe.model.lora import (
     adapter_parameters,
     attach_lora,
@@ -279,3 +279,16 @@ def test_a_private_release_stays_within_the_clip_whatever_its_update_and_counts(
         for fractions in (np.ones(4), np.zeros(4), rng.uniform(0, 1, 4)):
             release = weighted_release(scale * rng.normal(size=10), EXPERT_OF, fractions, weighting)
             assert np.linalg.norm(release, ord=order) <= 0.5 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("mechanism, share", [("gaussian", 2**-0.5), ("laplace", 0.5)])
+def test_the_plan_forecasts_the_update_with_only_its_share_of_the_clip(mechanism, share):
+    private = {
+        "privacy.enterprise.epsilon": 8.0,
+        "privacy.enterprise.mechanism": mechanism,
+        "privacy.accept_noisy_plan": True,
+    }
+    (plain,) = check_privacy(load_run_config(None, private))
+    weighted = {**private, "federation.aggregation": "expert-weighted"}
+    (forecast,) = check_privacy(load_run_config(None, weighted))
+    assert forecast.noise_to_signal == pytest.approx(plain.noise_to_signal / share)
