@@ -3,7 +3,7 @@ enterprises (the ratios measured in this one run), and the largest adapter that 
 SecAgg+ round.
 
     python benchmarks/secagg_scale.py [--enterprises 3 10 30] [--rounds 3] [--local-steps 2]
-                                      [--ranks 16 128 1024] [--check-limit]
+                                      [--ranks 16 128 1024]
 
 Every cell is a real `fedmoe run` on Flower's simulation engine over the first n enterprises of
 the generated many-enterprise federation (demo:many/e00..), default run config otherwise (LoRA
@@ -13,8 +13,9 @@ round (coordinator/grid.py): every message of it in Flower's serialized form, ea
 handshake, all SecAgg+ stages and federated evaluation included.
 
 The largest adapter: one SecAgg+ round at 3 enterprises for each LoRA rank of `--ranks` (the
-config allows up to 1024), then the limit that no rank can pass, computed from Flower's source:
-a node's masked vector travels as one serialized object, and no object may exceed 2 GiB.
+config allows up to 1024), and the largest object its masked vector crosses the wire as. Flower's
+SecAgg+ mod would send it as one object, which protobuf caps at 2 GiB; packed by the node
+(contract/secagg_transport.py), it travels in chunks like any adapter.
 """
 
 from __future__ import annotations
@@ -26,16 +27,17 @@ from pathlib import Path
 
 import numpy as np
 from fedmoe_run import run_in
-from flwr.app import ConfigRecord
-from flwr.common.secure_aggregation.secaggplus_constants import Key
-from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common import ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from rich.console import Console
 from rich.table import Table
 
+from fedmoe.contract.secagg_transport import pack
 from fedmoe.model.base import load_base
 from fedmoe.model.corpus import generated_enterprises
 from fedmoe.model.lora import attach_lora, get_adapter_vector
-from fedmoe.support.secagg_wire import narrow_to_bytes
 
 TARGETS = {"time": 1.5, "bytes": 1.3}  # SecAgg+ over plain, at 10 enterprises
 MB = 1e6
@@ -75,32 +77,15 @@ def adapter_size(config) -> int:
     return int(get_adapter_vector(attach_lora(load_base(config.model.path), config.lora)).size)
 
 
-def masked_record_bytes(elements: int) -> int:
-    """The serialized size of the record a SecAgg+ node sends its masked update in (Flower 1.41's
-    secaggplus_mod: one ConfigRecord of `np.save` bytes, the weight factor then the vector, uint32
-    under support/secagg_wire.py)."""
-    vector = np.zeros(elements, np.int64)
-    masked = [narrow_to_bytes(np.array([1])), narrow_to_bytes(vector)]
-    return len(ConfigRecord({Key.MASKED_PARAMETERS: masked}).deflate())
-
-
-def masked_vector_limit() -> int:
-    """The most adapter elements a SecAgg+ node can send. Its masked update is one object on the
-    wire (a plain round's arrays are cut into 5 MB chunks, this record is not), and protobuf cannot
-    serialize a message over 2 GiB - 1, which is also the gRPC max message length Flower sets."""
-    overhead = masked_record_bytes(1024) - 4 * 1024
-    # + 1 KB: longer length prefixes near 2 GiB, and the request the object travels in
-    return (GRPC_MAX_MESSAGE_LENGTH - overhead - 1024) // 4
-
-
-def check_limit(limit: int) -> None:
-    """Serialize the masked record at the limit and just past it (needs about 10 GB of memory)."""
-    for elements in (limit, limit + 1000):
-        try:
-            size = f"{masked_record_bytes(elements):,} bytes"
-        except Exception as err:  # noqa: BLE001 - whatever protobuf raises is the finding
-            size = f"failed: {type(err).__name__}: {err}"
-        progress(f"masked record of {elements:,} elements: {size}")
+def largest_wire_object(elements: int) -> int:
+    """The largest object, in bytes, that a masked vector of `elements` crosses the wire as, once
+    the node packs it (contract/secagg_transport.py): Flower's own ConfigRecord would make it one
+    object, and protobuf caps an object at 2 GiB."""
+    vector = ndarray_to_bytes(np.zeros(elements, np.int64))
+    configs = ConfigRecord({Key.MASKED_PARAMETERS: [ndarray_to_bytes(np.array([1])), vector]})
+    content = RecordDict({RECORD_KEY_CONFIGS: configs})
+    pack(content)
+    return max(len(o.deflate()) for o in get_all_nested_objects(content).values())
 
 
 def scale_table(results: dict, args) -> Table:
@@ -159,11 +144,6 @@ def main() -> None:
     parser.add_argument(
         "--ranks", type=int, nargs="*", default=[16, 128, 1024], help="LoRA ranks to try"
     )
-    parser.add_argument(
-        "--check-limit",
-        action="store_true",
-        help="serialize a masked update at the computed limit and past it (about 10 GB of memory)",
-    )
     args = parser.parse_args()
     if args.enterprises and not 2 <= min(args.enterprises) <= max(args.enterprises) <= 36:
         parser.error("--enterprises: 2 to 36 (the many-enterprise federation has 36)")
@@ -212,15 +192,13 @@ def main() -> None:
                 f"{r['up'][0] / MB:.1f}", "yes",
             )  # fmt: skip
         console.print(table)
-    limit = masked_vector_limit()
-    console.print(
-        "Computed from Flower's source, not measured in a round: a SecAgg+ node's masked vector "
-        f"(4 bytes per element) must fit one {GRPC_MAX_MESSAGE_LENGTH:,}-byte object, so the "
-        f"adapter can have at most about {limit / 1e6:.1f}M parameters ({limit * 4 / 1e9:.2f} GB "
-        "as fp32)"
-    )
-    if args.check_limit:
-        check_limit(limit)
+    if ladder and ladder[-1][1]:
+        size = ladder[-1][1]
+        console.print(
+            f"The largest object a masked vector of {size / 1e6:.2f}M elements crosses the wire "
+            f"as: {largest_wire_object(size) / MB:.2f} MB (Flower's own record would be one "
+            f"object of {size * 8 / MB:.0f} MB, and protobuf caps an object at 2 GiB)"
+        )
 
 
 if __name__ == "__main__":

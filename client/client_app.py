@@ -21,9 +21,9 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat
 
+from fedmoe.contract import secagg_transport
 from fedmoe.contract.round import RoundSpec, SecureSum
 from fedmoe.privacy import secagg_prg
-from fedmoe.support import secagg_wire
 
 SECAGG_FLAG = "fedmoe.secure-aggregation"
 SECAGG_SETUP = "fedmoe.secagg-setup"
@@ -54,13 +54,13 @@ def build_client_app(node_for: Callable[[Context], object]) -> ClientApp:
         (privacy/secagg_prg.py). It also tells the node whether THIS message is under SecAgg+ and
         what the SecAgg+ setup said (threshold, clipping range: the node sizes its noise share by
         them, never by the round config), and before this node helps unmask a sum, records that
-        its release for the round must never be sent again."""
+        its release for the round must never be sent again. Its masked vector travels as
+        contract/secagg_transport.py packs it."""
         active = RECORD_KEY_CONFIGS in msg.content.config_records
         context.state.config_records[SECAGG_FLAG] = ConfigRecord({"active": active})
         if not active:
             return call_next(msg, context)
         secagg_prg.install()
-        secagg_wire.install()
         configs = msg.content.config_records[RECORD_KEY_CONFIGS]
         stage = configs.get(Key.STAGE)
         if stage == Stage.SETUP:
@@ -76,7 +76,10 @@ def build_client_app(node_for: Callable[[Context], object]) -> ClientApp:
         elif stage == Stage.UNMASK and SECAGG_ROUND in context.state.config_records:
             released = context.state.config_records[SECAGG_ROUND]
             node_for(context).mark_unmasked(str(released["run_key"]), int(released["round"]))
-        return secaggplus_mod(msg, context, call_next)
+        reply = secaggplus_mod(msg, context, call_next)
+        if reply.has_content():
+            secagg_transport.pack(reply.content)  # the masked vector, in 5 MB chunks
+        return reply
 
     def client_fn(context: Context):
         flag = context.state.config_records.get(SECAGG_FLAG)

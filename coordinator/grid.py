@@ -10,6 +10,8 @@ What Flower's own Grid does not do for us:
   timeout waits at most `default_timeout`;
 - the legacy workflow hands the strategy a node's error reply without saying whose it was; here
   `last_errors` keeps, per node, why its reply to the last call failed (or that none came);
+- a node's SecAgg+ masked vector arrives packed (contract/secagg_transport.py): unpacked here,
+  before Flower's workflow reads it;
 - nothing counts what crosses the wire; `traffic()` is the bytes of every message this run sent
   and received so far, whichever workflow sent it (the legacy one, the budget handshake, or
   SecAgg+'s keys, shares and masked vectors, which the strategy never sees).
@@ -25,6 +27,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from fedmoe.contract import secagg_transport
 from fedmoe.support.flower_tuning import shorten_object_pull_backoff
 
 
@@ -76,6 +79,9 @@ class FleetGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self._grid.pull_messages(message_ids))
         self.bytes_up += sum(message_bytes(m) for m in replies)
+        for reply in replies:
+            if reply.has_content():  # a SecAgg+ masked vector, back where Flower reads it
+                secagg_transport.unpack(reply.content)
         return replies
 
     def send_and_receive(

@@ -54,7 +54,6 @@ from fedmoe.model.lora import (
 )
 from fedmoe.model.loss import evaluate_loss
 from fedmoe.privacy import secagg_prg
-from fedmoe.support import secagg_wire
 
 log = logging.getLogger("fedmoe")
 
@@ -292,7 +291,6 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         fit_workflow = None
         if secagg.enabled:
             secagg_prg.install()  # the nodes mask with it; unmasking must match
-            secagg_wire.install()  # masked vectors come as uint32
             fit_workflow = SecureSumWorkflow(
                 num_shares=1.0,  # every client holds shares of every other's masks
                 reconstruction_threshold=secagg.reconstruction_threshold,

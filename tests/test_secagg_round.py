@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 from conftest import round_config
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    bytes_to_ndarray,
+    ndarray_to_bytes,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import SimpleClientManager
@@ -22,13 +27,14 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WKey
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedmoe.client.client_app import build_client_app
 from fedmoe.contract.round import RoundSpec
+from fedmoe.contract.secagg_transport import MASKED, pack, unpack
 from fedmoe.coordinator.secure_sum import SecureSumWorkflow
 from fedmoe.privacy import secagg_prg
 from fedmoe.privacy.plan import EnterprisePlan, privatize_update
-from fedmoe.support import secagg_wire
 
 SIZE = 64
 RANGE = 4.0
@@ -64,6 +70,7 @@ class _Grid:
 
     def __init__(self, nodes: dict[int, _Node], lost: dict[str, set[int]]):
         self.nodes, self.lost, self.gone, self.received = nodes, lost, set(), []
+        self.packed = []  # each masked vector as it crossed the wire
         self.app = build_client_app(lambda context: nodes[context.node_id])
         self.contexts = {
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
@@ -77,16 +84,24 @@ class _Grid:
             node = message.metadata.dst_node_id
             self.gone |= self.lost.get(stage, set())
             if node not in self.gone:  # each node gets its own copy, as over the wire
-                copy = deepcopy(message)
-                replies.append(self.app(message=copy, context=self.contexts[node]))
+                reply = self.app(message=deepcopy(message), context=self.contexts[node])
+                if MASKED in reply.content.array_records:
+                    self.packed.append(reply.content.array_records[MASKED].to_numpy_ndarrays())
+                unpack(reply.content)  # as the coordinator's grid does (coordinator/grid.py)
+                replies.append(reply)
         self.received += replies
         return replies
 
 
 def _round(
-    n: int, lost: dict[str, set[int]], make_node=_Node, received: list | None = None
+    n: int,
+    lost: dict[str, set[int]],
+    make_node=_Node,
+    received: list | None = None,
+    packed: list | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """One SecAgg+ round; `received` collects every reply the coordinator gets."""
+    """One SecAgg+ round; `received` collects every reply the coordinator gets, `packed` every
+    masked vector as it crossed the wire."""
     nodes = {i: make_node(i) for i in range(1, n + 1)}
     manager = SimpleClientManager()
     for i in nodes:
@@ -120,6 +135,8 @@ def _round(
     workflow(grid, context)
     if received is not None:
         received += grid.received
+    if packed is not None:
+        packed += grid.packed
     record = context.state.array_records[MAIN_PARAMS_RECORD]
     return next(iter(record.values())).numpy(), nodes
 
@@ -203,23 +220,24 @@ def test_the_fewest_survivors_of_a_round_still_carry_the_full_noise(stage, serve
 
 def test_masked_vectors_travel_at_4_bytes_an_element_and_still_sum_right(server_identity):
     secagg_prg.install()
-    received = []
-    aggregate, nodes = _round(3, {}, received=received)
-    masked = [
-        reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS][0]
-        for reply in received
-        if Key.MASKED_PARAMETERS in reply.content.config_records[RECORD_KEY_CONFIGS]
-    ]
-    assert len(masked) == 3
-    for data in masked:
-        assert bytes_to_ndarray(data).dtype == np.uint32 and len(data) < 4 * SIZE + 200
+    packed = []
+    aggregate, nodes = _round(3, {}, packed=packed)
+    assert len(packed) == 3
+    for weight, vector in packed:  # Flower's masked weight factor, then the masked update
+        assert weight.dtype == vector.dtype == np.uint32 and vector.size == SIZE
     expected = np.mean([node.update for node in nodes.values()], axis=0)
     np.testing.assert_allclose(aggregate, expected, atol=1e-5)
 
 
-def test_the_wire_patch_refuses_a_flower_it_was_not_written_for(monkeypatch):
-    import flwr
-
-    monkeypatch.setattr(flwr, "__version__", "1.42.0")
-    with pytest.raises(secagg_wire.PatchRefused, match="1.41"):
-        secagg_wire.install()
+def test_a_packed_masked_vector_crosses_the_wire_in_chunks_not_one_object():
+    # Flower's ConfigRecord would carry it as one object, and protobuf caps an object at 2 GiB.
+    vector = np.arange(3_000_000, dtype=np.int64) * 1000
+    masked = [ndarray_to_bytes(np.array([7])), ndarray_to_bytes(vector)]
+    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: masked})})
+    pack(content)
+    sizes = [len(o.deflate()) for o in get_all_nested_objects(content).values()]
+    assert max(sizes) < 5.3e6 and sum(sizes) > 4 * vector.size  # 12 MB in 5 MB chunks
+    unpack(content)
+    restored = content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+    assert [bytes_to_ndarray(b).tolist() for b in restored] == [[7], vector.tolist()]
+    assert MASKED not in content.array_records
