@@ -30,14 +30,14 @@ def pack(content: RecordDict) -> None:
 
 
 def unpack(content: RecordDict) -> None:
-    """On the coordinator: put a packed masked vector back as Flower's workflow reads it."""
-    if MASKED not in content.array_records:
+    """On the coordinator: put a packed masked vector back as Flower's workflow reads it (a reply
+    without SecAgg+ configs is left as it came, for Flower's workflow to fail on)."""
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is None or MASKED not in content.array_records:
         return
     arrays = content.array_records.pop(MASKED).to_numpy_ndarrays()
     wide = [a.astype(np.int64) if a.dtype == np.uint32 else a for a in arrays]
-    content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS] = [
-        ndarray_to_bytes(a) for a in wide
-    ]
+    configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in wide]
 
 
 def _narrow(array: np.ndarray) -> np.ndarray:
