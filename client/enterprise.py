@@ -25,7 +25,7 @@ from fedmoe.client.dp_trainer import train_local_private
 from fedmoe.client.ledger import PrivacyLedger, Release, ReplayRefused
 from fedmoe.client.settings import NodeSettings
 from fedmoe.client.trainer import train_local
-from fedmoe.contract.expert_weighting import Weighting, weighted_release
+from fedmoe.contract.expert_weighting import weighted_release, weighting_of_layout
 from fedmoe.contract.round import BudgetAnswer, RoundSpec, SecureSum
 from fedmoe.model.base import fingerprint, load_base, load_tokenizer
 from fedmoe.model.data import find_split, load_blocks, load_records
@@ -128,8 +128,7 @@ def _expert_weighted(
     train, top_k = spec.train, ws.model.config.num_experts_per_tok
     bound = train.local_steps * train.batch_size * train.seq_len * top_k
     counts = np.concatenate([np.asarray(expert_load[str(layer)], np.float64) for layer in layers])
-    experts = (int(expert_of.max()) + 1) // len(layers)
-    weighting = Weighting.for_round(spec.privacy.enterprise, len(layers), experts, top_k)
+    weighting = weighting_of_layout(spec.privacy.enterprise, expert_of, layers, top_k)
     return weighted_release(delta, expert_of, np.minimum(counts / bound, 1.0), weighting)
 
 

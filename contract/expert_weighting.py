@@ -82,6 +82,17 @@ class Weighting:
         )
 
 
+def weighting_of_layout(
+    enterprise: EnterpriseLevel | None, expert_of: np.ndarray, layers: list[int], top_k: int
+) -> Weighting:
+    """`Weighting.for_round` of a model's expert layout (`model.lora.expert_slots`); plain where
+    no routed expert has LoRA (then nothing is weighted)."""
+    if not layers:
+        return Weighting()
+    experts = (int(expert_of.max()) + 1) // len(layers)
+    return Weighting.for_round(enterprise, len(layers), experts, top_k)
+
+
 def weighted_release(
     delta: np.ndarray, expert_of: np.ndarray, fractions: np.ndarray, weighting: Weighting
 ) -> np.ndarray:

@@ -30,7 +30,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedmoe.contract.expert_weighting import Weighting
+from fedmoe.contract.expert_weighting import weighting_of_layout
 from fedmoe.coordinator.config import RunConfig
 from fedmoe.coordinator.db import FINAL_STATUSES, RoundRecord, RunStore
 from fedmoe.coordinator.flower_run import FlowerRun
@@ -149,7 +149,6 @@ def build_round_context(
             return evaluate_loss(model, records, config.train.eval_batch_size, torch.device("cpu"))
 
     expert_of, layers = expert_slots(model)
-    experts = (int(expert_of.max()) + 1) // max(len(layers), 1)
     return RoundContext(
         run_uid=run_uid,
         base_fingerprint=base_fp,
@@ -161,8 +160,8 @@ def build_round_context(
         first_round=first_round,
         connect_timeout_s=config.federation.connect_timeout_s,
         expert_of=expert_of,
-        expert_weighting=Weighting.for_round(
-            config.privacy.enterprise, len(layers), experts, model.config.num_experts_per_tok
+        expert_weighting=weighting_of_layout(
+            config.privacy.enterprise, expert_of, layers, model.config.num_experts_per_tok
         ),
     )
 

@@ -123,6 +123,22 @@ def test_private_secure_run_enforces_node_budgets_across_restarts(tmp_path):
     assert node.returncode == 0 and "lifetime record-level: epsilon" in node.stdout
 
 
+def test_an_enterprise_level_run_without_routed_expert_lora_runs(tmp_path):
+    # configs/private-many.toml's kind of run: no expert to weigh, the weighting stays plain.
+    settings = {
+        "federation.rounds": 1,
+        "privacy.enterprise.epsilon": 1000,
+        "lora.targets": '["shared_experts"]',
+        "privacy.accept_noisy_plan": "true",
+        "database.url": f"sqlite:///{tmp_path / 'runs.db'}",
+        "output.dir": "out",
+    }
+    overrides = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    run = fedmoe("run", *overrides, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "run 1 completed" in run.stdout
+
+
 def test_expert_weighting_under_enterprise_dp_and_secagg_learns_and_shows_no_counts(tmp_path):
     """Nodes and coordinator agree on the private weighting's public scales (a mismatch would
     scale the experts' update wrongly): the run learns with little noise, and the routing counts

@@ -12,7 +12,12 @@ from test_node_terms import LORA, TRAIN, _adapter, _node
 from test_secagg_round import _round
 
 from fedmoe.client.enterprise import RoundRefused
-from fedmoe.contract.expert_weighting import Weighting, expert_weighted_update, weighted_release
+from fedmoe.contract.expert_weighting import (
+    Weighting,
+    expert_weighted_update,
+    weighted_release,
+    weighting_of_layout,
+)
 from fedmoe.contract.round import SecureSum
 from fedmoe.coordinator.config import ConfigError, check_privacy, load_run_config
 from fedmoe.model.lora import (
@@ -292,3 +297,11 @@ def test_the_plan_forecasts_the_update_with_only_its_share_of_the_clip(mechanism
     weighted = {**private, "federation.aggregation": "expert-weighted"}
     (forecast,) = check_privacy(load_run_config(None, weighted))
     assert forecast.noise_to_signal == pytest.approx(plain.noise_to_signal / share)
+
+
+def test_a_layout_without_routed_expert_lora_weighs_nothing_at_any_privacy_level():
+    # An enterprise-level run of attention or shared-expert LoRA: the coordinator builds this too.
+    enterprise = EnterpriseLevel(epsilon=8.0)
+    assert weighting_of_layout(enterprise, np.full(10, -1), [], top_k=2) == Weighting()
+    private = weighting_of_layout(enterprise, EXPERT_OF, [1, 2], top_k=1)
+    assert private == Weighting.for_round(enterprise, 2, experts=2, top_k=1)
