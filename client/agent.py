@@ -124,6 +124,13 @@ class Agent:
             f"model {ws.base_fingerprint[:12]} loaded on {ws.device}, {ws.train_blocks.shape[0]} training blocks; "
             f"ledger {c.ledger} (lifetime budgets: {budgets})"
         )
+        pinned = node.federation.pinned
+        self.say(
+            f"secure aggregation: {len(pinned)} pinned members ({c.federation_keys}); a noise share "
+            "only in sessions of at least the threshold of them"
+            if pinned is not None
+            else "secure aggregation: no federation pinned (federation_keys): full noise under SecAgg+"
+        )
         secret_file = self._secret_file()
         stop = threading.Event()
         executor = threading.Thread(

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedmoe.client.settings import NodeSettings
+from fedmoe.contract.keys import load_public_key
 from fedmoe.model.base import EMBEDDED, check_model_dir, resolve_model_path
 from fedmoe.model.data import find_split
 from fedmoe.privacy.settings import NodeBudget
@@ -50,6 +51,21 @@ class AgentConfig(BaseModel):
     )
     state_dir: str = Field("state", min_length=1, description="Flower's files, logs, health")
     budget: NodeBudget = NodeBudget()
+    federation_keys: str | None = Field(
+        None,
+        min_length=1,
+        description="file of the federation members' OpenSSH public keys, one per line, pinned "
+        "for secure aggregation (omit: nothing pinned, full noise under SecAgg+)",
+    )
+    unverified_secagg: Literal["full-noise", "refuse"] = Field(
+        "full-noise", description="in a SecAgg+ session it cannot verify: full noise, or refuse"
+    )
+    fit_reply_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=86_400.0,
+        description="under record-level DP, send every fit reply this long after the fit began",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, le=512, description="torch CPU threads for training")
     poll_interval_s: float = Field(
@@ -73,6 +89,12 @@ class AgentConfig(BaseModel):
             device=self.device,
             budget=self.budget,
             ledger=Path(self.ledger),
+            identity_key=Path(self.private_key),
+            federation_keys=read_federation_keys(Path(self.federation_keys))
+            if self.federation_keys
+            else None,
+            unverified_secagg=self.unverified_secagg,
+            fit_reply_s=self.fit_reply_s,
         )
 
 
@@ -91,6 +113,11 @@ def load_agent_config(path: Path) -> AgentConfig:
             key: str(resolve_path(getattr(config, key), base))
             for key in ("ca_certificate", "private_key", "data", "ledger", "state_dir")
         }
+        | (
+            {"federation_keys": str(resolve_path(config.federation_keys, base))}
+            if config.federation_keys
+            else {}
+        )
         | {
             "model": config.model
             if config.model == EMBEDDED
@@ -106,6 +133,11 @@ def check_agent_files(config: AgentConfig) -> None:
     for key in ("ca_certificate", "private_key"):
         if not Path(getattr(config, key)).is_file():
             problems.append(f"  {key}: file {getattr(config, key)} does not exist")
+    if config.federation_keys:
+        try:
+            read_federation_keys(Path(config.federation_keys))
+        except (OSError, ValueError) as err:
+            problems.append(f"  federation_keys: {err}")
     for split in ("train", "heldout"):
         try:
             find_split(Path(config.data), split)
@@ -117,3 +149,17 @@ def check_agent_files(config: AgentConfig) -> None:
         problems.append(f"  model: {err}")
     if problems:
         raise ConfigError("invalid agent config:\n" + "\n".join(problems))
+
+
+def read_federation_keys(path: Path) -> tuple[str, ...]:
+    """The pinned members' OpenSSH public keys: one per line; blank lines and # comments skipped."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    keys = tuple(line for line in lines if line and not line.startswith("#"))
+    for number, key in enumerate(keys, 1):
+        try:
+            load_public_key(key)
+        except ValueError as err:
+            raise ValueError(f"{path}, key {number}: {err}") from None
+    if not keys:
+        raise ValueError(f"{path} lists no keys")
+    return keys

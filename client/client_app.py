@@ -15,19 +15,19 @@ import json
 from collections.abc import Callable
 from functools import lru_cache
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.compat.common import recorddict_compat
 
+from fedmoe.client import secagg_guard as guard
+from fedmoe.contract import secagg_session as wire
 from fedmoe.contract import secagg_transport
-from fedmoe.contract.round import RoundSpec, SecureSum
+from fedmoe.contract.round import SecureSum
 from fedmoe.privacy import secagg_prg
 
 SECAGG_FLAG = "fedmoe.secure-aggregation"
-SECAGG_SETUP = "fedmoe.secagg-setup"
-SECAGG_ROUND = "fedmoe.secagg-round"
 
 
 class NodeClient(NumPyClient):
@@ -51,44 +51,44 @@ def build_client_app(node_for: Callable[[Context], object]) -> ClientApp:
     def optional_secaggplus_mod(msg, context, call_next):
         """Flower's SecAgg+ client mod, only for runs whose coordinator uses secure aggregation
         (the bare mod fails every fit of a run without it), with masks from the whole shared key
-        (privacy/secagg_prg.py). It also tells the node whether THIS message is under SecAgg+ and
-        what the SecAgg+ setup said (threshold, clipping range: the node sizes its noise share by
-        them, never by the round config), and before this node helps unmask a sum, records that
-        its release for the round must never be sent again. Its masked vector travels as
-        contract/secagg_transport.py packs it."""
+        (privacy/secagg_prg.py), behind the node's session guard (client/secagg_guard.py:
+        verified peers, a consistency round, one unmask per session). It also tells the node
+        whether THIS message is under SecAgg+ and which session its update goes into (the node
+        sizes its noise share by what it verified, never by the round config). Its masked vector
+        travels as contract/secagg_transport.py packs it."""
         active = RECORD_KEY_CONFIGS in msg.content.config_records
         context.state.config_records[SECAGG_FLAG] = ConfigRecord({"active": active})
-        if not active:
+        if not active or msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
         secagg_prg.install()
+        federation = node_for(context).federation
         configs = msg.content.config_records[RECORD_KEY_CONFIGS]
         stage = configs.get(Key.STAGE)
+        if stage == wire.CONSISTENCY:  # our own stage: Flower's mod never sees it
+            signature = guard.sign_survivors(federation, context, configs)
+            reply = RecordDict(
+                {RECORD_KEY_CONFIGS: ConfigRecord({wire.SURVIVOR_SIGNATURE: signature})}
+            )
+            return Message(reply, reply_to=msg)
         if stage == Stage.SETUP:
-            context.state.config_records[SECAGG_SETUP] = ConfigRecord(
-                {"threshold": configs[Key.THRESHOLD], "clipping_range": configs[Key.CLIPPING_RANGE]}
-            )
-        elif stage == Stage.COLLECT_MASKED_VECTORS:
-            fit_ins = recorddict_compat.recorddict_to_fitins(msg.content, keep_input=True)
-            spec = RoundSpec.from_config(fit_ins.config)
-            context.state.config_records[SECAGG_ROUND] = ConfigRecord(
-                {"run_key": spec.ledger_key(), "round": spec.server_round}
-            )
-        elif stage == Stage.UNMASK and SECAGG_ROUND in context.state.config_records:
-            released = context.state.config_records[SECAGG_ROUND]
-            node_for(context).mark_unmasked(str(released["run_key"]), int(released["round"]))
+            guard.on_setup(context, msg.metadata.dst_node_id, configs)
+        elif stage == Stage.SHARE_KEYS:
+            guard.join(federation, context, configs)
+        elif stage == Stage.UNMASK:
+            guard.check_unmask(context, configs)
         reply = secaggplus_mod(msg, context, call_next)
         if reply.has_content():
+            reply_configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+            if stage == Stage.SETUP:
+                guard.sign_keys(federation, reply_configs, msg.metadata.dst_node_id)
+            elif stage == Stage.COLLECT_MASKED_VECTORS:
+                guard.collected(context)
             secagg_transport.pack(reply.content)  # the masked vector, in 5 MB chunks
         return reply
 
     def client_fn(context: Context):
         flag = context.state.config_records.get(SECAGG_FLAG)
-        setup = context.state.config_records.get(SECAGG_SETUP)
-        secure_sum = None
-        if flag and flag["active"]:
-            if setup is None:
-                raise RuntimeError("a SecAgg+ round without its setup message reached this node")
-            secure_sum = SecureSum(int(setup["threshold"]), float(setup["clipping_range"]))
+        secure_sum = guard.secure_sum(context) if flag and flag["active"] else None
         return NodeClient(node_for(context), secure_sum).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[optional_secaggplus_mod])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fedmoe.client.dp_trainer import train_local_private
-from fedmoe.client.ledger import PrivacyLedger, Release, ReplayRefused
+from fedmoe.client.ledger import CLEAR, Draw, PrivacyLedger, Release, ReplayRefused
 from fedmoe.client.settings import NodeSettings
 from fedmoe.client.trainer import train_local
 from fedmoe.contract.expert_weighting import weighted_release, weighting_of_layout
@@ -137,6 +137,15 @@ class RoundRefused(RuntimeError):
     and nothing was charged."""
 
 
+class RoundFailed(RuntimeError):
+    """The round's one draw failed after its charge; asked again, it fails again."""
+
+
+class ReleaseRefused(ValueError):
+    """What the draw produced must not leave (a check on the DP output only, so its reason may
+    be told)."""
+
+
 def _check_round(ws: Workspace, spec: RoundSpec) -> None:
     if spec.base_fingerprint != ws.base_fingerprint:
         raise RuntimeError(
@@ -205,6 +214,8 @@ class EnterpriseNode:
             "record": node.budget.record_epsilon,
             "enterprise": node.budget.enterprise_epsilon,
         }
+        self.federation = node.federation()
+        self._warned_timing = False
 
     def warm_up(self, lora: LoraSettings | None = None, seq_len: int = 64) -> Workspace:
         """Load the model and tokenize the data now, so the first round does not pay for it."""
@@ -244,27 +255,41 @@ class EnterpriseNode:
         return torch.cat([rows, canaries[torch.from_numpy(included)]])
 
     def _prepare(self, config: dict) -> tuple[RoundSpec, Workspace, PrivacyPlan]:
+        """The round as asked, checked in an order that keeps refusals free of the node's data:
+        first public values and the node's own terms, then the one fixed condition on its data
+        (its delta against its record count, the same answer every time), and only then the
+        plan, which can then no longer fail on the record count."""
         spec = RoundSpec.from_config(config)
         ws = workspace(self.node, spec.lora, spec.train.seq_len, spec.base)
         _check_round(ws, spec)
-        # Only record-level DP needs the count (its delta check and expected batch).
-        records = self._training_rows(spec, ws).shape[0] if spec.privacy.record else 0
-        plan = _privacy_plan(
-            spec.privacy.model_dump_json(), records, spec.train.local_steps, spec.rounds
-        )
         if spec.aggregation == "expert-weighted" and spec.privacy.record:
             # The counts go out clipped and noised with the update only at enterprise level.
             raise RoundRefused(
                 "asked for expert-weighted aggregation in a run with record-level privacy: the "
                 "routing counts it releases are not covered by DP-SGD"
             )
+        own = self.node.budget.delta
         for level in ("record", "enterprise"):
-            run_delta = plan.epsilon_after(level, 1)[1]
-            if run_delta > self.node.budget.delta:
+            settings = getattr(spec.privacy, level)
+            laplace = level == "enterprise" and settings and settings.mechanism == "laplace"
+            if settings is not None and not laplace and settings.delta > own:
                 raise RoundRefused(
-                    f"the run's {level}-level delta {run_delta:g} is above this node's delta "
-                    f"{self.node.budget.delta:g}"
+                    f"the run's {level}-level delta {settings.delta:g} is above this node's delta {own:g}"
                 )
+        records = 0
+        if spec.privacy.record:  # only record-level DP needs the count (delta, expected batch)
+            records = self._training_rows(spec, ws).shape[0]
+            most = ws.train_records.shape[0] + (
+                spec.privacy.audit.canaries if spec.privacy.audit else 0
+            )
+            if not own < 1.0 / most:
+                raise RoundRefused(
+                    f"this node's delta {own:g} (budget.delta) is not below 1/records of its own "
+                    "data: lower it in the node's terms"
+                )
+        plan = _privacy_plan(
+            spec.privacy.model_dump_json(), records, spec.train.local_steps, spec.rounds
+        )
         return spec, ws, plan
 
     def _epsilon_after(self, plan: PrivacyPlan):
@@ -298,17 +323,18 @@ class EnterpriseNode:
         )
         return answer.to_properties()
 
-    def _noise_shares(
+    def _secure_terms(
         self, spec: RoundSpec, secure_sum: SecureSum | None
-    ) -> tuple[int, float | None]:
-        """(how many clients' noise shares make the full noise, the SecAgg+ value range), from
-        what the node itself saw of secure aggregation; the round config must agree."""
+    ) -> tuple[int, float | None, str]:
+        """(how many clients' noise shares make the full noise, the SecAgg+ value range, the
+        session the release goes into), from what the node itself joined; the round config must
+        agree. A noise share only in a session of verified, pinned peers (client/secagg_guard.py)."""
         if secure_sum is None:
             if spec.noise_shares > 1:  # only a sum hides a share-sized noise
                 raise RoundRefused(
                     f"asked to add 1/{spec.noise_shares} of the noise, but this update is not under secure aggregation"
                 )
-            return 1, None
+            return 1, None, CLEAR
         if spec.noise_shares != secure_sum.threshold:
             raise RoundRefused(
                 f"the round config splits the noise in {spec.noise_shares} shares, but the SecAgg+ "
@@ -319,31 +345,62 @@ class EnterpriseNode:
                 f"the round config's SecAgg+ range {spec.secagg_range:g} is not the SecAgg+ "
                 f"setup's clipping range {secure_sum.clipping_range:g}"
             )
-        shares = 1 if self.node.budget.full_noise else secure_sum.threshold
-        return shares, secure_sum.clipping_range
+        trusted = secure_sum.verified and not self.node.budget.full_noise
+        shares = secure_sum.threshold if trusted else 1
+        return shares, secure_sum.clipping_range, secure_sum.session
 
     def fit(
         self, parameters: list[np.ndarray], config: dict, secure_sum: SecureSum | None
     ) -> tuple[list[np.ndarray], int, dict]:
         """Train on the global adapter and return (released update, weight, metrics).
 
-        `secure_sum`: the SecAgg+ round this update goes into (None: sent in the clear)."""
-        started = time.perf_counter()
+        `secure_sum`: the SecAgg+ session this update goes into (None: sent in the clear).
+        Everything before the charge depends only on public values and the node's own terms;
+        after it, the round's one draw ends released or failed on the ledger, never retried."""
+        started = time.monotonic()
         spec, ws, plan = self._prepare(config)
-        shares, value_range = self._noise_shares(spec, secure_sum)
+        shares, value_range, session = self._secure_terms(spec, secure_sum)
         key, sha = spec.ledger_key(), parameters_sha256(parameters)
-        if (earlier := self.ledger.release(key, spec.server_round)) is not None:
-            return self._replay(spec, earlier, sha, shares)
-        global_vector = _global_adapter(
-            parameters, ws
-        )  # refuses a malformed adapter before any charge
-        # Write-ahead: the spend is on the node's ledger before any training (raises BudgetExceeded).
+        if (earlier := self.ledger.draw(key, spec.server_round)) is not None:
+            return self._replay(spec, earlier, sha, session)
+        global_vector = _global_adapter(parameters, ws)  # a malformed adapter: refused, uncharged
+        # Write-ahead: spend and draw are on the ledger before any training.
         spends = self.ledger.charge(
-            key, spec.server_round, self._epsilon_after(plan), self.budgets, spec.rounds
-        )
+            key, spec.server_round, self._epsilon_after(plan), self.budgets, spec.rounds,
+            session=session, parameters_sha256=sha,
+        )  # fmt: skip
+        try:
+            release = self._draw(spec, ws, plan, global_vector, shares, value_range, secure_sum)
+        except ReleaseRefused as err:
+            self.ledger.failed(key, spec.server_round, str(err))
+            raise RoundFailed(str(err)) from None
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"
+            if spec.privacy.enabled:  # the details may say something of the data: kept here
+                print(f"[fedmoe node] round {spec.server_round} failed: {reason}", flush=True)
+                reason = f"round {spec.server_round} failed on this node after its charge (details in the node's log)"
+            self.ledger.failed(key, spec.server_round, reason)
+            raise RoundFailed(reason) from None
+        release.metrics.update({f"epsilon_{s.level}": s.epsilon_run for s in spends})
+        self.ledger.released(key, spec.server_round, release)  # before anything leaves
+        if plan.record is not None:
+            self._hold_reply(started)
+        return release.arrays, release.weight, release.metrics
+
+    def _draw(
+        self,
+        spec: RoundSpec,
+        ws: Workspace,
+        plan: PrivacyPlan,
+        global_vector: np.ndarray,
+        shares: int,
+        value_range: float | None,
+        secure_sum: SecureSum | None,
+    ) -> Release:
+        """The round's one draw: train (plain or DP-SGD), privatize, check what would leave."""
         private = spec.privacy.enabled
         metrics: dict = {"enterprise": self.node.enterprise}
-        if spec.measure_baseline and not private:
+        if spec.measure_baseline and not private and secure_sum is None:
             metrics["heldout_loss_before"] = evaluate_loss(
                 ws.model, ws.heldout_records, spec.train.eval_batch_size, ws.device
             )
@@ -363,12 +420,20 @@ class EnterpriseNode:
             result = train_local(ws.model, rows, spec.train, seed=seed, device=ws.device)
         delta = [get_adapter_vector(ws.model) - global_vector]
         norm = l2_norm(delta)
-        if not np.isfinite(norm):
-            raise FloatingPointError("the adapter update is not finite; lower train.lr")
-        if norm == 0.0:
-            raise RuntimeError(
-                "local training left the adapter unchanged: nothing would be learned"
+        if not (np.isfinite(norm) and norm > 0.0):
+            problem = (
+                "the adapter update is not finite; lower train.lr"
+                if not np.isfinite(norm)
+                else "local training left the adapter unchanged: nothing would be learned"
             )
+            if plan.enterprise is None:  # no privacy, or after DP-SGD: a check on its output
+                raise ReleaseRefused(problem)
+            # Before the noise, whether the update failed is a bit about the data that no DP
+            # covers: it leaves as a zero update (within the clip), noised like any other.
+            print(
+                f"[fedmoe node] round {spec.server_round}: {problem}; sent noise only", flush=True
+            )
+            delta, norm = [np.zeros_like(delta[0])], 0.0
         weighted = spec.aggregation == "expert-weighted"
         if weighted:  # before the clip and noise: the counts are part of the release
             delta = [_expert_weighted(delta[0], ws, spec, result.expert_load)]
@@ -376,56 +441,75 @@ class EnterpriseNode:
             delta, _ = privatize_update(delta, plan.enterprise, shares)
         if value_range is not None and max(float(np.abs(d).max()) for d in delta) > value_range:
             # Secure aggregation would silently clip it: refuse to send a corrupted update.
-            raise ValueError(
+            raise ReleaseRefused(
                 f"an update value exceeds the secure-aggregation range {value_range:g}; "
                 "clip updates (privacy.enterprise) or raise federation.secure_aggregation.value_range"
             )
-        metrics.update({f"epsilon_{s.level}": s.epsilon_run for s in spends})
-        if private:
-            # Only the privatized delta and its accounting leave: no loss, norm, expert load,
-            # step count or timing (which tracks the Poisson batch sizes and the data's size);
-            # weight 1 because the sensitivity analysis bounds each enterprise's share.
-            weight = 1
-        else:
-            metrics.update(
-                train_loss=result.mean_loss,
-                update_norm=norm,
-                steps=result.steps,
-                duration_s=time.perf_counter() - started,
+        if private or secure_sum is not None:
+            # Only the (privatized, or masked) delta and its accounting leave: no loss, norm,
+            # expert load, step count or timing (which tracks the Poisson batch sizes and the
+            # data's size); weight 1: under DP the sensitivity analysis bounds each enterprise's
+            # share, under SecAgg+ the masked values would be scaled by it.
+            return Release(delta, 1, metrics)
+        metrics.update(
+            train_loss=result.mean_loss,
+            update_norm=norm,
+            steps=result.steps,
+            expert_load=json.dumps(result.expert_load),
+        )
+        # FedAvg weight: the enterprise's number of training sequences (expert-weighted
+        # aggregation weighs the experts by their token counts instead).
+        return Release(delta, 1 if weighted else int(rows.shape[0]), metrics)
+
+    def _hold_reply(self, started: float) -> None:
+        """Under record-level DP the fit time tracks the data's size (the Poisson batches):
+        hold the reply until `fit_reply_s` after the fit began, the same for every round."""
+        hold = self.node.fit_reply_s
+        if hold is None:
+            if not self._warned_timing:
+                print(
+                    "[fedmoe node] record-level DP: this reply's timing grows with the data's "
+                    "size; set fit_reply_s to send every reply at a fixed time",
+                    flush=True,
+                )
+                self._warned_timing = True
+            return
+        left = started + hold - time.monotonic()
+        if left < 0:
+            print(
+                f"[fedmoe node] training took {hold - left:.1f}s, longer than fit_reply_s={hold:g}: "
+                "this reply's timing tells its size; raise fit_reply_s",
+                flush=True,
             )
-            if not (weighted and secure_sum is not None):  # there only the sum may show it
-                metrics["expert_load"] = json.dumps(result.expert_load)
-            # FedAvg weight: the enterprise's number of training sequences (SecAgg+ would scale
-            # the masked values by it, so there every client weighs 1; expert-weighted
-            # aggregation weighs the experts by their token counts instead).
-            weight = 1 if secure_sum is not None or weighted else int(rows.shape[0])
-        release = Release(delta, weight, metrics, sha, shares, unmasked=False)
-        self.ledger.record_release(key, spec.server_round, release)  # before anything leaves
-        return delta, weight, metrics
+        time.sleep(max(0.0, left))
 
     def _replay(
-        self, spec: RoundSpec, earlier: Release, sha: str, shares: int
+        self, spec: RoundSpec, earlier: Draw, sha: str, session: str
     ) -> tuple[list[np.ndarray], int, dict]:
-        """The same round again (a resumed coordinator): the same release, or a refusal."""
+        """A round asked again (a resumed coordinator, or any other): its one draw, never a new one."""
         where = f"round {spec.server_round} of run {spec.run_uid[:8]}"
+        latest = self.ledger.latest_round(spec.ledger_key())
+        if latest is not None and latest > spec.server_round:
+            raise ReplayRefused(
+                f"{where} comes after round {latest} on this node: rounds only go forward"
+            )
+        if earlier.status == "failed":
+            raise RoundFailed(earlier.reason or f"{where} failed on this node")
+        if earlier.status != "released":
+            raise ReplayRefused(
+                f"{where} was charged and its draw is under way or was cut short; one draw per charge"
+            )
         if earlier.parameters_sha256 != sha:
             raise ReplayRefused(
                 f"{where} was already released from another global adapter; one release per round"
             )
-        if earlier.noise_shares > shares:
+        if earlier.session != session or session != CLEAR:
             raise ReplayRefused(
-                f"{where} was released with 1/{earlier.noise_shares} of the noise; "
-                f"a sum of {shares} such updates would carry too little"
+                f"{where} was already released into another "
+                f"{'secure-aggregation session' if earlier.session != CLEAR else 'channel (in the clear)'}; "
+                "a release goes into one session only"
             )
-        if earlier.unmasked:
-            raise ReplayRefused(
-                f"{where} was already unmasked by secure aggregation; a second sum over other clients "
-                "could single this update out"
-            )
-        return earlier.arrays, earlier.weight, earlier.metrics
-
-    def mark_unmasked(self, run_key: str, round_number: int) -> None:
-        self.ledger.mark_unmasked(run_key, round_number)
+        return earlier.release.arrays, earlier.release.weight, earlier.release.metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         """Held-out loss on the coordinator's adapter (never in a private run), and with

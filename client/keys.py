@@ -7,13 +7,9 @@ the enterprise's name (`fedmoe admin nodes register NAME --public-key FILE`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from fedmoe.contract.keys import fingerprint, openssh_public
+from fedmoe.contract.keys import fingerprint, load_public_key, write_key_pair
 
 PRIVATE_KEY_FILE = "node.key"
 PUBLIC_KEY_FILE = "node.pub"
@@ -27,15 +23,5 @@ def make_node_keys(directory: Path, force: bool = False) -> tuple[Path, Path, st
             f"{private_path} exists: this node has a key already (registered keys cannot be replaced "
             "silently); pass --force to make a new one, then register it again"
         )
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    public_path.write_text(openssh_public(key.public_key()) + " fedmoe-node\n")
-    return private_path, public_path, fingerprint(key.public_key())
+    line = write_key_pair(private_path, public_path)
+    return private_path, public_path, fingerprint(load_public_key(line))

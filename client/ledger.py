@@ -1,20 +1,23 @@
-"""The node's own privacy ledger: every release of this enterprise's data, in a local SQLite file.
+"""The node's own privacy ledger: every charge and every draw of this enterprise, in a local
+SQLite file. It is the one gate between a coordinator's requests and the enterprise's data
+(client/THREAT_MODEL.md): nothing trains, noises or leaves unless the ledger first recorded it.
 
 This ledger, not the coordinator's database, enforces the enterprise's lifetime budget. A round's
 spend is written BEFORE training starts (write-ahead): a crash after that point over-counts,
 never under-counts. Check and write happen in one `BEGIN IMMEDIATE` transaction, so two processes
-of the same node cannot both spend the last of the budget.
+(or two Flower runs) of the same node cannot both spend the last of the budget or both draw for
+one round.
 
 Within a run, epsilon is the accountant's value for the run so far (tighter than adding rounds
 up); across runs, epsilons add up (basic composition). A round that gives no guarantee at a level
 spends infinite epsilon at that level.
 
-A round is charged once. The node keeps what it released for the latest round of each run; when
-a resumed coordinator sends that round again, the node sends the same release again (post-
-processing, free), or refuses if the round would not be the same release (another global
-adapter, fewer noise shares) or if secure aggregation may already have unmasked a sum holding it
-(a second sum over other clients could then single it out). A round that was charged but
-released nothing (training failed) is trained again at no new charge.
+One charge, one draw, one release: the charge of a round also opens its draw (status
+`drawing`), which ends `released` (the release kept, with the session it went into) or `failed`
+(the reason kept). A round asked again is answered from its draw and never trained again: the
+same release into the same session (only in the clear: a SecAgg+ session never repeats), the
+same failure, or a refusal. Rounds only go forward: a round below the run's latest charged round
+is refused. Every draw of every run is kept.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 LEVELS = ("record", "enterprise")
+CLEAR = "clear"  # the session of a release sent without secure aggregation
 
 _SCHEMA = (
     """
@@ -50,16 +54,20 @@ CREATE TABLE IF NOT EXISTS canary_seeds (
     run TEXT PRIMARY KEY,  -- a run uid: the same canaries and coins every round of the run
     seed BLOB NOT NULL     -- secret: whoever knows it knows which canaries were trained on
 )""",
+    # Ledgers before draws kept only each run's latest release: a round charged there and asked
+    # again finds no draw and is refused.
+    "DROP TABLE IF EXISTS releases",
     """
-CREATE TABLE IF NOT EXISTS releases (
+CREATE TABLE IF NOT EXISTS draws (
     run TEXT NOT NULL,
     round INTEGER NOT NULL,
-    parameters_sha256 TEXT NOT NULL,  -- the global adapter this release was trained from
-    noise_shares INTEGER NOT NULL,
-    unmasked INTEGER NOT NULL DEFAULT 0,  -- a SecAgg+ unmask request for this round was answered
-    weight INTEGER NOT NULL,
-    metrics TEXT NOT NULL,
-    arrays BLOB NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('drawing', 'released', 'failed')),
+    session TEXT NOT NULL,  -- 'clear', or the SecAgg+ session the release went into
+    parameters_sha256 TEXT NOT NULL,  -- the global adapter it is trained from
+    weight INTEGER,
+    metrics TEXT,
+    arrays BLOB,
+    reason TEXT,  -- why a failed draw failed, as the coordinator was told
     recorded_at TEXT NOT NULL,
     PRIMARY KEY (run, round)
 )""",
@@ -74,7 +82,7 @@ class BudgetExceeded(RuntimeError):
 
 
 class ReplayRefused(RuntimeError):
-    """The round was already released and cannot be released again as it is asked."""
+    """The round was already drawn, and is not drawn again; nothing was trained or charged."""
 
 
 @dataclass(frozen=True)
@@ -89,14 +97,23 @@ class Spend:
 
 @dataclass(frozen=True)
 class Release:
-    """What left the node for one round: the privatized update, its weight and metrics."""
+    """What leaves the node for one round: the privatized update, its weight and metrics."""
 
     arrays: list[np.ndarray]
     weight: int
     metrics: dict
+
+
+@dataclass(frozen=True)
+class Draw:
+    """What a round's charge was used for: a release into one session, a failure, or (status
+    `drawing`) a draw under way or cut short by a crash."""
+
+    status: str
+    session: str
     parameters_sha256: str
-    noise_shares: int
-    unmasked: bool
+    release: Release | None
+    reason: str | None
 
 
 def _now() -> str:
@@ -209,6 +226,12 @@ class PrivacyLedger:
         if charged := self._charged(db, run, round_number):
             return charged, None
         spends, problems = [], []
+        query = "SELECT MAX(round) FROM spends WHERE run = ?"
+        latest = db.execute(query, (run,)).fetchone()[0]
+        if latest is not None and round_number < latest:
+            problems.append(
+                f"round {round_number} comes after round {latest} on this node: rounds only go forward"
+            )
         if self._participations(db, run, LEVELS[0]) >= max_releases:
             problems.append(
                 f"this node already took part in all {max_releases} rounds the run's privacy plan covers"
@@ -220,17 +243,15 @@ class PrivacyLedger:
             budget = budgets.get(level)
             if budget is None or others + eps_run <= budget:
                 continue
+            # Worded from the node's own terms only: its spend in other runs is its own business.
             if math.isinf(eps_run):
                 problems.append(
                     f"the run gives no {level}-level privacy guarantee and this node has a "
                     f"{level}-level budget of {budget:g}"
                 )
             else:
-                query = "SELECT MAX(epsilon_run) FROM spends WHERE run = ? AND level = ?"
-                spent = others + (db.execute(query, (run, level)).fetchone()[0] or 0.0)
                 problems.append(
-                    f"{level}-level epsilon would reach {others + eps_run:.3f} after this round, above "
-                    f"this node's lifetime budget of {budget:g} ({spent:.3f} spent so far)"
+                    f"this round would take the node past its {level}-level lifetime budget of {budget:g}"
                 )
         return spends, "; ".join(problems) or None
 
@@ -241,72 +262,104 @@ class PrivacyLedger:
         epsilon_after: EpsilonAfter,
         budgets: dict[str, float | None],
         max_releases: int,
+        session: str = CLEAR,
+        parameters_sha256: str = "",
     ) -> list[Spend]:
-        """Check the budget and record the round's spend atomically (a round already charged is
-        not charged again); raises BudgetExceeded."""
+        """Check the budget, record the round's spend and open its one draw, atomically; raises
+        BudgetExceeded (nothing recorded) or ReplayRefused (the round already has its draw)."""
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
+                if self._draw(db, run, round_number) is not None or self._charged(
+                    db, run, round_number
+                ):
+                    raise ReplayRefused(
+                        f"round {round_number} of run {run[:8]} was already charged; one draw per charge"
+                    )
                 spends, problem = self._preview(
                     db, run, round_number, epsilon_after, budgets, max_releases
                 )
                 if problem:
                     raise BudgetExceeded(problem)
-                if not self._charged(db, run, round_number):
-                    db.executemany(
-                        "INSERT INTO spends (run, round, level, epsilon_run, delta, recorded_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        [
-                            (run, round_number, s.level, s.epsilon_run, s.delta, _now())
-                            for s in spends
-                        ],
-                    )
+                db.executemany(
+                    "INSERT INTO spends (run, round, level, epsilon_run, delta, recorded_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(run, round_number, s.level, s.epsilon_run, s.delta, _now()) for s in spends],
+                )
+                db.execute(
+                    "INSERT INTO draws (run, round, status, session, parameters_sha256, recorded_at) "
+                    "VALUES (?, ?, 'drawing', ?, ?, ?)",
+                    (run, round_number, session, parameters_sha256, _now()),
+                )
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
             return spends
 
-    # --- releases ---------------------------------------------------------------------------
-    def record_release(self, run: str, round_number: int, release: Release) -> None:
-        """Keep what left the node for this round (the run's latest), BEFORE it leaves."""
-        with closing(self._connect()) as db, db:
-            db.execute("DELETE FROM releases WHERE run = ?", (run,))
-            db.execute(
-                "INSERT INTO releases (run, round, parameters_sha256, noise_shares, unmasked, weight, "
-                "metrics, arrays, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run,
-                    round_number,
-                    release.parameters_sha256,
-                    release.noise_shares,
-                    int(release.unmasked),
-                    release.weight,
-                    json.dumps(release.metrics),
-                    _pack(release.arrays),
-                    _now(),
-                ),
-            )
+    # --- draws ------------------------------------------------------------------------------
+    def released(self, run: str, round_number: int, release: Release) -> None:
+        """Keep what leaves the node for this round, BEFORE it leaves."""
+        self._close_draw(
+            run,
+            round_number,
+            "released",
+            weight=release.weight,
+            metrics=json.dumps(release.metrics),
+            arrays=_pack(release.arrays),
+        )
 
-    def release(self, run: str, round_number: int) -> Release | None:
-        with closing(self._connect()) as db:
-            row = db.execute(
-                "SELECT arrays, weight, metrics, parameters_sha256, noise_shares, unmasked FROM releases "
-                "WHERE run = ? AND round = ?",
-                (run, round_number),
-            ).fetchone()
+    def failed(self, run: str, round_number: int, reason: str) -> None:
+        """The round's draw failed after its charge: asked again, it fails the same way."""
+        self._close_draw(run, round_number, "failed", reason=reason)
+
+    def _close_draw(self, run: str, round_number: int, status: str, **values) -> None:
+        columns = ", ".join(f"{k} = ?" for k in values)
+        with closing(self._connect()) as db, db:
+            updated = db.execute(
+                f"UPDATE draws SET status = ?, {columns}, recorded_at = ? "
+                "WHERE run = ? AND round = ? AND status = 'drawing'",
+                (status, *values.values(), _now(), run, round_number),
+            ).rowcount
+        if updated != 1:
+            raise RuntimeError(f"round {round_number} of run {run[:8]} has no open draw to close")
+
+    @staticmethod
+    def _draw(db: sqlite3.Connection, run: str, round_number: int) -> Draw | None:
+        row = db.execute(
+            "SELECT status, session, parameters_sha256, weight, metrics, arrays, reason FROM draws "
+            "WHERE run = ? AND round = ?",
+            (run, round_number),
+        ).fetchone()
         if row is None:
             return None
-        arrays, weight, metrics, sha, shares, unmasked = row
-        return Release(_unpack(arrays), weight, json.loads(metrics), sha, shares, bool(unmasked))
+        status, session, sha, weight, metrics, arrays, reason = row
+        release = None
+        if status == "released":
+            release = Release(_unpack(arrays), weight, json.loads(metrics))
+        return Draw(status, session, sha, release, reason)
 
-    def mark_unmasked(self, run: str, round_number: int) -> None:
-        """Secure aggregation is about to help unmask a sum holding this round's release: from now
-        on it is never sent again (written before the node answers the unmask request)."""
-        with closing(self._connect()) as db, db:
-            db.execute(
-                "UPDATE releases SET unmasked = 1 WHERE run = ? AND round = ?", (run, round_number)
-            )
+    def draw(self, run: str, round_number: int) -> Draw | None:
+        """The round's draw, or None (never charged: then it is never drawn either)."""
+        with closing(self._connect()) as db:
+            if (found := self._draw(db, run, round_number)) is None and self._charged(
+                db, run, round_number
+            ):
+                # Charged by a ledger that kept no draws: its release is not on record.
+                return Draw("drawing", "", "", None, None)
+            return found
+
+    def latest_round(self, run: str) -> int | None:
+        """The run's highest charged round (rounds only go forward)."""
+        with closing(self._connect()) as db:
+            return db.execute("SELECT MAX(round) FROM spends WHERE run = ?", (run,)).fetchone()[0]
+
+    def draws(self) -> list[tuple]:
+        """(run, round, status, session) of every draw, oldest first."""
+        with closing(self._connect()) as db:
+            return db.execute(
+                "SELECT run, round, status, session FROM draws ORDER BY run, round"
+            ).fetchall()
 
     def entries(self) -> list[tuple]:
         with closing(self._connect()) as db:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -47,3 +49,21 @@ def fingerprint(key: ec.EllipticCurvePublicKey) -> str:
     """`SHA256:<base64>`, as `ssh-keygen -lf` prints it."""
     blob = base64.b64decode(openssh_public(key).split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def write_key_pair(private_path: Path, public_path: Path) -> str:
+    """A new P-384 key pair: the private key (mode 0600, OpenSSH format) and its public line;
+    returns the public line."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    line = openssh_public(key.public_key())
+    public_path.write_text(line + " fedmoe-node\n")
+    return line

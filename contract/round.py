@@ -98,12 +98,13 @@ class RoundSpec(BaseModel):
     def ledger_key(self) -> str:
         """The node's ledger key for this run: a different plan under the same run uid counts as a
         different run, so a coordinator cannot change the noise mid-run and keep the tight
-        within-run accounting."""
+        within-run accounting. Only what sets the noise and its accounting is in it (the levels,
+        the rounds and steps the plan covers); anything else (accepting a noisy plan, the audit,
+        the batch size) would split one run into several and charge it more than once."""
         plan = [
-            self.privacy.model_dump(),
+            self.privacy.model_dump(include={"record", "enterprise"}),
             self.rounds,
             self.train.local_steps,
-            self.train.batch_size,
         ]
         digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
         return f"{self.run_uid}:{digest}"
@@ -111,12 +112,16 @@ class RoundSpec(BaseModel):
 
 @dataclass(frozen=True)
 class SecureSum:
-    """The SecAgg+ round a node's update goes into, as the node read it from Flower's SecAgg+
-    setup message (not from the round config): no sum of fewer than `threshold` clients' updates
-    can be unmasked, and values outside [-clipping_range, clipping_range] would be clipped."""
+    """The SecAgg+ session a node's update goes into, as the node itself joined it (from
+    Flower's SecAgg+ setup and the peers it verified, never from the round config): no sum of
+    fewer than `threshold` clients' updates can be unmasked, values outside [-clipping_range,
+    clipping_range] would be clipped, `session` names the session (its members' keys), and
+    `verified` says whether at least `threshold` pinned members hold it (client/secagg_guard.py)."""
 
     threshold: int
     clipping_range: float
+    session: str = ""
+    verified: bool = False
 
 
 @dataclass(frozen=True)

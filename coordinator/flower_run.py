@@ -1,13 +1,15 @@
 """What one Flower run of ours carries in its run config: which fedmoe run it is, the validated
 run config itself, and where the run database is. The run config reaches the ServerApp through
 Flower, never through a file on one host; simulated enterprises (simulation engine only) read
-their data paths and budgets from here too."""
+their data paths, budgets and identity keys from here too."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
+from fedmoe.contract.keys import write_key_pair
 from fedmoe.coordinator.config import RunConfig, parse_run_config
 
 ENGINES = ("simulation", "deployment")
@@ -30,10 +32,15 @@ class FlowerRun:
                 "threads": fed.threads_per_client,
                 "budget": e.budget.model_dump(exclude_none=True),
                 "ledger": e.ledger,
+                "identity_key": str(_identity_key(e.ledger)),
             }
             for e in fed.enterprises
             if self.engine == "simulation"
         ]
+        # The simulated federation pins its members' keys, as a real one would.
+        pinned = [_public_line(node["identity_key"]) for node in simulated]
+        for node in simulated:
+            node["federation_keys"] = pinned
         return {
             "fedmoe-run-id": self.run_id,
             "run-config": self.config.model_dump_json(),
@@ -56,3 +63,15 @@ class FlowerRun:
             json.loads(str(run_config["run-config"])), "the Flower run's run config"
         )
         return cls(run_id, config, str(run_config["database-url"]), engine)
+
+
+def _identity_key(ledger: str) -> Path:
+    """A simulated node's identity key: beside its ledger, made on first use."""
+    key = Path(ledger).with_suffix(".key")
+    if not key.exists():
+        write_key_pair(key, key.with_suffix(".pub"))
+    return key
+
+
+def _public_line(private_key: str) -> str:
+    return Path(private_key).with_suffix(".pub").read_text().strip()

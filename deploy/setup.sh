@@ -4,7 +4,8 @@
 # server.pem and server.key in deploy/certs first).
 #   1. deploy/certs/{ca.pem,ca.key,server.pem,server.key}: a development CA and a server
 #      certificate naming `coordinator` (the host the agents use) and localhost;
-#   2. deploy/agents/NAME/keys/{node.key,node.pub}: each agent's node key pair;
+#   2. deploy/agents/NAME/keys/{node.key,node.pub}: each agent's node key pair, and
+#      deploy/agents/federation.pub: all of them, the federation each agent pins for SecAgg+;
 #   3. an admin token: its hash replaces the placeholder in deploy/coordinator.toml, the token is
 #      printed once and kept in deploy/admin.token (mode 0600) for `fedmoe admin --token-file`.
 # It also writes the host user's ids to .env (FEDMOE_UID/FEDMOE_GID, compose.yaml's build args)
@@ -52,6 +53,11 @@ for name in "${AGENTS[@]}"; do
     "$fedmoe" agent init --dir "$keys"
   fi
 done
+
+# The federation every agent pins for secure aggregation: all of the agents' public keys.
+for name in "${AGENTS[@]}"; do cat "deploy/agents/$name/keys/node.pub"; done >deploy/agents/federation.pub.tmp
+mv deploy/agents/federation.pub.tmp deploy/agents/federation.pub
+echo "federation: deploy/agents/federation.pub pins ${#AGENTS[@]} node keys"
 
 # 3. The admin token, while deploy/coordinator.toml still holds the placeholder.
 if grep -q "^sha256 = \"$PLACEHOLDER\"" "$CONFIG"; then

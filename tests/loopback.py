@@ -116,6 +116,17 @@ class Loopback:
         )
         return folder
 
+    def pin_federation(self, names: list[str]) -> Path:
+        """Every named agent pins the public keys of all of them (its SecAgg+ federation)."""
+        pinned = self.root / "agents" / "federation.pub"
+        pinned.write_text(
+            "".join((self.root / "agents" / n / "keys" / "node.pub").read_text() for n in names)
+        )
+        for name in names:
+            toml = self.root / "agents" / name / "agent.toml"
+            toml.write_text(f'federation_keys = "{pinned}"\n' + toml.read_text())
+        return pinned
+
     def register(self, name: str, key_dir: Path | None = None) -> pb.Node:
         key = ((key_dir or self.root / "agents" / name / "keys") / "node.pub").read_text()
         return self.call("RegisterNode", pb.RegisterNodeRequest(enterprise=name, public_key=key))

@@ -40,6 +40,7 @@ GENERATED = {
     "deploy/certs/server.pem",
     "deploy/certs/server.key",
     *(f"deploy/agents/{name}/keys/{f}" for name in ENTERPRISES for f in ("node.key", "node.pub")),
+    "deploy/agents/federation.pub",
     "deploy/admin.token",
     ".env",
 }
@@ -565,12 +566,16 @@ def test_every_mounted_file_exists_after_setup_and_the_configs_load(setup):
         agent = AgentConfig.model_validate(agent_toml(service, setup.root))
         on_host = {
             k: str(host(service, container_path(getattr(agent, k), AGENT_CONFIG)))
-            for k in ("ca_certificate", "private_key", "data")
+            for k in ("ca_certificate", "private_key", "data", "federation_keys")
         }
         check_agent_files(
             agent.model_copy(update=on_host)
         )  # the files an agent checks before it starts
         assert Path(on_host["ca_certificate"]).read_bytes() == tls["ca"].read_bytes()
+        # It pins every agent's key, its own among them.
+        own = (Path(on_host["private_key"]).parent / "node.pub").read_text()
+        pinned = Path(on_host["federation_keys"]).read_text()
+        assert own in pinned and pinned.count("ecdsa-sha2-nistp384") == len(AGENTS)
 
 
 def _check_server_certificate(ca_path: Path, cert_path: Path, key_path: Path) -> None:

@@ -9,7 +9,7 @@ from conftest import round_config, tiny_model
 
 from fedmoe.client import dp_trainer
 from fedmoe.client.dp_trainer import train_local_private
-from fedmoe.client.enterprise import EnterpriseNode, workspace
+from fedmoe.client.enterprise import EnterpriseNode, RoundFailed, workspace
 from fedmoe.client.ledger import BudgetExceeded
 from fedmoe.client.settings import NodeSettings
 from fedmoe.contract.round import LocalTrainSettings, SecureSum
@@ -237,5 +237,10 @@ def test_a_noise_share_is_never_sent_outside_secure_aggregation(tmp_path):
 def test_an_update_secure_aggregation_would_clip_is_refused_not_sent(tmp_path):
     client, ws = _client(tmp_path)
     config = _config(ws, {"record": {"epsilon": 8.0}}, noise_shares=2, secagg_range=1e-9)
-    with pytest.raises(ValueError, match="exceeds the secure-aggregation range"):
+    with pytest.raises(RoundFailed, match="exceeds the secure-aggregation range"):
         client.fit([get_adapter_vector(ws.model)], config, secure_sum=SecureSum(2, 1e-9))
+    # Charged, and failed for good: asked again, the same failure, no second draw.
+    entries = client.ledger.entries()
+    with pytest.raises(RoundFailed, match="exceeds the secure-aggregation range"):
+        client.fit([get_adapter_vector(ws.model)], config, secure_sum=SecureSum(2, 1e-9))
+    assert client.ledger.entries() == entries

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import round_config, tiny_model
 from test_node_terms import LORA, TRAIN, _adapter, _node
-from test_secagg_round import _round
+from test_secagg_round import IDENTITIES, PINNED, _round
 
 from fedmoe.client.enterprise import RoundRefused
+from fedmoe.client.secagg_guard import Federation
 from fedmoe.contract.expert_weighting import (
     Weighting,
     expert_weighted_update,
@@ -137,13 +138,11 @@ class _WeightedNode:
         self.update = weighted_release(self.delta, expert_of, self.fractions, Weighting())
         self.update = self.update.astype(np.float32)
         self.secure_sums = []
+        self.federation = Federation(IDENTITIES[node_id], PINNED)
 
     def fit(self, parameters, config, secure_sum):
         self.secure_sums.append(secure_sum)
         return [self.update], 1, {}
-
-    def mark_unmasked(self, run_key, round_number):
-        pass
 
 
 @pytest.mark.parametrize("n", [3, 10])

@@ -86,13 +86,19 @@ def test_the_noise_share_comes_from_the_secagg_setup(tmp_path, monkeypatch):
         "gaussian_noise",
         lambda n, std, uniform=None: stds.append(std) or original(n, std),
     )
+    verified = SecureSum(4, 10.0, session="a" * 64, verified=True)
     node, ws = _node(tmp_path)
-    node.fit(_adapter(ws), _config(ws, noise_shares=4), secure_sum=SecureSum(4, 10.0))
+    node.fit(_adapter(ws), _config(ws, noise_shares=4), secure_sum=verified)
     full = plan_run(PrivacySettings.model_validate(BOTH), 400, 2, 3).enterprise.noise_scale
     assert stds == [pytest.approx(full / 2)]  # sigma / sqrt(4)
-    # A node that does not trust the threshold adds the full noise whatever the setup says.
+    # A session the node could not verify (peers not pinned): the full noise, whatever the setup.
+    unsure, ws = _node(tmp_path, name="unsure")
+    unverified = SecureSum(4, 10.0, session="b" * 64, verified=False)
+    unsure.fit(_adapter(ws), _config(ws, noise_shares=4), secure_sum=unverified)
+    assert stds[-1] == pytest.approx(full)
+    # A node that trusts no threshold adds the full noise even in a verified session.
     careful, ws = _node(tmp_path, name="careful", full_noise=True)
-    careful.fit(_adapter(ws), _config(ws, noise_shares=4), secure_sum=SecureSum(4, 10.0))
+    careful.fit(_adapter(ws), _config(ws, noise_shares=4), secure_sum=verified)
     assert stds[-1] == pytest.approx(full)
 
 

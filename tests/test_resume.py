@@ -59,32 +59,34 @@ def test_a_resent_round_gets_the_same_release_and_no_second_charge(node):
 def test_a_resent_round_that_is_not_the_same_release_is_refused(node):
     client, ws = node
     adapter = get_adapter_vector(ws.model)
-    client.fit([adapter.copy()], _config(ws, noise_shares=2), secure_sum=SecureSum(2, 100.0))
+    session = SecureSum(2, 100.0, session="a" * 64, verified=True)
+    client.fit([adapter.copy()], _config(ws, noise_shares=2), secure_sum=session)
     with pytest.raises(ReplayRefused, match="another global adapter"):
-        client.fit([adapter + 1e-3], _config(ws, noise_shares=2), secure_sum=SecureSum(2, 100.0))
-    with pytest.raises(ReplayRefused, match="too little"):
-        client.fit([adapter.copy()], _config(ws, noise_shares=1), secure_sum=SecureSum(1, 100.0))
-    client.fit(
-        [adapter.copy()], _config(ws, noise_shares=3), secure_sum=SecureSum(3, 100.0)
-    )  # more noise: the same release is fine
-    client.mark_unmasked(client.ledger.entries()[0][0], 1)
-    with pytest.raises(ReplayRefused, match="already unmasked"):
-        client.fit([adapter.copy()], _config(ws, noise_shares=2), secure_sum=SecureSum(2, 100.0))
+        client.fit([adapter + 1e-3], _config(ws, noise_shares=2), secure_sum=session)
+    # A resumed coordinator opens a new SecAgg+ session: the release never goes into a second one
+    # (its difference with the first sum would single this update out), nor into the clear.
+    again = SecureSum(2, 100.0, session="b" * 64, verified=True)
+    with pytest.raises(ReplayRefused, match="another secure-aggregation session"):
+        client.fit([adapter.copy()], _config(ws, noise_shares=2), secure_sum=again)
+    with pytest.raises(ReplayRefused, match="another secure-aggregation session"):
+        client.fit([adapter.copy()], _config(ws), secure_sum=None)
     assert len(client.ledger.entries()) == 2  # round 1, both levels, charged once
 
 
-def test_a_round_charged_but_never_released_trains_again_at_no_new_charge(node, monkeypatch):
+def test_a_round_charged_but_cut_short_is_never_drawn_again(node, monkeypatch):
     client, ws = node
     adapter = get_adapter_vector(ws.model)
     monkeypatch.setattr(
-        client.ledger, "record_release", lambda *a: (_ for _ in ()).throw(OSError("disk full"))
+        client.ledger, "released", lambda *a: (_ for _ in ()).throw(OSError("disk full"))
     )
     with pytest.raises(OSError):
         client.fit([adapter.copy()], _config(ws), secure_sum=None)
     monkeypatch.undo()
     entries = client.ledger.entries()
-    client.fit([adapter.copy()], _config(ws), secure_sum=None)
+    with pytest.raises(ReplayRefused, match="one draw per charge"):
+        client.fit([adapter.copy()], _config(ws), secure_sum=None)
     assert client.ledger.entries() == entries
+    client.fit([adapter.copy()], _config(ws, server_round=2), secure_sum=None)  # the run goes on
 
 
 def test_a_node_refuses_a_global_adapter_with_nan(node):

@@ -30,7 +30,10 @@ from flwr.server.workflow.constant import Key as WKey
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedmoe.client.client_app import build_client_app
+from fedmoe.client.secagg_guard import Federation
+from fedmoe.contract import secagg_session as wire
 from fedmoe.contract.round import RoundSpec
+from fedmoe.contract.secagg_session import Identity
 from fedmoe.contract.secagg_transport import MASKED, pack, unpack
 from fedmoe.coordinator.secure_sum import SecureSumWorkflow
 from fedmoe.privacy import secagg_prg
@@ -40,20 +43,23 @@ SIZE = 64
 RANGE = 4.0
 
 
+IDENTITIES = {i: Identity.generate() for i in range(1, 11)}
+PINNED = frozenset(identity.fingerprint for identity in IDENTITIES.values())
+
+
 class _Node:
-    """An enterprise node reduced to what SecAgg+ sees: a fixed update per node."""
+    """An enterprise node reduced to what SecAgg+ sees: a fixed update per node, and its
+    identity in a federation that pins all ten."""
 
     def __init__(self, node_id: int):
         self.update = np.random.default_rng(node_id).uniform(-1, 1, SIZE).astype(np.float32)
         self.secure_sums = []
+        self.federation = Federation(IDENTITIES[node_id], PINNED)
 
     def fit(self, parameters, config, secure_sum):
         self.secure_sums.append(secure_sum)
         assert RoundSpec.from_config(config).noise_shares == secure_sum.threshold
         return [self.update], 1, {}
-
-    def mark_unmasked(self, run_key, round_number):
-        pass
 
 
 class _Proxy(ClientProxy):
@@ -107,7 +113,7 @@ def _round(
     for i in nodes:
         manager.register(_Proxy(str(i)))
         manager.clients[str(i)].node_id = i
-    threshold = max(2, round(0.5 * n))
+    threshold = max(2, round(0.6 * n))
     ws = SimpleNamespace(base_fingerprint="a" * 64, layout="b" * 16)
     spec = round_config(ws, {}, noise_shares=threshold, secagg_range=RANGE)
     strategy = FedAvg(min_fit_clients=n, min_available_clients=n, on_fit_config_fn=lambda _: spec)
@@ -125,7 +131,7 @@ def _round(
     )
     workflow = SecureSumWorkflow(
         num_shares=1.0,
-        reconstruction_threshold=0.5,
+        reconstruction_threshold=0.6,  # above half: what a node needs to verify a session
         max_weight=1.0,
         clipping_range=RANGE,
         quantization_range=1 << 22,
@@ -152,7 +158,9 @@ def _round(
         (Stage.SHARE_KEYS, False),
         # Lost after sharing its key shares: the server rebuilds its pairwise masks from them.
         (Stage.COLLECT_MASKED_VECTORS, False),
-        (Stage.UNMASK, True),  # lost after sending its masked update: it is in the sum
+        # Lost after sending its masked update: it is in the sum, signed or not.
+        (wire.CONSISTENCY, True),
+        (Stage.UNMASK, True),
     ],
 )
 def test_masks_cancel_in_a_secagg_round_whoever_is_lost_at_any_stage(
@@ -162,7 +170,7 @@ def test_masks_cancel_in_a_secagg_round_whoever_is_lost_at_any_stage(
     lost = {stage: set(range(2, 2 + lost_count))} if stage else {}
     aggregate, nodes = _round(n, lost)
     gone = lost.get(stage, set())
-    threshold = max(2, round(0.5 * n))
+    threshold = max(2, round(0.6 * n))
     if n - len(gone) < threshold:  # 3 nodes, 2 lost: below the threshold, nothing unmasked
         np.testing.assert_array_equal(aggregate, np.zeros(SIZE, np.float32))
         return
@@ -173,6 +181,8 @@ def test_masks_cancel_in_a_secagg_round_whoever_is_lost_at_any_stage(
     for i in included:
         assert [s.threshold for s in nodes[i].secure_sums] == [threshold]
         assert nodes[i].secure_sums[0].clipping_range == RANGE
+        assert nodes[i].secure_sums[0].verified  # pinned members, a threshold above half
+    assert len({s.session for i in included for s in nodes[i].secure_sums}) == 1
 
 
 def test_a_coordinator_with_another_mask_generator_cannot_unmask(server_identity, monkeypatch):
@@ -198,7 +208,8 @@ class _NoiseShareNode(_Node):
     STD = 0.5  # the full noise: what any `threshold` shares must add up to
 
     def __init__(self, node_id: int):
-        self.update, self.secure_sums = np.zeros(4096, np.float32), []
+        super().__init__(node_id)
+        self.update = np.zeros(4096, np.float32)
 
     def fit(self, parameters, config, secure_sum):
         plan = EnterprisePlan("gaussian", clip=1.0, noise_multiplier=self.STD, rounds=1, delta=1e-5)
@@ -208,13 +219,13 @@ class _NoiseShareNode(_Node):
 
 @pytest.mark.parametrize("stage", [Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS])
 def test_the_fewest_survivors_of_a_round_still_carry_the_full_noise(stage, server_identity):
-    # 10 nodes, threshold 5; 5 lost mid-round: the sum that is unmasked is of exactly 5 shares.
+    # 10 nodes, threshold 6; 4 lost mid-round: the sum that is unmasked is of exactly 6 shares.
     secagg_prg.install()
-    aggregate, nodes = _round(10, {stage: {2, 4, 6, 8, 10}}, make_node=_NoiseShareNode)
-    noise_sum = aggregate.astype(np.float64) * 5  # the workflow hands out the average
+    aggregate, nodes = _round(10, {stage: {2, 4, 6, 8}}, make_node=_NoiseShareNode)
+    noise_sum = aggregate.astype(np.float64) * 6  # the workflow hands out the average
     # 4096 samples: the standard deviation is known to ~1.1%.
     assert abs(noise_sum.std() / _NoiseShareNode.STD - 1) < 0.05
-    expected = np.sum([nodes[i].update for i in (1, 3, 5, 7, 9)], axis=0)
+    expected = np.sum([nodes[i].update for i in (1, 3, 5, 7, 9, 10)], axis=0)
     np.testing.assert_allclose(noise_sum, expected, atol=5e-5)
 
 
