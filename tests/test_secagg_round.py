@@ -7,6 +7,7 @@ nothing is unmasked, and the fewest survivors' noise shares still make the full 
 
 from __future__ import annotations
 
+import json
 from copy import deepcopy
 from types import SimpleNamespace
 
@@ -31,10 +32,13 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedmoe.client.client_app import build_client_app
 from fedmoe.client.secagg_guard import Federation
+from fedmoe.client.settings import NodeSettings
 from fedmoe.contract import secagg_session as wire
 from fedmoe.contract.round import RoundSpec
 from fedmoe.contract.secagg_session import Identity
 from fedmoe.contract.secagg_transport import MASKED, pack, unpack
+from fedmoe.coordinator.config import load_run_config
+from fedmoe.coordinator.flower_run import FlowerRun
 from fedmoe.coordinator.secure_sum import SecureSumWorkflow
 from fedmoe.privacy import secagg_prg
 from fedmoe.privacy.plan import EnterprisePlan, privatize_update
@@ -252,3 +256,18 @@ def test_a_packed_masked_vector_crosses_the_wire_in_chunks_not_one_object():
     restored = content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
     assert [bytes_to_ndarray(b).tolist() for b in restored] == [[7], vector.tolist()]
     assert MASKED not in content.array_records
+
+
+def test_simulated_enterprises_pin_each_others_keys(tmp_path):
+    # The simulation engine's nodes verify their SecAgg+ sessions like deployed ones: each has an
+    # identity key beside its ledger, and all of them pin all of them.
+    (tmp_path / "run.toml").write_text('[output]\ndir = "out"\n')
+    config = load_run_config(tmp_path / "run.toml")
+    run_config = FlowerRun(1, config, "sqlite://", "simulation").to_run_config()
+    nodes = [NodeSettings.model_validate(n) for n in json.loads(run_config["sim-enterprises"])]
+    federations = [n.federation() for n in nodes]
+    fingerprints = {f.identity.fingerprint for f in federations}
+    assert len(fingerprints) == len(nodes) == 3
+    assert all(f.pinned == fingerprints for f in federations)
+    again = FlowerRun(1, config, "sqlite://", "simulation").to_run_config()  # keys are kept
+    assert again["sim-enterprises"] == run_config["sim-enterprises"]
