@@ -382,6 +382,8 @@ class EnterpriseNode:
             self.ledger.failed(key, spec.server_round, reason)
             raise RoundFailed(reason) from None
         release.metrics.update({f"epsilon_{s.level}": s.epsilon_run for s in spends})
+        if not spec.privacy.enabled and secure_sum is None:  # a public run in the clear
+            release.metrics["duration_s"] = time.monotonic() - started
         self.ledger.released(key, spec.server_round, release)  # before anything leaves
         if plan.record is not None:
             self._hold_reply(started)
