@@ -74,6 +74,8 @@ def build_client_app(node_for: Callable[[Context], object]) -> ClientApp:
             guard.on_setup(context, msg.metadata.dst_node_id, configs)
         elif stage == Stage.SHARE_KEYS:
             guard.join(federation, context, configs)
+        elif stage == Stage.COLLECT_MASKED_VECTORS:
+            guard.collecting(context, configs)
         elif stage == Stage.UNMASK:
             guard.check_unmask(context, configs)
         reply = secaggplus_mod(msg, context, call_next)

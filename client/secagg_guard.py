@@ -11,8 +11,8 @@ before it on every SecAgg+ message and enforces what the mod takes on trust from
    t is more than half of them (two survivor sets that t members each signed then overlap in an
    honest member, who signs only one). Only a verified session lets the node add a noise share;
    otherwise it adds the full noise, or refuses (its terms);
-3. masked vectors: the update goes out at most once per session (Flower's stage order), bound to
-   the session on the node's ledger;
+3. masked vectors: one try per session, only with shares from enough of its members; the
+   update goes out at most once per session, bound to the session on the node's ledger;
 4. consistency: signs one survivor set per session, a subset of the session holding the node
    itself and at least t members;
 5. unmask: answers only for the set it signed, countersigned by at least t distinct members,
@@ -145,10 +145,30 @@ def join(federation: Federation, context: Context, configs: ConfigRecord) -> Non
     context.state.config_records[STATE] = state
 
 
+def collecting(context: Context, configs: ConfigRecord) -> None:
+    """Masked-vector request: the session's one try (a failure after the fit, e.g. a share that
+    does not decrypt, still ends it), with enough of its own members' shares to be summed."""
+    state = _state(context)
+    _require(state, "joined", "masked-vector request")
+    sources = configs.get(Key.SOURCE_LIST, [])
+    members = set(state["member_ids"])
+    if len(set(sources)) != len(sources) or not set(sources) <= members:
+        raise SecAggRefused(
+            "SecAgg+ masked-vector request: shares from outside this node's session"
+        )
+    if len(sources) + 1 < int(state["threshold"]):
+        raise SecAggRefused(
+            f"SecAgg+ masked-vector request: shares of {len(sources)} peers, the threshold is "
+            f"{state['threshold']}"
+        )
+    state["phase"] = "collecting"
+    context.state.config_records[STATE] = state
+
+
 def secure_sum(context: Context) -> SecureSum:
     """The session the masked vector of this message goes into, as this node joined it."""
     state = _state(context)
-    _require(state, "joined", "masked-vector request")
+    _require(state, "collecting", "masked-vector request")
     return SecureSum(
         threshold=int(state["threshold"]),
         clipping_range=float(state["clipping_range"]),
