@@ -354,13 +354,6 @@ class PrivacyLedger:
         with closing(self._connect()) as db:
             return db.execute("SELECT MAX(round) FROM spends WHERE run = ?", (run,)).fetchone()[0]
 
-    def draws(self) -> list[tuple]:
-        """(run, round, status, session) of every draw, oldest first."""
-        with closing(self._connect()) as db:
-            return db.execute(
-                "SELECT run, round, status, session FROM draws ORDER BY run, round"
-            ).fetchall()
-
     def entries(self) -> list[tuple]:
         with closing(self._connect()) as db:
             query = (

@@ -193,7 +193,6 @@ class SecAggSession:
         self.seed_holders: dict[int, set[int]] = defaultdict(set)
         self.sk_holders: dict[int, set[int]] = defaultdict(set)
         self.signatures: dict[int, bytes] = {}
-        self.stage = "new"
 
     # --- the coordinator's side of each stage ---------------------------------------------
     def setup(self, to: list[int]) -> None:
@@ -217,7 +216,6 @@ class SecAggSession:
                 self.keys[nid] = (got[Key.PUBLIC_KEY_1], got[Key.PUBLIC_KEY_2])
                 self.claims[nid] = [got[wire.IDENTITY], got[wire.KEY_SIGNATURE]]
                 self.thresholds[nid] = self.threshold
-        self.stage = "setup"
 
     def add_fake(self, node_id: int, kind: str, archive=None) -> None:
         """kind: unsigned | unpinned (signed by an identity no one pins) | stolen-claim (an
@@ -268,7 +266,6 @@ class SecAggSession:
                     src, _, _, _ = share_keys_plaintext_separate(decrypt(key, ct))
                     self.seed_holders[src].add(dst)
                     self.sk_holders[src].add(dst)
-        self.stage = "shared"
 
     def forge_from_fakes(self, to: int) -> None:
         """Fakes whose sk2 the coordinator holds send `to` shares of nothing."""
@@ -295,7 +292,6 @@ class SecAggSession:
                 reply.content.config_records.get(RECORD_KEY_CONFIGS) or {}
             ):
                 self.masked_with[nid] = set(sources)
-        self.stage = "collected"
 
     def consistency(self, to: list[int], survivors: list[int]) -> None:
         configs = {Key.STAGE: wire.CONSISTENCY, wire.SURVIVORS: survivors}
@@ -306,7 +302,6 @@ class SecAggSession:
             if reply.has_content():
                 got = reply.content.config_records[RECORD_KEY_CONFIGS]
                 self.signatures[nid] = got[wire.SURVIVOR_SIGNATURE]
-        self.stage = "signed"
 
     def unmask(self, to: list[int], active: list[int], dead: list[int], forge: bool) -> None:
         signers = sorted(self.signatures)
@@ -332,7 +327,6 @@ class SecAggSession:
             # Flower answers the active nodes' mask-seed shares first, then the dead ones' keys.
             for i, owner in enumerate(owners):
                 (self.seed_holders if i < len(active) else self.sk_holders)[owner].add(nid)
-        self.stage = "unmasked"
 
     # --- what the coordinator has won --------------------------------------------------------
     def knows_sk1(self, nid: int) -> bool:
