@@ -15,13 +15,9 @@ ENV PYTHONUNBUFFERED=1 \
 # The project's own `torch==2.13.0` is then already satisfied by 2.13.0+cpu.
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
-# Editable install from the source tree kept at /app, NOT `pip install .`: the coordinator submits
-# every run with `flwr run <APP_DIR>`, where coordinator/superlink.py sets APP_DIR to the folder two
-# levels above its own file and requires the Flower app's pyproject.toml there. Installed
-# non-editable, that folder is site-packages/fedmoe, which has no pyproject.toml, and every run
-# would fail to submit; editable, it is /app, a checkout with pyproject.toml (the FAB's
-# fab-include files coordinator/server_app.py and client/client_app.py included). /app stays
-# owned by root and read-only to the service user.
+# Editable install from the source tree kept at /app, owned by root and read-only to the service
+# user. The coordinator submits every run with `flwr run <APP_DIR>`: the Flower app in
+# coordinator/flower_app/, which ships inside fedmoe (checked below).
 WORKDIR /app
 COPY . /app
 RUN pip install --no-cache-dir -e . \

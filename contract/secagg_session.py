@@ -1,6 +1,6 @@
 """What fedmoe adds to Flower's SecAgg+ messages: signed keys, a session, a consistency round.
 
-Flower 1.41's SecAgg+ trusts the coordinator with the peer list: it relays every node's public
+Flower 1.42's SecAgg+ trusts the coordinator with the peer list: it relays every node's public
 keys and names the survivors before unmasking, and a coordinator that fakes peers, or lists a
 node both as survivor and as dropped, can unmask one node's update alone. Bonawitz et al. 2017
 (CCS, "Practical Secure Aggregation", round 4 ConsistencyCheck) close that with signatures from

@@ -1,6 +1,6 @@
 """How a node's SecAgg+ masked vector travels: in an ArrayRecord, 4 bytes an element.
 
-Flower 1.41's SecAgg+ mod puts a node's masked vector into its reply's ConfigRecord as int64
+Flower 1.42's SecAgg+ mod puts a node's masked vector into its reply's ConfigRecord as int64
 `np.save` bytes. A record is one object on the wire, which protobuf caps at 2 GiB (about 268M
 elements), and int64 is twice a plain fp32 update's bytes, though every element is already
 reduced below the coordinator's 2^32 modulus. The node moves the vector into an ArrayRecord

@@ -117,7 +117,7 @@ class FleetGrid(Grid):
 
 
 def message_bytes(message: Message) -> int:
-    """A message's size on the wire: Flower 1.41 sends a message as the tree of its objects
+    """A message's size on the wire: Flower 1.42 sends a message as the tree of its objects
     (metadata, records, arrays cut into chunks of up to 5 MB), each distinct object once, in its
     serialized (`deflate`) form. Counted per message, i.e. per node: the SuperLink keeps one copy
     of content sent to several nodes, but each node downloads its own."""

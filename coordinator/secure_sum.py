@@ -8,7 +8,7 @@ each node's signed keys relayed to its peers, and a consistency round before unm
   reveals shares only for a set that at least the threshold of its session's members signed.
 - A client lost after sending its public keys and before sharing its key shares masked nothing
   with anyone (nodes mask only with the peers whose shares they received), and no one holds a
-  share of its key; Flower 1.41 still counts it "dead" and asks the others for its shares, which
+  share of its key; Flower 1.42 still counts it "dead" and asks the others for its shares, which
   fails their unmask stage. Such a node is simply not in the round.
 
 Flower's stages run unchanged: its messages only gain keys beside its own, through a grid that

@@ -31,7 +31,9 @@ from fedmoe.support.processes import (
     stop_process_group,
 )
 
-APP_DIR = Path(__file__).resolve().parents[1]
+# The Flower app we submit: a pyproject.toml alone, shipped inside fedmoe (not the checkout's, whose
+# `flwr run .` is refused: support/flwr_run_refusal).
+APP_DIR = Path(__file__).resolve().parent / "flower_app"
 CONNECTION = "fedmoe"  # the name of our SuperLink in $FLWR_HOME/config.toml
 FINISHED = "finished"  # Flower's status of a run that ended, whatever the outcome
 STOP_GRACE_S = 3.0
@@ -263,7 +265,7 @@ def submit_app(
     run id."""
     if not (app_dir / "pyproject.toml").is_file():
         raise FileNotFoundError(
-            f"the Flower app (pyproject.toml) is not in {app_dir}: install fedmoe from a checkout with `pip install -e .`"
+            f"the Flower app (pyproject.toml) is not in {app_dir}: reinstall fedmoe"
         )
     overrides = write_run_config(run_config, home / f"{name}.toml")
     args = [

@@ -1,10 +1,11 @@
 """SecAgg+ masks from the whole shared secret: a version-pinned patch of Flower's mask generator.
 
-Flower 1.41's `pseudo_rand_gen` folds each SecAgg+ seed (a 32-byte ECDH-derived key or a 32-byte
-random self-mask seed) to 32 bits before seeding numpy's Mersenne Twister. A pairwise mask is
-then one of 2^32 streams: a coordinator can search them, strip the mask from a two-client sum,
-and read an update that carries only a share of the DP noise. Here the whole seed keys ChaCha20
-(from `cryptography`), whose keystream is the mask: recovering a mask means recovering the key.
+Flower 1.42's `pseudo_rand_gen` (unchanged since 1.41) folds each SecAgg+ seed (a 32-byte
+ECDH-derived key or a 32-byte random self-mask seed) to 32 bits before seeding numpy's Mersenne
+Twister. A pairwise mask is then one of 2^32 streams: a coordinator can search them, strip the
+mask from a two-client sum, and read an update that carries only a share of the DP noise. Here the
+whole seed keys ChaCha20 (from `cryptography`), whose keystream is the mask: recovering a mask
+means recovering the key.
 
 The patch is what an upstream pull request would change (one function, same signature, same
 output types, masks still reproducible from the same seed by server and clients), installed into
@@ -22,8 +23,9 @@ import inspect
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-FLOWER_VERSION_PREFIX = "1.41."
-# SHA-256 of the source of the `pseudo_rand_gen` this patch replaces (flwr 1.41.x).
+FLOWER_VERSION_PREFIX = "1.42."
+# SHA-256 of the source of the `pseudo_rand_gen` this patch replaces (flwr 1.41.x and 1.42.x: the
+# same function).
 ORIGINAL_SOURCE_SHA256 = "19ee2545ed58c0174c0b1a56f4211d635347156163ae76a711613badad4b25e9"
 CALLERS = (
     "flwr.common.secure_aggregation.secaggplus_utils",

@@ -683,12 +683,12 @@ def test_the_dockerfile_installs_cpu_torch_then_the_project_and_runs_unprivilege
     )
 
 
-def test_the_flower_app_dir_needs_a_checkout():
-    # Why the image installs editable from /app: `flwr run` is pointed at APP_DIR, two folders
-    # above the installed superlink.py, which is the checkout only for an editable install.
+def test_the_flower_app_ships_inside_fedmoe():
+    # `flwr run` is pointed at APP_DIR, a folder of the installed fedmoe (not the checkout, whose
+    # `flwr run .` is refused: tests/test_flwr_run.py), so the image finds it however installed.
     from fedmoe.coordinator import superlink
 
-    assert superlink.APP_DIR == Path(superlink.__file__).resolve().parents[1]
+    assert superlink.APP_DIR == Path(superlink.__file__).resolve().parent / "flower_app"
     assert (superlink.APP_DIR / "pyproject.toml").is_file()
 
 
@@ -716,6 +716,7 @@ def test_the_build_context_is_small_and_holds_no_secrets():
                 "coordinator/__pycache__/db.cpython-311.pyc", "fedmoe.egg-info/PKG-INFO"):  # fmt: skip
         assert _dockerignore_excludes(rel), f".dockerignore lets {rel} into the build context"
     for rel in ("pyproject.toml", "README.md", "coordinator/server_app.py", "client/client_app.py",
+                "coordinator/flower_app/pyproject.toml",
                 "coordinator/migrations/env.py", "proto/gen/fedmoe/proto/admin_pb2.py",
                 "model/assets/base/model.safetensors", "model/assets/demo/public_eval.jsonl"):  # fmt: skip
         assert (ROOT / rel).exists() and not _dockerignore_excludes(rel), (

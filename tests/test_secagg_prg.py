@@ -99,10 +99,10 @@ def test_the_patch_refuses_a_flower_it_was_not_written_for(monkeypatch):
     import flwr
     from flwr.common.secure_aggregation import secaggplus_utils
 
-    monkeypatch.setattr(flwr, "__version__", "1.42.0")
-    with pytest.raises(secagg_prg.PatchRefused, match="written for flwr 1.41"):
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
+    with pytest.raises(secagg_prg.PatchRefused, match="written for flwr 1.42"):
         secagg_prg.install()
-    monkeypatch.setattr(flwr, "__version__", "1.41.9")
+    monkeypatch.setattr(flwr, "__version__", "1.42.9")
 
     def changed(seed, num_range, dimensions_list):
         return []

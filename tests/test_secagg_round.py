@@ -158,7 +158,7 @@ def _round(
     [
         (None, True),
         # Lost after sending its public keys, before sharing its key shares: no one masked with
-        # it, so it is not in the round (Flower 1.41 alone fails the round: coordinator/secure_sum.py).
+        # it, so it is not in the round (Flower 1.42 alone fails the round: coordinator/secure_sum.py).
         (Stage.SHARE_KEYS, False),
         # Lost after sharing its key shares: the server rebuilds its pairwise masks from them.
         (Stage.COLLECT_MASKED_VECTORS, False),
