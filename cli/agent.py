@@ -1,13 +1,45 @@
-"""The enterprise side's commands: the node's own privacy ledger."""
+"""The enterprise side's commands: the node's own privacy ledger.
+
+`fedmoe agent ledger FILE --json`: {"ledger": path, "entries": [...], "lifetime": {...}}
+  entry (one per charge, in order): run_id (the coordinator's run number, as the coordinator
+    named the run; null: not told), run_key (the node's key for the run), round, level
+    ("record" | "enterprise"), epsilon (the run's epsilon at that level after the round; null:
+    the run gives no guarantee at that level), delta, recorded_at (as the ledger stored it)
+  lifetime: {"record": {"epsilon", "delta"}, "enterprise": {"epsilon", "delta"}}, across runs
+    (basic composition; epsilon null: some run gave no guarantee at that level)
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from rich.table import Table
 
-from fedmoe.cli.common import console
+from fedmoe.cli.common import add_json_arg, console, print_json
+
+
+def ledger_rows(ledger) -> dict:
+    numbers = ledger.run_numbers()
+    entries = [
+        {
+            "run_id": numbers.get(run.split(":")[0]),
+            "run_key": run,
+            "round": number,
+            "level": level,
+            "epsilon": eps if math.isfinite(eps) else None,
+            "delta": delta,
+            "recorded_at": at,
+        }
+        for run, number, level, eps, delta, at in ledger.entries()
+    ]
+    # Basic composition across runs: epsilons add up, and so do deltas.
+    lifetime = {
+        level: {"epsilon": ledger.lifetime(level), "delta": ledger.lifetime_delta(level)}
+        for level in ("record", "enterprise")
+    }
+    return {"entries": entries, "lifetime": lifetime}
 
 
 def cmd_ledger(args) -> int:
@@ -15,19 +47,28 @@ def cmd_ledger(args) -> int:
 
     if not args.ledger.is_file():
         raise FileNotFoundError(f"no node ledger at {args.ledger}")
-    ledger = PrivacyLedger(args.ledger)
+    rows = ledger_rows(PrivacyLedger(args.ledger))
+    if args.json:
+        print_json({"ledger": str(args.ledger), **rows})
+        return 0
     table = Table(title=f"node ledger {args.ledger}")
     for col in ("run", "round", "level", "run epsilon after", "delta", "recorded"):
         table.add_column(col)
-    for run, number, level, eps, delta, at in ledger.entries():
-        shown = "inf (no guarantee)" if eps == float("inf") else f"{eps:.3f}"
-        table.add_row(run, str(number), level, shown, f"{delta:g}", at[:19])
+    for e in rows["entries"]:
+        shown = "inf (no guarantee)" if e["epsilon"] is None else f"{e['epsilon']:.3f}"
+        run = e["run_key"][:8] if e["run_id"] is None else f"{e['run_id']} ({e['run_key'][:8]})"
+        table.add_row(
+            run,
+            str(e["round"]),
+            e["level"],
+            shown,
+            f"{e['delta']:g}",
+            e["recorded_at"][:19],
+        )
     console.print(table)
-    for level in ("record", "enterprise"):
-        # Basic composition across runs: epsilons add up, and so do deltas.
+    for level, total in rows["lifetime"].items():
         console.print(
-            f"lifetime {level}-level: epsilon {ledger.lifetime(level):.3f}, "
-            f"delta {ledger.lifetime_delta(level):.3g}",
+            f"lifetime {level}-level: epsilon {total['epsilon']:.3f}, delta {total['delta']:.3g}",
             highlight=False,
         )
     return 0
@@ -78,4 +119,5 @@ def add_commands(sub) -> None:
     p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="agent.toml")
     p = agent_sub.add_parser("ledger", help="show a node's own privacy ledger (its SQLite file)")
     p.add_argument("ledger", type=Path, metavar="FILE")
+    add_json_arg(p, fields="fedmoe.cli.agent")
     p.set_defaults(func=cmd_ledger)

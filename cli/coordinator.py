@@ -5,14 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.markup import escape
+
 from fedmoe.cli.common import (
     UsageError,
     add_database_arg,
+    add_json_arg,
     add_set_arg,
     console,
     positive_int,
 )
-from fedmoe.cli.tables import participation_table, privacy_tables, rounds_table, runs_table
+from fedmoe.cli.tables import (
+    print_privacy,
+    print_rounds,
+    print_runs,
+    privacy_rows,
+    round_rows,
+    run_rows,
+)
 
 
 def cmd_run(args) -> int:
@@ -34,15 +44,18 @@ def cmd_plan(args) -> int:
     from fedmoe.coordinator.config import check_privacy, load_run_config, parse_overrides
     from fedmoe.coordinator.views import describe_privacy, privacy_plan_summary
     from fedmoe.model.lora import adapter_size
+    from fedmoe.support.words import plural
 
     config = load_run_config(args.config, parse_overrides(args.set))
     fed, train = config.federation, config.train
     console.print(
-        f"{len(fed.enterprises)} enterprises, {fed.rounds} rounds x {train.local_steps} local "
-        f"steps, {adapter_size(config.model.path, config.lora):,} trainable adapter parameters",
+        f"{plural(len(fed.enterprises), 'enterprise')}, {plural(fed.rounds, 'round')} x "
+        f"{plural(train.local_steps, 'local step')}, "
+        f"{adapter_size(config.model.path, config.lora):,} trainable adapter parameters",
         highlight=False,
     )
     console.print(describe_privacy(privacy_plan_summary(config)), highlight=False)
+    console.print(f"the run's result: {config.result_basis()}", highlight=False)
     for forecast in check_privacy(config):
         console.print(f"forecast, {forecast.describe()}", highlight=False)
     console.print("the plan is accepted: `fedmoe run` with the same arguments runs it")
@@ -77,8 +90,8 @@ def cmd_runs(args) -> int:
     from fedmoe.coordinator.views import run_message
 
     store = _store(args)
-    runs = [run_message(run, store.rounds(run.id)) for run in store.runs()]
-    console.print(runs_table(runs, f"runs in {args.database}"))
+    rows = run_rows([run_message(run, store.rounds(run.id)) for run in store.runs()])
+    print_runs(args, rows, f"runs in {args.database}")
     return 0
 
 
@@ -87,10 +100,8 @@ def cmd_rounds(args) -> int:
 
     store = _store(args)
     _known_run(store, args.run_id, args.database)
-    rounds = [round_message(r) for r in store.rounds(args.run_id)]
-    console.print(rounds_table(args.run_id, rounds))
-    if args.clients:
-        console.print(participation_table(rounds))
+    rows = round_rows([round_message(r) for r in store.rounds(args.run_id)])
+    print_rounds(args, args.run_id, rows)
     return 0
 
 
@@ -101,8 +112,7 @@ def cmd_privacy(args) -> int:
     store = _store(args)
     if args.run_id is not None:
         _known_run(store, args.run_id, args.database)
-    for table in privacy_tables(privacy_ledger_message(store, args.run_id), args.rounds):
-        console.print(table)
+    print_privacy(args, privacy_rows(privacy_ledger_message(store, args.run_id)))
     return 0
 
 
@@ -123,7 +133,7 @@ def cmd_generate(args) -> int:
     text = generate(
         model_path, adapter, args.prompt, args.max_new_tokens, args.temperature, args.seed
     )
-    console.print(f"[bold]{args.prompt}[/bold]{text}", highlight=False)
+    console.print(f"[bold]{escape(args.prompt)}[/bold]{escape(text)}", highlight=False)
     return 0
 
 
@@ -250,12 +260,14 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("runs", help="list runs")
     add_database_arg(p)
+    add_json_arg(p)
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("rounds", help="list the rounds of a run")
     p.add_argument("run_id", type=positive_int)
     p.add_argument("--clients", action="store_true", help="also list each client's participation")
     add_database_arg(p)
+    add_json_arg(p)
     p.set_defaults(func=cmd_rounds)
 
     p = sub.add_parser(
@@ -267,6 +279,7 @@ def add_commands(sub) -> None:
         "--rounds", action="store_true", help="also list every round of every enterprise"
     )
     add_database_arg(p)
+    add_json_arg(p)
     p.set_defaults(func=cmd_privacy)
 
     def with_adapter(p):

@@ -8,10 +8,16 @@ over mutual TLS because operators rotate a token with one config line and no PKI
 the admin CLI and any gRPC client send one header, and the channel is TLS already, so the token
 never travels in the clear. A call without a valid token gets UNAUTHENTICATED and changes
 nothing. Requests over `admin.max_request_bytes` are refused by gRPC (RESOURCE_EXHAUSTED).
+
+ExportRun and Generate load the base model in the coordinator's process, one call at a time.
+An export is built in storage/exports/, measured against `admin.max_export_bytes` before its
+first byte is sent (RESOURCE_EXHAUSTED above it), streamed as a manifest then 1 MiB chunks, and
+removed when the call ends, however it ends.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 import traceback
 from collections.abc import Iterator
@@ -27,6 +33,7 @@ from fedmoe.proto import admin_pb2_grpc as pb_grpc
 from fedmoe.support.files import ConfigError
 
 WATCH_POLL_S = 0.5
+EXPORT_CHUNK_BYTES = 1 << 20
 
 
 class AdminError(Exception):
@@ -152,6 +159,39 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def ListNodes(self, request, context):
         return pb.ListNodesResponse(nodes=self.service.nodes(request.include_revoked))
+
+    def ExportRun(self, request, context) -> Iterator[pb.ExportChunk]:
+        def build():
+            run = self._run(request.run_id)
+            return self.service.export_run(run.id, request.round, request.format)
+
+        out, manifest = self._handle(context, build)
+        folder = out.parent
+        context.add_callback(lambda: shutil.rmtree(folder, ignore_errors=True))
+        try:
+            yield pb.ExportChunk(manifest=manifest)
+            for f in manifest.files:
+                with open(out / f.path, "rb") as data:
+                    while block := data.read(EXPORT_CHUNK_BYTES):
+                        if not context.is_active():
+                            return
+                        yield pb.ExportChunk(chunk=pb.FileChunk(path=f.path, data=block))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def Generate(self, request, context):
+        def generate():
+            run = self._run(request.run_id)
+            return self.service.generate(
+                run.id,
+                request.round,
+                request.prompt,
+                request.max_new_tokens if request.HasField("max_new_tokens") else None,
+                request.temperature,
+                request.seed,
+            )
+
+        return self._handle(context, generate)
 
 
 class TokenAuth(grpc.ServerInterceptor):

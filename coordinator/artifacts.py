@@ -6,19 +6,20 @@ from pathlib import Path
 
 import torch
 
-from fedmoe.coordinator.db import RunStore
+from fedmoe.coordinator.db import Round, RunStore
 from fedmoe.coordinator.outcome import outcome
 from fedmoe.model.base import load_base, load_tokenizer
 from fedmoe.model.lora import adapter_settings, load_adapter, merge_adapter
 from fedmoe.model.peft_format import write_peft_adapter
 
 
-def adapter_of_run(
+def resolve_adapter(
     store: RunStore, run_id: int, round_number: int | None = None
-) -> tuple[Path | None, str]:
-    """(checkpoint dir, base model path) of a run's given round, or of its result: the round
-    that did best on the public server evaluation (None: the base model, when no round beat it;
-    the last completed round when the run had no server evaluation)."""
+) -> tuple[Round | None, str, str]:
+    """(the committed round whose checkpoint is meant, base model path, note) for a run's given
+    round, or for its result: the round that did best on the public server evaluation, or the
+    last completed round when the run had no server evaluation. The round is None when no round
+    beat the base model: the base model is the run's result, and the note says so."""
     run = store.run(run_id)
     if run is None:
         raise LookupError(f"run {run_id} not found; `fedmoe runs` lists the runs")
@@ -26,15 +27,25 @@ def adapter_of_run(
     model_path = run.config["model"]["path"]
     if round_number is None and (result := outcome(rounds, run.base_eval_loss)) is not None:
         if result.best_round is None:
-            print(f"run {run_id}: {result.describe()}; --round N takes a round anyway")
-            return None, model_path
+            return None, model_path, result.describe()
         round_number = result.best_round
     if round_number is not None:
         rounds = [r for r in rounds if r.number == round_number]
     if not rounds:
         which = f"round {round_number}" if round_number is not None else "any round"
         raise LookupError(f"run {run_id} has no completed checkpoint for {which}")
-    return Path(rounds[-1].checkpoint_path), model_path
+    return rounds[-1], model_path, ""
+
+
+def adapter_of_run(
+    store: RunStore, run_id: int, round_number: int | None = None
+) -> tuple[Path | None, str]:
+    """(checkpoint dir, base model path) as `resolve_adapter` finds them; None: the base model."""
+    found, model_path, note = resolve_adapter(store, run_id, round_number)
+    if found is None:
+        print(f"run {run_id}: {note}; --round N takes a round anyway")
+        return None, model_path
+    return Path(found.checkpoint_path), model_path
 
 
 def load_adapted(model_path: str, adapter_dir: Path | None) -> torch.nn.Module:

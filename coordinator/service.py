@@ -5,7 +5,7 @@ A small supervisor around Flower's deployment engine:
   state database) on loopback, restarted if it dies;
 - the fleet gateway (gateway.py): the one port agents reach, Flower's Fleet API only;
 - the admin API (admin_api.py): start, stop and watch runs, read rounds and the privacy ledger,
-  register and revoke enterprise nodes;
+  register and revoke enterprise nodes, export a run's adapter and generate text with it;
 - the run database, and a loop that carries every run to its end (runs.py): runs left `running`
   by a previous coordinator are resumed from their last committed round when it starts.
 Many runs can be in flight at once; each is its own Flower run and its own row.
@@ -13,7 +13,11 @@ Many runs can be in flight at once; each is its own Flower run and its own row.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,9 +40,16 @@ from fedmoe.coordinator.views import node_message, privacy_plan_summary
 from fedmoe.proto import admin_pb2 as pb
 from fedmoe.support.files import ConfigError, parse_toml
 from fedmoe.support.processes import Stopped, stop_on_signals
+from fedmoe.support.words import plural, run_list
 
 HEALTH_FILE = "health.json"
 COORDINATOR_SECTIONS = ("database", "output")  # a deployment run's: the coordinator's own
+EXPORT_FORMATS = ("peft", "merged", "checkpoint")
+EXPORTS_DIR = "exports"  # under storage: exports being streamed, cleared when the service starts
+PROMPT_MAX_CHARS = 8192
+MAX_NEW_TOKENS = 1024
+DEFAULT_MAX_NEW_TOKENS = 48
+MAX_TEMPERATURE = 10.0
 
 
 class CoordinatorService:
@@ -62,6 +73,9 @@ class CoordinatorService:
         self.gateway: FleetGateway | None = None
         self.admin_server = None
         self.followed: set[str] = set()
+        # One model at a time in this process for exports and generation (memory), apart from the
+        # supervision lock: a long export never holds up runs or other admin calls.
+        self.model_lock = threading.Lock()
 
     # --- admin actions ------------------------------------------------------------------------
     def start_run(self, config_toml: str, overrides: list[str], caller: str) -> int:
@@ -91,7 +105,8 @@ class CoordinatorService:
                 privacy_plan_summary(config),
             )
             self.say(
-                f"run {run_id} started by {caller}: {len(names)} enterprises ({', '.join(names)}), {config.federation.rounds} rounds"
+                f"run {run_id} started by {caller}: {plural(len(names), 'enterprise')} "
+                f"({', '.join(names)}), {plural(config.federation.rounds, 'round')}"
             )
             self._check(run_id)
         return run_id
@@ -168,6 +183,135 @@ class CoordinatorService:
             for n in self.store.nodes(include_revoked)
         ]
 
+    def export_run(
+        self, run_id: int, round_number: int, fmt: str
+    ) -> tuple[Path, pb.ExportManifest]:
+        """Build a run's export as `fedmoe export` would, in a fresh folder under
+        storage/exports/ (the caller streams it, then removes it): (folder, manifest)."""
+        from fedmoe.coordinator.artifacts import export, resolve_adapter
+        from fedmoe.model.base import base_bytes, resolve_model_path
+        from fedmoe.model.settings import BaseLoading
+
+        code = self.grpc.StatusCode
+        fmt = fmt or "peft"
+        if fmt not in EXPORT_FORMATS:
+            raise AdminError(
+                code.INVALID_ARGUMENT, f"format: one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})"
+            )
+        found, model_path, note = resolve_adapter(self.store, run_id, round_number or None)
+        if found is None:
+            raise AdminError(
+                code.FAILED_PRECONDITION,
+                f"run {run_id} has no adapter to export: {note}; name a round (`--round N`) to "
+                "export one anyway",
+            )
+        checkpoint = self._checked_checkpoint(run_id, found)
+        limit = self.config.admin.max_export_bytes
+        if fmt == "merged":  # refuse before building what could not be sent
+            estimate = base_bytes(resolve_model_path(model_path), BaseLoading())
+            if estimate > limit:
+                raise AdminError(code.RESOURCE_EXHAUSTED, _too_big(run_id, fmt, estimate, limit))
+        exports = self.storage / EXPORTS_DIR
+        exports.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"run-{run_id:04d}-{fmt}-", dir=exports))
+        try:
+            out = folder / "out"
+            with self.model_lock:
+                if fmt == "checkpoint":
+                    shutil.copytree(checkpoint, out)
+                else:
+                    export(model_path, checkpoint, out, merge=fmt == "merged")
+            files = [
+                pb.ExportFile(
+                    path=f.relative_to(out).as_posix(), size=f.stat().st_size, sha256=_sha256(f)
+                )
+                for f in sorted(out.rglob("*"))
+                if f.is_file()
+            ]
+            total = sum(f.size for f in files)
+            if total > limit:
+                raise AdminError(code.RESOURCE_EXHAUSTED, _too_big(run_id, fmt, total, limit))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        manifest = pb.ExportManifest(
+            run_id=run_id,
+            round=found.number,
+            format=fmt,
+            base_model=str(model_path),
+            files=files,
+            total_bytes=total,
+        )
+        self.say(f"run {run_id} round {found.number} exported ({fmt}, {total:,} bytes)")
+        return out, manifest
+
+    def generate(
+        self,
+        run_id: int,
+        round_number: int,
+        prompt: str,
+        max_new_tokens: int | None,
+        temperature: float,
+        seed: int,
+    ) -> pb.GenerateResponse:
+        """Text from the base model with the run's adapter (its result unless a round is named)."""
+        from fedmoe.coordinator.artifacts import generate, resolve_adapter
+        from fedmoe.model.base import check_model_dir, load_tokenizer, resolve_model_path
+
+        bad = self.grpc.StatusCode.INVALID_ARGUMENT
+        if not 1 <= len(prompt) <= PROMPT_MAX_CHARS:
+            raise AdminError(bad, f"prompt: 1-{PROMPT_MAX_CHARS} characters (got {len(prompt)})")
+        if max_new_tokens is None:
+            max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise AdminError(
+                bad, f"max_new_tokens: must be in [1, {MAX_NEW_TOKENS}] (got {max_new_tokens})"
+            )
+        if not (math.isfinite(temperature) and 0.0 <= temperature <= MAX_TEMPERATURE):
+            raise AdminError(
+                bad,
+                f"temperature: must be in [0, {MAX_TEMPERATURE:g}] (0: greedy; got {temperature})",
+            )
+        found, model_path, note = resolve_adapter(self.store, run_id, round_number or None)
+        checkpoint = None if found is None else self._checked_checkpoint(run_id, found)
+        positions = check_model_dir(resolve_model_path(model_path)).get("max_position_embeddings")
+        with self.model_lock:
+            prompt_tokens = len(
+                load_tokenizer(model_path)(prompt, add_special_tokens=False)["input_ids"]
+            )
+            if prompt_tokens == 0:
+                raise AdminError(bad, "prompt: holds no token the model's tokenizer knows")
+            if positions and prompt_tokens + max_new_tokens > positions:
+                raise AdminError(
+                    bad,
+                    f"max_new_tokens: the prompt's {prompt_tokens} tokens + {max_new_tokens} new "
+                    f"tokens exceed the model's {positions} positions (at most "
+                    f"{max(positions - prompt_tokens, 0)} new tokens for this prompt)",
+                )
+            text = generate(model_path, checkpoint, prompt, max_new_tokens, temperature, seed)
+        return pb.GenerateResponse(
+            text=text,
+            round=0 if found is None else found.number,
+            note=f"the base model generated this: {note}" if found is None else "",
+        )
+
+    def _checked_checkpoint(self, run_id: int, found) -> Path:
+        from fedmoe.coordinator.server_app import directory_sha256
+
+        checkpoint = Path(found.checkpoint_path)
+        if not checkpoint.is_dir():
+            raise AdminError(
+                self.grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run_id} round {found.number}: its checkpoint {checkpoint} is gone",
+            )
+        if found.checkpoint_sha256 and directory_sha256(checkpoint) != found.checkpoint_sha256:
+            raise AdminError(
+                self.grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run_id} round {found.number}: its checkpoint {checkpoint} changed since "
+                "the round committed; it is not handed out",
+            )
+        return checkpoint
+
     def refused_admin_call(self, method: str) -> None:
         self.say(f"refused an admin call without a valid token ({method})")
 
@@ -229,6 +373,7 @@ class CoordinatorService:
 
     def start(self) -> None:
         c = self.config
+        shutil.rmtree(self.storage / EXPORTS_DIR, ignore_errors=True)  # a previous run's leftovers
         self.superlink.start()
         host, port = c.agents.address.rsplit(":", 1)
         tls = self.superlink.tls
@@ -260,12 +405,34 @@ class CoordinatorService:
                     time.sleep(self.config.runs.poll_interval_s)
         except Stopped as name:
             running = [r.id for r in self.store.runs(statuses=("queued", "running"))]
-            self.say(
-                f"stopping ({name}); runs {running or 'none'} resume when the coordinator starts again"
-            )
+            self.say(shutdown_line(str(name), running))
             return 0
         finally:
             self.stop()
+
+
+def shutdown_line(reason: str, unfinished: list[int]) -> str:
+    """What the coordinator says as it stops: which runs it leaves to its next start."""
+    if not unfinished:
+        return f"stopping ({reason}); no run is in flight"
+    verb = "resumes" if len(unfinished) == 1 else "resume"
+    return f"stopping ({reason}); {run_list(unfinished)} {verb} when the coordinator starts again"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _too_big(run_id: int, fmt: str, size: int, limit: int) -> str:
+    return (
+        f"export: run {run_id}'s {fmt} export is {size:,} bytes, over the admin API's limit of "
+        f"{limit:,} (coordinator.toml admin.max_export_bytes); export format peft (the adapter "
+        "alone), or run `fedmoe export --database URL` on the coordinator's host"
+    )
 
 
 def coordinator_health(config: CoordinatorConfig, max_age_s: float = 30.0) -> tuple[bool, str]:

@@ -6,6 +6,7 @@ address = "0.0.0.0:9092"
 
 [admin]         # the admin API (gRPC over TLS, bearer tokens)
 address = "127.0.0.1:9091"
+# max_export_bytes = 4294967296  # `fedmoe admin export` refuses larger exports (default 4 GiB)
 [[admin.tokens]]
 name = "ops"
 sha256 = "..."  # `fedmoe coordinator token --name ops` prints a token and this line
@@ -70,6 +71,12 @@ class AdminSection(_Section):
     )
     max_request_bytes: int = Field(
         1 << 20, ge=1024, le=64 << 20, description="larger admin requests are refused"
+    )
+    max_export_bytes: int = Field(
+        4 << 30,
+        ge=1024,
+        le=1 << 40,
+        description="larger exports (`fedmoe admin export`) are refused before anything is sent",
     )
 
     @field_validator("address")

@@ -18,7 +18,7 @@ def _time(value: dt.datetime | None) -> str:
         return ""
     if value.tzinfo is None:  # SQLite drops the zone; everything is written in UTC
         value = value.replace(tzinfo=dt.UTC)
-    return value.isoformat(timespec="seconds")
+    return value.isoformat(timespec="milliseconds")  # round times to a tenth of a second
 
 
 def privacy_plan_summary(config: RunConfig) -> dict:
@@ -79,6 +79,8 @@ def run_message(run: Run, rounds: list[Round]) -> pb.Run:
         base_eval_loss=run.base_eval_loss,
         best_eval_loss=result.best_loss if result else None,
         best_round=(result.best_round or 0) if result else 0,
+        result_basis=result.basis if result else "",
+        result_base_loss=result.base_loss if result else None,
     )
 
 

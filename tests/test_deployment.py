@@ -40,6 +40,8 @@ epsilon = 8.0
 [privacy.enterprise]
 epsilon = 8.0
 clip = 0.05
+[evaluation]
+server_data = "demo"  # the agents hold the demo federation's data
 """
 
 
@@ -175,6 +177,7 @@ def test_an_admin_call_without_credentials_changes_nothing(deployment):
             ),
             ("RevokeNode", pb.RevokeNodeRequest(enterprise="clinical")),
             ("ListRuns", pb.ListRunsRequest()),
+            ("Generate", pb.GenerateRequest(run_id=1, prompt="x")),
         ):
             with pytest.raises(grpc.RpcError) as err:
                 deployment.call(method, request, metadata=metadata)
@@ -183,6 +186,13 @@ def test_an_admin_call_without_credentials_changes_nothing(deployment):
             list(
                 deployment.stub.WatchRun(
                     pb.WatchRunRequest(run_id=1), metadata=metadata, timeout=10
+                )
+            )
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            list(
+                deployment.stub.ExportRun(
+                    pb.ExportRunRequest(run_id=1), metadata=metadata, timeout=10
                 )
             )
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -308,11 +318,13 @@ def _malformed_requests(deployment) -> list[tuple[str, object, grpc.StatusCode]]
     requests.append(
         ("RegisterNode", pb.RegisterNodeRequest(enterprise="x", public_key="k" * (2 << 20)), big)
     )
+    requests.append(("Generate", pb.GenerateRequest(run_id=1, prompt="p" * (2 << 20)), big))
     for method, request_type in (
         ("GetRun", pb.GetRunRequest),
         ("StopRun", pb.StopRunRequest),
         ("ListRounds", pb.ListRoundsRequest),
         ("GetPrivacyLedger", pb.GetPrivacyLedgerRequest),
+        ("Generate", pb.GenerateRequest),
     ):
         requests += [
             (method, request_type(run_id=run_id), missing)

@@ -104,8 +104,86 @@ class ListNodesResponse(_message.Message):
     nodes: _containers.RepeatedCompositeFieldContainer[Node]
     def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
 
+class ExportRunRequest(_message.Message):
+    __slots__ = ("run_id", "round", "format")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    run_id: int
+    round: int
+    format: str
+    def __init__(self, run_id: _Optional[int] = ..., round: _Optional[int] = ..., format: _Optional[str] = ...) -> None: ...
+
+class ExportChunk(_message.Message):
+    __slots__ = ("manifest", "chunk")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    manifest: ExportManifest
+    chunk: FileChunk
+    def __init__(self, manifest: _Optional[_Union[ExportManifest, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
+
+class ExportManifest(_message.Message):
+    __slots__ = ("run_id", "round", "format", "base_model", "files", "total_bytes")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    run_id: int
+    round: int
+    format: str
+    base_model: str
+    files: _containers.RepeatedCompositeFieldContainer[ExportFile]
+    total_bytes: int
+    def __init__(self, run_id: _Optional[int] = ..., round: _Optional[int] = ..., format: _Optional[str] = ..., base_model: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ExportFile, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class ExportFile(_message.Message):
+    __slots__ = ("path", "size", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("path", "data")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    data: bytes
+    def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("run_id", "round", "prompt", "max_new_tokens", "temperature", "seed")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    run_id: int
+    round: int
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    def __init__(self, run_id: _Optional[int] = ..., round: _Optional[int] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text", "round", "note")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    round: int
+    note: str
+    def __init__(self, text: _Optional[str] = ..., round: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+
 class Run(_message.Message):
-    __slots__ = ("id", "status", "planned_rounds", "completed_rounds", "started_at", "ended_at", "error", "base_fingerprint", "engine", "enterprises", "resumes", "started_by", "privacy", "config_json", "base_eval_loss", "best_eval_loss", "best_round")
+    __slots__ = ("id", "status", "planned_rounds", "completed_rounds", "started_at", "ended_at", "error", "base_fingerprint", "engine", "enterprises", "resumes", "started_by", "privacy", "config_json", "base_eval_loss", "best_eval_loss", "best_round", "result_basis", "result_base_loss")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PLANNED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +201,8 @@ class Run(_message.Message):
     BASE_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     BEST_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     BEST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    RESULT_BASIS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_BASE_LOSS_FIELD_NUMBER: _ClassVar[int]
     id: int
     status: str
     planned_rounds: int
@@ -140,7 +220,9 @@ class Run(_message.Message):
     base_eval_loss: float
     best_eval_loss: float
     best_round: int
-    def __init__(self, id: _Optional[int] = ..., status: _Optional[str] = ..., planned_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., started_at: _Optional[str] = ..., ended_at: _Optional[str] = ..., error: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., enterprises: _Optional[_Iterable[str]] = ..., resumes: _Optional[int] = ..., started_by: _Optional[str] = ..., privacy: _Optional[str] = ..., config_json: _Optional[str] = ..., base_eval_loss: _Optional[float] = ..., best_eval_loss: _Optional[float] = ..., best_round: _Optional[int] = ...) -> None: ...
+    result_basis: str
+    result_base_loss: float
+    def __init__(self, id: _Optional[int] = ..., status: _Optional[str] = ..., planned_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., started_at: _Optional[str] = ..., ended_at: _Optional[str] = ..., error: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., enterprises: _Optional[_Iterable[str]] = ..., resumes: _Optional[int] = ..., started_by: _Optional[str] = ..., privacy: _Optional[str] = ..., config_json: _Optional[str] = ..., base_eval_loss: _Optional[float] = ..., best_eval_loss: _Optional[float] = ..., best_round: _Optional[int] = ..., result_basis: _Optional[str] = ..., result_base_loss: _Optional[float] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("number", "status", "started_at", "ended_at", "participants", "failures", "train_loss", "eval_loss", "server_eval_loss", "update_norm", "bytes_up", "bytes_down", "updates_seen", "checkpoint_path", "checkpoint_sha256", "expert_load_json", "participations")

@@ -84,6 +84,16 @@ class AdminStub:
                 request_serializer=fedmoe_dot_proto_dot_admin__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=fedmoe_dot_proto_dot_admin__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.ExportRun = channel.unary_stream(
+                '/fedmoe.admin.v1.Admin/ExportRun',
+                request_serializer=fedmoe_dot_proto_dot_admin__pb2.ExportRunRequest.SerializeToString,
+                response_deserializer=fedmoe_dot_proto_dot_admin__pb2.ExportChunk.FromString,
+                _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/fedmoe.admin.v1.Admin/Generate',
+                request_serializer=fedmoe_dot_proto_dot_admin__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=fedmoe_dot_proto_dot_admin__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -156,6 +166,23 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRun(self, request, context):
+        """A run's adapter as `fedmoe export` writes it, built on the coordinator and streamed: first
+        one manifest (every file, its size and SHA-256), then each file's bytes in order, in chunks
+        of at most 1 MiB. An export larger than `admin.max_export_bytes` is refused
+        (RESOURCE_EXHAUSTED) before anything is sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Text from the base model with a run's adapter, generated on the coordinator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +235,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=fedmoe_dot_proto_dot_admin__pb2.ListNodesRequest.FromString,
                     response_serializer=fedmoe_dot_proto_dot_admin__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'ExportRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportRun,
+                    request_deserializer=fedmoe_dot_proto_dot_admin__pb2.ExportRunRequest.FromString,
+                    response_serializer=fedmoe_dot_proto_dot_admin__pb2.ExportChunk.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=fedmoe_dot_proto_dot_admin__pb2.GenerateRequest.FromString,
+                    response_serializer=fedmoe_dot_proto_dot_admin__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +517,60 @@ class Admin:
             '/fedmoe.admin.v1.Admin/ListNodes',
             fedmoe_dot_proto_dot_admin__pb2.ListNodesRequest.SerializeToString,
             fedmoe_dot_proto_dot_admin__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedmoe.admin.v1.Admin/ExportRun',
+            fedmoe_dot_proto_dot_admin__pb2.ExportRunRequest.SerializeToString,
+            fedmoe_dot_proto_dot_admin__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmoe.admin.v1.Admin/Generate',
+            fedmoe_dot_proto_dot_admin__pb2.GenerateRequest.SerializeToString,
+            fedmoe_dot_proto_dot_admin__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
