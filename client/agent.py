@@ -121,7 +121,9 @@ class Agent:
             ", ".join(f"{k} eps {v:g}" for k, v in node.budgets.items() if v is not None) or "none"
         )
         self.say(
-            f"model {ws.base_fingerprint[:12]} loaded on {ws.device}, {ws.train_blocks.shape[0]} training blocks; "
+            f"data ready: {ws.train_records.shape[0]} training records "
+            f"({ws.train_blocks.shape[0]} blocks), {ws.heldout_records.shape[0]} held out; "
+            f"model {ws.base_fingerprint[:12]} loaded on {ws.device}; "
             f"ledger {c.ledger} (lifetime budgets: {budgets})"
         )
         pinned = node.federation.pinned

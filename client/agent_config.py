@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedmoe.client.settings import NodeSettings
 from fedmoe.contract.keys import load_public_key
-from fedmoe.model.base import EMBEDDED, check_model_dir, resolve_model_path
-from fedmoe.model.data import find_split
+from fedmoe.contract.round import LocalTrainSettings
+from fedmoe.model.base import EMBEDDED, check_model_dir, load_tokenizer, resolve_model_path
+from fedmoe.model.data import DATA_HINT, DataFiles, check_data
 from fedmoe.privacy.settings import NodeBudget
 from fedmoe.support.files import (
     ConfigError,
@@ -41,7 +42,15 @@ class AgentConfig(BaseModel):
         min_length=1, description="the node's key, made by `fedmoe agent init`"
     )
     data: str = Field(
-        min_length=1, description="folder with train.{jsonl,csv,parquet} and heldout.{...}"
+        min_length=1,
+        description="a file of training records (.jsonl, .csv, .parquet), or a folder with "
+        "train.<ext> and optionally heldout.<ext>",
+    )
+    heldout: str | None = Field(
+        None,
+        min_length=1,
+        description="the held-out file; default the data folder's heldout.<ext>, else 10% of "
+        "the training records",
     )
     model: str = Field(
         EMBEDDED, min_length=1, description='"embedded" or a local checkpoint directory'
@@ -83,7 +92,8 @@ class AgentConfig(BaseModel):
     def node_settings(self) -> NodeSettings:
         return NodeSettings(
             enterprise=self.name,
-            data_dir=Path(self.data),
+            data=Path(self.data),
+            heldout=Path(self.heldout) if self.heldout else None,
             model_path=self.model,
             threads=self.threads,
             device=self.device,
@@ -113,11 +123,11 @@ def load_agent_config(path: Path) -> AgentConfig:
             key: str(resolve_path(getattr(config, key), base))
             for key in ("ca_certificate", "private_key", "data", "ledger", "state_dir")
         }
-        | (
-            {"federation_keys": str(resolve_path(config.federation_keys, base))}
-            if config.federation_keys
-            else {}
-        )
+        | {
+            key: str(resolve_path(getattr(config, key), base))
+            for key in ("federation_keys", "heldout")
+            if getattr(config, key)
+        }
         | {
             "model": config.model
             if config.model == EMBEDDED
@@ -138,17 +148,38 @@ def check_agent_files(config: AgentConfig) -> None:
             read_federation_keys(Path(config.federation_keys))
         except (OSError, ValueError) as err:
             problems.append(f"  federation_keys: {err}")
-    for split in ("train", "heldout"):
-        try:
-            find_split(Path(config.data), split)
-        except (FileNotFoundError, OSError) as err:
-            problems.append(f"  data: {err}")
     try:
         check_model_dir(resolve_model_path(config.model))
     except (FileNotFoundError, ValueError) as err:
         problems.append(f"  model: {err}")
+    else:
+        problems += _check_data(config)
     if problems:
         raise ConfigError("invalid agent config:\n" + "\n".join(problems))
+
+
+def _check_data(config: AgentConfig) -> list[str]:
+    """The node's own data, read whole before the agent connects: a node with broken data
+    never joins a round (it says why here, to its own operator, and nowhere else)."""
+    try:
+        tokenizer = load_tokenizer(config.model)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a broken tokenizer
+        return [f"  model: cannot load its tokenizer ({type(err).__name__}: {str(err)[:300]})"]
+    try:
+        files = DataFiles.locate(
+            Path(config.data), Path(config.heldout) if config.heldout else None
+        )
+        # The run's seq_len is not known yet: the default's; a larger one is checked per run.
+        check_data(files, tokenizer, LocalTrainSettings().seq_len)
+    except (OSError, ValueError) as err:
+        field = "heldout" if config.heldout and str(err).startswith("held-out") else "data"
+        text = (
+            f"cannot read {config.data[:200]} ({err.strerror})"
+            if getattr(err, "strerror", None)
+            else str(err)[:1000]
+        )
+        return [f"  {field}: {text}", DATA_HINT]
+    return []
 
 
 def read_federation_keys(path: Path) -> tuple[str, ...]:

@@ -16,7 +16,6 @@ import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +25,9 @@ from fedmoe.client.ledger import CLEAR, Draw, PrivacyLedger, Release, ReplayRefu
 from fedmoe.client.settings import NodeSettings
 from fedmoe.client.trainer import train_local
 from fedmoe.contract.expert_weighting import weighted_release, weighting_of_layout
-from fedmoe.contract.round import BudgetAnswer, RoundSpec, SecureSum
+from fedmoe.contract.round import BudgetAnswer, MalformedRound, RoundSpec, SecureSum
 from fedmoe.model.base import fingerprint, load_base, load_tokenizer
-from fedmoe.model.data import find_split, load_blocks, load_records
+from fedmoe.model.data import DataFiles, tokenize_blocks, tokenize_records
 from fedmoe.model.lora import (
     adapter_layout,
     attach_lora,
@@ -70,7 +69,7 @@ class Workspace:
     @property
     def train_records(self) -> torch.Tensor:
         """One training record per row, for record-level DP."""
-        return _records(str(self.node.data_dir), "train", self.node.model_path, self.seq_len)
+        return _records(self.node.data_files, "train", self.node.model_path, self.seq_len)
 
 
 @lru_cache(maxsize=2)
@@ -84,13 +83,13 @@ def _adapted_model(
 
 
 @lru_cache(maxsize=8)
-def _blocks(data_dir: str, split: str, model_path: str, seq_len: int) -> torch.Tensor:
-    return load_blocks(find_split(Path(data_dir), split), load_tokenizer(model_path), seq_len)
+def _blocks(files: DataFiles, split: str, model_path: str, seq_len: int) -> torch.Tensor:
+    return tokenize_blocks(files.texts(split), load_tokenizer(model_path), seq_len)
 
 
 @lru_cache(maxsize=8)
-def _records(data_dir: str, split: str, model_path: str, seq_len: int) -> torch.Tensor:
-    return load_records(find_split(Path(data_dir), split), load_tokenizer(model_path), seq_len)
+def _records(files: DataFiles, split: str, model_path: str, seq_len: int) -> torch.Tensor:
+    return tokenize_records(files.texts(split), load_tokenizer(model_path), seq_len)
 
 
 def workspace(
@@ -107,8 +106,8 @@ def workspace(
         model=model,
         base_fingerprint=base_fp,
         layout=layout,
-        train_blocks=_blocks(str(node.data_dir), "train", node.model_path, seq_len),
-        heldout_records=_records(str(node.data_dir), "heldout", node.model_path, seq_len),
+        train_blocks=_blocks(node.data_files, "train", node.model_path, seq_len),
+        heldout_records=_records(node.data_files, "heldout", node.model_path, seq_len),
         device=device,
         seq_len=seq_len,
     )
@@ -287,6 +286,14 @@ class EnterpriseNode:
                     f"this node's delta {own:g} (budget.delta) is not below 1/records of its own "
                     "data: lower it in the node's terms"
                 )
+            bound = spec.privacy.record.min_records
+            if bound is not None and ws.train_records.shape[0] < bound:
+                # The run's forecast assumed at least `bound` records; the answer is the same
+                # every time and says only that this node is below the public bound.
+                raise RoundRefused(
+                    f"this node holds fewer training records than the run's public bound "
+                    f"privacy.record.min_records = {bound}"
+                )
         plan = _privacy_plan(
             spec.privacy.model_dump_json(), records, spec.train.local_steps, spec.rounds
         )
@@ -306,6 +313,14 @@ class EnterpriseNode:
                 reason = f"infeasible privacy plan on this node: {reason}"
             return BudgetAnswer(
                 accept=False, reason=reason, enterprise=self.node.enterprise
+            ).to_properties()
+        except MalformedRound:
+            raise
+        except Exception as err:  # noqa: BLE001 - any other failure fails the round, by name
+            # Before any charge and from the node's own setup (model, data, round config).
+            reason = f"{type(err).__name__}: {str(err)[:500]}"
+            return BudgetAnswer(
+                accept=False, reason=reason, enterprise=self.node.enterprise, failed=True
             ).to_properties()
         spends, problem = self.ledger.preview(
             spec.ledger_key(),
@@ -364,6 +379,7 @@ class EnterpriseNode:
         if (earlier := self.ledger.draw(key, spec.server_round)) is not None:
             return self._replay(spec, earlier, sha, session)
         global_vector = _global_adapter(parameters, ws)  # a malformed adapter: refused, uncharged
+        self.ledger.name_run(spec.run_uid, spec.run_number)
         # Write-ahead: spend and draw are on the ledger before any training.
         spends = self.ledger.charge(
             key, spec.server_round, self._epsilon_after(plan), self.budgets, spec.rounds,

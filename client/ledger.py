@@ -71,6 +71,11 @@ CREATE TABLE IF NOT EXISTS draws (
     recorded_at TEXT NOT NULL,
     PRIMARY KEY (run, round)
 )""",
+    """
+CREATE TABLE IF NOT EXISTS run_numbers (
+    run TEXT PRIMARY KEY,  -- a run uid
+    number INTEGER NOT NULL  -- the coordinator's number for it, as first given: a label only
+)""",
 )
 
 # (level, participations) -> (the run's epsilon after that many releases, delta)
@@ -353,6 +358,20 @@ class PrivacyLedger:
         """The run's highest charged round (rounds only go forward)."""
         with closing(self._connect()) as db:
             return db.execute("SELECT MAX(round) FROM spends WHERE run = ?", (run,)).fetchone()[0]
+
+    def name_run(self, run_uid: str, number: int) -> None:
+        """Label a run uid with the coordinator's run number; the first label stays."""
+        if number < 1:
+            return
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT OR IGNORE INTO run_numbers (run, number) VALUES (?, ?)", (run_uid, number)
+            )
+
+    def run_numbers(self) -> dict[str, int]:
+        """Run uid -> the coordinator's run number, where the node was told it."""
+        with closing(self._connect()) as db:
+            return dict(db.execute("SELECT run, number FROM run_numbers").fetchall())
 
     def entries(self) -> list[tuple]:
         with closing(self._connect()) as db:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedmoe.client.secagg_guard import Federation
 from fedmoe.contract.keys import fingerprint, load_public_key
 from fedmoe.contract.secagg_session import Identity
+from fedmoe.model.data import DataFiles
 from fedmoe.privacy.settings import NodeBudget
 
 
@@ -21,7 +22,12 @@ class NodeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enterprise: str = Field(min_length=1, max_length=64)
-    data_dir: Path
+    data: Path = Field(
+        description="a file of training records, or a folder with train.<ext> (and heldout.<ext>)"
+    )
+    heldout: Path | None = Field(
+        None, description="the held-out file; default the folder's, else carved (model/data.py)"
+    )
     model_path: str = "embedded"
     threads: int = Field(1, ge=1, le=512, description="torch CPU threads for this client")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -68,6 +74,10 @@ class NodeSettings(BaseModel):
                 | {identity.fingerprint}
             )
         return Federation(identity, pinned, self.unverified_secagg)
+
+    @property
+    def data_files(self) -> DataFiles:
+        return DataFiles.locate(self.data, self.heldout)
 
     @property
     def ledger_path(self) -> Path:

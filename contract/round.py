@@ -58,6 +58,12 @@ class RoundSpec(BaseModel):
     run_uid: str = Field(
         pattern=r"^[0-9a-f]{32}$", description="the run's identity on every node's ledger"
     )
+    run_number: int = Field(
+        0,
+        ge=0,
+        le=2**53,
+        description="the coordinator's number for the run: a label in the node's ledger (0: none)",
+    )
     lora: LoraSettings
     base: BaseLoading
     train: LocalTrainSettings
@@ -100,9 +106,12 @@ class RoundSpec(BaseModel):
         different run, so a coordinator cannot change the noise mid-run and keep the tight
         within-run accounting. Only what sets the noise and its accounting is in it (the levels,
         the rounds and steps the plan covers); anything else (accepting a noisy plan, the audit,
-        the batch size) would split one run into several and charge it more than once."""
+        the batch size, the public bound on records) would split one run into several and charge
+        it more than once."""
         plan = [
-            self.privacy.model_dump(include={"record", "enterprise"}),
+            self.privacy.model_dump(
+                include={"record", "enterprise"}, exclude={"record": {"min_records"}}
+            ),
             self.rounds,
             self.train.local_steps,
         ]
@@ -133,6 +142,8 @@ class BudgetAnswer:
     enterprise: str = ""  # what the node calls itself; the coordinator trusts its registry instead
     epsilon_record: float = math.inf  # the run's epsilon after this round (inf: no guarantee)
     epsilon_enterprise: float = math.inf
+    # The node could not take part (an error, not its terms): the round fails it by name.
+    failed: bool = False
 
     def to_properties(self) -> dict:
         return asdict(self)
@@ -146,11 +157,16 @@ class BudgetAnswer:
                 enterprise=str(properties.get("enterprise", ""))[:64],
                 epsilon_record=float(properties.get("epsilon_record", math.inf)),
                 epsilon_enterprise=float(properties.get("epsilon_enterprise", math.inf)),
+                failed=properties.get("failed", False),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise MalformedRound(f"budget answer: {err!r}") from None
-        if not isinstance(answer.accept, bool) or any(
-            math.isnan(e) or e < 0 for e in (answer.epsilon_record, answer.epsilon_enterprise)
+        if (
+            not isinstance(answer.accept, bool)
+            or not isinstance(answer.failed, bool)
+            or any(
+                math.isnan(e) or e < 0 for e in (answer.epsilon_record, answer.epsilon_enterprise)
+            )
         ):
             raise MalformedRound(f"budget answer: malformed values {properties!r:.200}")
         return answer

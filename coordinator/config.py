@@ -34,8 +34,13 @@ from pydantic import (
 from fedmoe.contract.expert_weighting import update_share
 from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.model.base import EMBEDDED, check_model_dir, load_tokenizer, resolve_model_path
-from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES, resolve_generated
-from fedmoe.model.data import find_split, read_texts
+from fedmoe.model.corpus import (
+    DEMO_DATA_DIR,
+    DEMO_ENTERPRISES,
+    generated_data_home,
+    resolve_generated,
+)
+from fedmoe.model.data import DATA_HINT, DataFiles, check_data
 from fedmoe.model.lora import adapter_size
 from fedmoe.model.settings import BaseLoading, LoraSettings
 from fedmoe.privacy.forecast import (
@@ -99,8 +104,16 @@ class Enterprise(_Section):
         None,
         min_length=1,
         max_length=4096,
-        description="simulation only: folder with train.{jsonl,csv,parquet} and "
-        "heldout.{jsonl,csv,parquet}, or a generated demo enterprise such as demo:large/finance",
+        description="simulation only: a file of training records (.jsonl, .csv, .parquet), a "
+        "folder with train.<ext> and optionally heldout.<ext>, or a generated demo enterprise "
+        "such as demo:large/finance",
+    )
+    heldout: OptionalPathText = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="simulation only: the held-out file; default the data folder's heldout.<ext>, "
+        "else 10% of the training records (model/data.py, carve_heldout)",
     )
     # A simulated node's own settings (a deployed node keeps them in its agent config).
     budget: NodeBudget = NodeBudget()
@@ -242,9 +255,11 @@ class FederationSection(_Section):
 
 class EvaluationSection(_Section):
     server_data: OptionalPathText = Field(
-        "demo",
+        None,
         max_length=4096,
-        description='held-out file the coordinator evaluates on; "demo" or a path; empty to skip',
+        description='held-out file the coordinator evaluates on: a path, "demo" (the demo '
+        "federation's public set), or empty to skip; left out: the demo set with the demo "
+        "federation, none with the enterprises' own data",
     )
 
 
@@ -269,6 +284,19 @@ class RunConfig(_Section):
     evaluation: EvaluationSection = EvaluationSection()
     database: DatabaseSection = DatabaseSection()
     output: OutputSection = OutputSection()
+
+    def result_basis(self) -> str:
+        """What a resolved run's result is chosen by (`fedmoe plan` and the run header say it)."""
+        if self.evaluation.server_data:
+            return (
+                f"the best round by the coordinator's evaluation on {self.evaluation.server_data}"
+            )
+        if self.privacy.enabled:
+            return (
+                "the last committed round: a private run's enterprises send no held-out loss; "
+                "set evaluation.server_data to a public file of your domain to choose the best"
+            )
+        return "the best round by the enterprises' own held-out loss (federated evaluation)"
 
     def to_toml_dict(self) -> dict:
         return json.loads(self.model_dump_json(exclude_none=True))
@@ -303,11 +331,23 @@ def _resolve_data(data: str, base: Path, field: str) -> str:
     return str(generated) if generated else _resolve(data, base, field)
 
 
-def _resolve_server_data(config: RunConfig, base: Path) -> str | None:
+def _resolve_server_data(config: RunConfig, base: Path, demo_federation: bool) -> str | None:
+    """The public evaluation set: the demo's belongs to the demo's domains, so it is the
+    default only for a federation of demo enterprises; other data is judged by its own."""
     server_data = config.evaluation.server_data
+    if server_data is None:
+        server_data = "demo" if demo_federation else ""
     if server_data == "demo":
         return str(DEMO_DATA_DIR / "public_eval.jsonl")
     return _resolve(server_data, base, "evaluation.server_data") if server_data else None
+
+
+def _is_within(path: str, folders: tuple[Path, ...]) -> bool:
+    try:
+        resolved = Path(path).resolve()
+        return any(resolved.is_relative_to(Path(f).resolve()) for f in folders)
+    except (OSError, RuntimeError):  # a name too long, a symlink loop: reported by the data check
+        return False
 
 
 def _creatable(path: Path, kind: str) -> str | None:
@@ -377,6 +417,8 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         e.model_copy(
             update=dict(
                 data=_resolve_data(e.data, base, f"federation.enterprises.{i}.data"),
+                heldout=e.heldout
+                and _resolve(e.heldout, base, f"federation.enterprises.{i}.heldout"),
                 ledger=_resolve(
                     e.ledger or f"{output_dir}/ledgers/{e.name}.sqlite",
                     base,
@@ -386,6 +428,11 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         )
         for i, e in enumerate(enterprises)
     )
+    # The demo's domains: the bundled folders, or a generated demo federation's.
+    demo_federation = all(
+        not e.heldout and _is_within(e.data, (DEMO_DATA_DIR, generated_data_home()))
+        for e in enterprises
+    )
     federation = config.federation.model_copy(update=dict(enterprises=enterprises))
     if not config.federation.enterprises:
         _recheck_federation(federation)  # e.g. min_fit_clients against the 3 demo enterprises
@@ -393,7 +440,9 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         update=dict(
             model=config.model.model_copy(update=dict(path=model_path)),
             federation=federation,
-            evaluation=EvaluationSection(server_data=_resolve_server_data(config, base)),
+            evaluation=EvaluationSection(
+                server_data=_resolve_server_data(config, base, demo_federation)
+            ),
             database=DatabaseSection(url=_resolve_sqlite_url(config.database.url, base)),
             output=OutputSection(dir=output_dir),
         )
@@ -421,7 +470,7 @@ def resolve_for_deployment(
             problems.append(
                 f"{where}.name: {e.name!r} is not a registered enterprise (registered: {', '.join(registered) or 'none'})"
             )
-        for key in ("data", "ledger"):
+        for key in ("data", "heldout", "ledger"):
             if getattr(e, key) is not None:
                 problems.append(
                     f"{where}.{key}: set on the enterprise's agent, not in a deployment run"
@@ -444,7 +493,10 @@ def resolve_for_deployment(
     resolved = config.model_copy(
         update=dict(
             federation=federation,
-            evaluation=EvaluationSection(server_data=_resolve_server_data(config, Path("/"))),
+            # A deployed federation's data is the agents' own: no demo set by default.
+            evaluation=EvaluationSection(
+                server_data=_resolve_server_data(config, Path("/"), demo_federation=False)
+            ),
             database=DatabaseSection(url=database_url),
             output=OutputSection(dir=output_dir),
         )
@@ -480,22 +532,54 @@ def check_files(config: RunConfig) -> None:
             problems.append(
                 f"  train.seq_len: must be <= {max_pos}, the model's max_position_embeddings (got {config.train.seq_len})"
             )
-    for i, e in enumerate(config.federation.enterprises):
-        if e.data is None:
-            continue
-        for split in ("train", "heldout"):
-            try:
-                find_split(Path(e.data), split)
-            except FileNotFoundError as err:
-                problems.append(f"  federation.enterprises.{i}.data: {err}")
-            except OSError as err:  # e.g. a name too long (OSError's text would repeat it whole)
-                where = f"federation.enterprises.{i}.data"
-                problems.append(f"  {where}: cannot read {e.data[:200]} ({err.strerror or err})")
+    problems += _check_enterprise_data(config, tokenizer_ok=not problems)
     server_data = config.evaluation.server_data
     if server_data and not _is_file(server_data):
         problems.append(f"  evaluation.server_data: file {server_data} does not exist")
     if problems:
         raise ConfigError("invalid run config:\n" + "\n".join(dict.fromkeys(problems)))
+
+
+def _check_enterprise_data(config: RunConfig, tokenizer_ok: bool) -> list[str]:
+    """Every simulated enterprise's data, read whole before any process starts: each file
+    exists and parses, every record has its fields, and the training records fill a block."""
+    enterprises = [(i, e) for i, e in enumerate(config.federation.enterprises) if e.data]
+    if not enterprises:
+        return []
+    tokenizer = None
+    if tokenizer_ok:
+        try:
+            tokenizer = load_tokenizer(config.model.path)
+        except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a broken tokenizer
+            return [
+                f"  model.path: cannot load its tokenizer ({type(err).__name__}: {str(err)[:300]})"
+            ]
+    problems = []
+    for i, e in enterprises:
+        try:
+            files = locate_data(e)
+            if tokenizer is not None:
+                check_data(files, tokenizer, config.train.seq_len)
+            else:
+                files.texts("heldout")
+        except (OSError, ValueError) as err:
+            field = "heldout" if e.heldout and str(err).startswith("held-out") else "data"
+            problems.append(
+                f"  federation.enterprises.{i}.{field}: enterprise {e.name}: {_data_error(err, e)}"
+            )
+    return problems + [DATA_HINT] if problems else []
+
+
+def locate_data(enterprise: Enterprise) -> DataFiles:
+    return DataFiles.locate(
+        Path(enterprise.data), Path(enterprise.heldout) if enterprise.heldout else None
+    )
+
+
+def _data_error(err: Exception, enterprise: Enterprise) -> str:
+    if isinstance(err, OSError) and err.strerror:  # e.g. a name too long: its text would repeat it
+        return f"cannot read {enterprise.data[:200]} ({err.strerror})"
+    return str(err)[:1000]
 
 
 def _is_file(path: str) -> bool:
@@ -535,29 +619,25 @@ def check_privacy(config: RunConfig) -> list[Forecast]:
                 'record-level DP-SGD does not cover; use "fedavg" with privacy.record, or '
                 "enterprise-level privacy alone"
             )
-    if privacy.record and any(e.data is not None for e in fed.enterprises):
-        try:  # the nodes tokenize their records one per row before the first DP-SGD step
-            load_tokenizer(config.model.path)
-        except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a broken tokenizer
-            raise ConfigError(
-                "invalid run config:\n  model.path: cannot load its tokenizer "
-                f"({type(err).__name__}: {str(err)[:300]})"
-            ) from None
     params = adapter_size(config.model.path, config.lora) if privacy.enabled else 0
     for i, e in enumerate(fed.enterprises):
-        if e.data is None:  # a deployed node checks its own data; the plan's noise is public
-            records = 1
-        else:
-            try:
-                train_file = find_split(Path(e.data), "train")
-                # DP-SGD's examples are records, one per row (model/data.py).
-                records = len(read_texts(train_file)) if privacy.record else 1
-            except (OSError, ValueError, UnicodeDecodeError) as err:
-                problems.append(f"  federation.enterprises.{i}.data: {err}")
-                continue
-            if privacy.record and not privacy.record.delta < 1 / records:
+        # DP-SGD's examples are records, one per row (model/data.py). A deployed node's count
+        # is its own: the run's public bound on it stands in (or 1 when there is none).
+        records = (privacy.record.min_records or 1) if privacy.record else 1
+        if e.data is not None and privacy.record:
+            records = len(locate_data(e).texts("train"))  # read (and checked) by check_files
+            bound = privacy.record.min_records
+            if bound is not None and records < bound:
                 problems.append(
-                    f"  privacy.record.delta: must be < 1/records = {1 / records:.3g} for enterprise "
+                    f"  privacy.record.min_records: enterprise {e.name} holds {records} training "
+                    f"records, fewer than the declared {bound}"
+                )
+                continue
+        if privacy.record and (e.data is not None or privacy.record.min_records):
+            if not privacy.record.delta < 1 / records:
+                what = "records" if e.data is not None else "privacy.record.min_records"
+                problems.append(
+                    f"  privacy.record.delta: must be < 1/{what} = {1 / records:.3g} for enterprise "
                     f"{e.name} ({records} records; got {privacy.record.delta:g})"
                 )
                 continue
@@ -569,12 +649,26 @@ def check_privacy(config: RunConfig) -> list[Forecast]:
                 + (f" (enterprise {e.name})" if str(err).startswith("privacy.record") else "")
             )
             continue
-        if plan.record and e.data is not None:  # a deployed node's record count is its own
-            forecast = record_forecast(plan.record, privacy.record.clip, params)
-            forecasts.append(replace(forecast, enterprise=e.name))
+        if plan.record and e.data is None and privacy.record.min_records is None:
+            if not privacy.accept_noisy_plan:
+                problems.append(
+                    "  privacy.record.min_records: a deployed run's utility forecast needs a "
+                    "public lower bound on every enterprise's training records (the coordinator "
+                    "sees no node's data; a node holding fewer refuses the run); declare one, "
+                    "e.g. privacy.record.min_records = 20000, or set privacy.accept_noisy_plan = true"
+                )
+        elif plan.record:
+            # Deployed enterprises share one forecast: the declared bound stands in for each.
+            whose = e.name if e.data else f"every enterprise at min_records {records}"
+            who = f"enterprise {e.name}" if e.data else whose
+            forecast = replace(
+                record_forecast(plan.record, privacy.record.clip, params), enterprise=whose
+            )
+            if forecast not in forecasts:
+                forecasts.append(forecast)
             if forecast.hopeless and not privacy.accept_noisy_plan:
                 fixes = record_fixes(forecast, plan.record, params, records)
-                problems.append(_swamped(f"privacy.record (enterprise {e.name})", forecast, fixes))
+                problems.append(_swamped(f"privacy.record ({who})", forecast, fixes))
         for level in ("record", "enterprise"):
             run_delta = plan.epsilon_after(level, 1)[1]
             if e.data is not None and run_delta > e.budget.delta:  # a deployed node checks its own
@@ -606,7 +700,8 @@ def check_privacy(config: RunConfig) -> list[Forecast]:
             forecast = enterprise_forecast(plan, params, n, shares, share)
             forecasts.append(forecast)
             if forecast.hopeless and not privacy.accept_noisy_plan:
-                fixes = enterprise_fixes(forecast, plan, params, n, secagg)
+                secagg_shares = fed.secure_aggregation.threshold_for(n)
+                fixes = enterprise_fixes(forecast, plan, params, n, secagg, secagg_shares)
                 problems.append(_swamped("privacy.enterprise", forecast, fixes))
     if problems:
         raise ConfigError("invalid privacy settings:\n" + "\n".join(dict.fromkeys(problems)))

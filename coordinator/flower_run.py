@@ -27,7 +27,8 @@ class FlowerRun:
         simulated = [
             {
                 "enterprise": e.name,
-                "data_dir": e.data,
+                "data": e.data,
+                "heldout": e.heldout,
                 "model_path": self.config.model.path,
                 "threads": fed.threads_per_client,
                 "budget": e.budget.model_dump(exclude_none=True),

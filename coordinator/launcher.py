@@ -15,7 +15,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from fedmoe.coordinator.config import ConfigError, RunConfig, parse_run_config
@@ -25,6 +24,7 @@ from fedmoe.coordinator.runs import RunSupervisor
 from fedmoe.coordinator.superlink import FINISHED, LOG_END, SuperLink, follow_logs
 from fedmoe.coordinator.views import privacy_plan_summary
 from fedmoe.support.processes import Stopped, stop_on_signals
+from fedmoe.support.words import plural
 
 POLL_S = 1.0
 
@@ -80,6 +80,8 @@ def _print_from_database(
         if record.number not in printed and record.status == "completed":
             print(format_round(record, config, run.base_eval_loss), flush=True)
     ended = f"[fedmoe] run {run_id} {run.status}" + (f": {run.error}" if run.error else "")
+    if run.status == "budget_spent":  # as the ServerApp says it
+        ended = f"[fedmoe] run {run_id} stopped: privacy budgets are spent ({run.error})"
     print(ended, flush=True)
     if run.status == "completed" and (result := outcome(store.rounds(run_id), run.base_eval_loss)):
         print(f"[fedmoe] run {run_id} {result.describe()}", flush=True)
@@ -119,10 +121,10 @@ def launch(
     home = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=flower_root))
     n, rounds = len(config.federation.enterprises), config.federation.rounds
     print(
-        f"[fedmoe] run {run_id} on Flower's simulation engine: {n} enterprises, {rounds} rounds (logs in {home})",
+        f"[fedmoe] run {run_id} on Flower's simulation engine: {plural(n, 'enterprise')}, "
+        f"{plural(rounds, 'round')} (logs in {home})",
         flush=True,
     )
-    tail: deque[str] = deque(maxlen=60)
     printed_rounds: set[int] = set()
     log_ended = threading.Event()
 
@@ -130,7 +132,6 @@ def launch(
         with open(home / "run.log", "a") as log:
             log.write(text)
         for line in text.splitlines(keepends=True):
-            tail.append(line)
             if LOG_END in line:
                 log_ended.set()
             if (round_line := ROUND_LINE.search(line)) is not None:
@@ -176,10 +177,9 @@ def launch(
         return 0
     if run.status == "budget_spent":
         return 0
-    if not verbose:
-        sys.stderr.write("".join(tail))
+    # One line: what failed and where the details are (Flower's tracebacks stay in the log).
     print(
-        f"[fedmoe] run {run_id} {run.status}: {run.error}; full log: {home / 'run.log'}",
+        f"error: run {run_id} {run.status}: {run.error}; full log: {home / 'run.log'}",
         file=sys.stderr,
     )
     return 1

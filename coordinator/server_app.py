@@ -35,7 +35,7 @@ from fedmoe.coordinator.config import RunConfig
 from fedmoe.coordinator.db import FINAL_STATUSES, RoundRecord, RunStore
 from fedmoe.coordinator.flower_run import FlowerRun
 from fedmoe.coordinator.grid import FleetGrid
-from fedmoe.coordinator.outcome import outcome
+from fedmoe.coordinator.outcome import NO_EVALUATION, outcome
 from fedmoe.coordinator.secure_sum import SecureSumWorkflow
 from fedmoe.coordinator.strategy import AskNodes, BudgetExhausted, FederatedLoRA, RoundContext
 from fedmoe.coordinator.superlink import LOG_END
@@ -54,6 +54,7 @@ from fedmoe.model.lora import (
 )
 from fedmoe.model.loss import evaluate_loss
 from fedmoe.privacy import secagg_prg
+from fedmoe.support.words import plural
 
 log = logging.getLogger("fedmoe")
 
@@ -260,11 +261,13 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         remaining = config.federation.rounds - (ctx.first_round - 1)
         resumed = f", resumed after round {ctx.first_round - 1}" if ctx.first_round > 1 else ""
         print(
-            f"[fedmoe] run {run_id}: {n} enterprises, {config.federation.rounds} rounds, "
+            f"[fedmoe] run {run_id}: {plural(n, 'enterprise')}, "
+            f"{plural(config.federation.rounds, 'round')}, "
             f"base {ctx.base_fingerprint[:12]}{resumed}",
             flush=True,
         )
         print(f"[fedmoe] {describe_privacy(run.privacy_plan)}", flush=True)
+        print(f"[fedmoe] the run's result: {config.result_basis()}", flush=True)
         if remaining <= 0:
             store.finish_run(run_id, "completed")
             print(f"[fedmoe] run {run_id} completed (every round had committed)", flush=True)
@@ -331,7 +334,7 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         if worse:
             # Loud, in the record too: a run that ends worse than it started is not a success.
             worse_note = (
-                f"ended worse than the base model on the public evaluation (last round "
+                f"ended worse than the base model on the {result.basis} (last round "
                 f"{result.last_loss:.4f} vs base {result.base_loss:.4f}); {result.describe()}"
             )
             note = f"{worse_note}; {note}" if note else worse_note
@@ -340,8 +343,7 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
             f"[fedmoe] run {run_id} completed; adapter checkpoints in {run_dir(config, run_id)}",
             flush=True,
         )
-        if result is not None:
-            print(f"[fedmoe] run {run_id} {result.describe()}", flush=True)
+        print(f"[fedmoe] run {run_id} {result.describe() if result else NO_EVALUATION}", flush=True)
         if note:
             print(f"[fedmoe] WARNING: run {run_id} {note}", flush=True)
     finally:

@@ -145,6 +145,7 @@ class FederatedLoRA(FedAvg):
         self.pending: _PendingRound | None = None
         self.lost: list[str] = []  # enterprises that failed or were rejected in a committed round
         self.failed: dict[int, str] = {}  # rounds that failed while the run went on: why
+        self.claimed: dict[int, str] = {}  # node id -> the name a simulated node gave itself
 
     def __repr__(self) -> str:
         return f"FederatedLoRA(rounds={self.config.federation.rounds}, enterprises={len(self.config.federation.enterprises)})"
@@ -160,6 +161,7 @@ class FederatedLoRA(FedAvg):
             server_round=number,
             rounds=fed.rounds,
             run_uid=self.ctx.run_uid,
+            run_number=self.run_id,
             lora=self.config.lora,
             aggregation=self.config.federation.aggregation,
             base=self.config.model.loading,
@@ -175,7 +177,10 @@ class FederatedLoRA(FedAvg):
         )
 
     def _name(self, node_id: int, claimed: str | None) -> str | None:
-        return self.ctx.enterprise_of(node_id) or claimed or None
+        """The registry's name (deployment), else what the node calls itself (simulation)."""
+        if claimed:
+            self.claimed[node_id] = claimed
+        return self.ctx.enterprise_of(node_id) or self.claimed.get(node_id)
 
     def _handshake(self, number: int, proxies: list) -> list:
         """Ask every sampled node whether this round fits its budget; returns those that accept."""
@@ -206,7 +211,9 @@ class FederatedLoRA(FedAvg):
                 if getattr(self.config.privacy, level)
                 and _finite(getattr(answer, f"epsilon_{level}")) is None
             ]
-            if not answer.accept:
+            if answer.failed:
+                record.error = f"budget handshake: {_exception_line(answer.reason)}"
+            elif not answer.accept:
                 record.status, record.error = "refused", answer.reason or "refused"
             elif unguarded:
                 # Fail loudly rather than let a node train without the privacy the run promises.
@@ -246,9 +253,16 @@ class FederatedLoRA(FedAvg):
         )
         if self.config.privacy.enabled or fed.secure_aggregation.enabled:
             accepted = self._handshake(number, sampled) if sampled else []
-        else:  # one message less per round: a node that must refuse says so instead of training
-            accepted = sampled
+        else:
+            # One message less per round: a node that must refuse says so instead of training.
+            # Nodes not named yet (the simulation's, in their first round) are asked once: the
+            # answer names them, so that a failure is reported by enterprise.
+            unnamed = [p for p in sampled if self._name(p.node_id, None) is None]
+            accepted = self._handshake(number, unnamed) if unnamed else []
             for proxy in sampled:
+                if proxy in unnamed:
+                    continue
+                accepted.append(proxy)
                 name = self._name(proxy.node_id, None)
                 record = ParticipationRecord(
                     node_id=str(proxy.node_id), status="failed", enterprise=name, error="no reply"

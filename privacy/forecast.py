@@ -95,7 +95,10 @@ def enterprise_fixes(
     params: int,
     enterprises: int,
     secure_aggregation: bool,
+    secagg_shares: int,
 ) -> list[str]:
+    """Changes that would each bring an enterprise-level forecast under the limit; secure
+    aggregation (`secagg_shares` noise shares) is offered alone only if it is enough alone."""
     factor = forecast.noise_to_signal / MAX_NOISE_TO_SIGNAL
     # The ratio grows with sqrt(d) (L2 clip), with d under Laplace's L1 clip.
     fewer = params / (factor if plan.mechanism == "laplace" else factor**2)
@@ -103,10 +106,11 @@ def enterprise_fixes(
         f"train fewer adapter parameters: <= {int(fewer):,} (now {params:,}; "
         "lora.r, lora.targets, lora.top_layers_fraction)",
     ]
-    if not secure_aggregation:
+    with_secagg = forecast.noise_to_signal / math.sqrt(secagg_shares)
+    if not secure_aggregation and with_secagg <= MAX_NOISE_TO_SIGNAL:
         fixes.append(
             "federation.secure_aggregation.enabled = true: each node then adds only a share of "
-            "the noise, and the average carries it once instead of n times"
+            f"the noise, and the average carries it once instead of n times ({with_secagg:.3g}x)"
         )
     more = math.ceil(enterprises * (factor if secure_aggregation else factor**2))
     fixes += [

@@ -51,6 +51,14 @@ class RecordLevel(_Settings):
         "batch is sample_rate x its records)",
     )
     accountant: Literal["rdp", "prv", "pld"] = Field("rdp", description=f"one of {ACCOUNTANTS}")
+    min_records: int | None = Field(
+        None,
+        ge=1,
+        le=10**12,
+        description="a public lower bound on every enterprise's training records, declared by "
+        "the admin: a deployed run's utility forecast rests on it, and a node holding fewer "
+        "refuses the run (its refusal says no more than that)",
+    )
     max_physical_batch_size: int = Field(
         16,
         ge=1,

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
+
+# The suite writes only under temporary folders: the generated demo federations too (one
+# folder for every worker and run of this user; each is built once, by an atomic rename).
+os.environ.setdefault(
+    "FEDMOE_DEMO_DATA", str(Path(tempfile.gettempdir()) / f"fedmoe-test-demo-data-{os.getuid()}")
+)
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "FEDMOE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -414,7 +414,7 @@ def make_victim(directory: Path, federation, **settings) -> Victim:
     keys, pinned, _ = federation
     defaults = dict(
         enterprise="finance",
-        data_dir=DEMO_DATA_DIR / "finance",
+        data=DEMO_DATA_DIR / "finance",
         ledger=directory / "ledger.sqlite",
         identity_key=keys[1],
         federation_keys=pinned,
@@ -426,6 +426,6 @@ def make_victim(directory: Path, federation, **settings) -> Victim:
 def make_peer(n: int, federation) -> HonestPeer:
     keys, pinned, _ = federation
     settings = NodeSettings(
-        enterprise=f"peer{n}", data_dir=".", identity_key=keys[n], federation_keys=pinned
+        enterprise=f"peer{n}", data=".", identity_key=keys[n], federation_keys=pinned
     )
     return HonestPeer(settings.federation())

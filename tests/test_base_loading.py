@@ -81,7 +81,7 @@ def test_a_node_loads_the_base_as_the_round_says_and_a_mismatch_is_refused(tmp_p
     from fedmoe.client.enterprise import _check_round, workspace
     from fedmoe.client.settings import NodeSettings
 
-    node = NodeSettings(enterprise="finance", data_dir=_demo("finance"), device="cpu")
+    node = NodeSettings(enterprise="finance", data=_demo("finance"), device="cpu")
     full = workspace(node, ALL, 32)
     int8 = workspace(node, ALL, 32, BaseLoading(quantize="int8"))
     assert int8.base_fingerprint == fingerprint(load_base("embedded", BaseLoading(quantize="int8")))

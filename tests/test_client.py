@@ -20,7 +20,7 @@ TRAIN = LocalTrainSettings(local_steps=3, batch_size=4, seq_len=32)
 @pytest.fixture
 def client_and_round(tmp_path):
     node = NodeSettings(
-        enterprise="finance", data_dir=DEMO_DATA_DIR / "finance", ledger=tmp_path / "ledger.sqlite"
+        enterprise="finance", data=DEMO_DATA_DIR / "finance", ledger=tmp_path / "ledger.sqlite"
     )
     ws = workspace(node, LORA, TRAIN.seq_len)
     return EnterpriseNode(node), round_config(ws, lora=LORA, train=TRAIN), ws

@@ -57,7 +57,7 @@ def test_bad_values_are_refused_with_the_field_name(tmp_path, text, field):
 def test_relative_paths_resolve_against_the_config_file(tmp_path):
     data = tmp_path / "acme"
     data.mkdir()
-    (data / "train.jsonl").write_text('{"text": "x"}\n')
+    (data / "train.jsonl").write_text('{"text": "%s"}\n' % ("words " * 80))
     (data / "heldout.jsonl").write_text('{"text": "y"}\n')
     config = load_run_config(
         _write(

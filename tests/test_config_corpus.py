@@ -268,6 +268,7 @@ NUMBERS = [
     ("privacy.record", "delta", float, "0.0", "1.0"),
     ("privacy.record", "clip", float, "-1.0", "1000000.5"),
     ("privacy.record", "max_physical_batch_size", int, "0", "65537"),
+    ("privacy.record", "min_records", int, "0", "1000000000001"),
     ("privacy.record", "max_noise_multiplier", float, "0.0", "10000.5"),
     ("privacy.record", "sample_rate", float, "0.0", "1.5"),
     ("privacy.enterprise", "epsilon", float, "-1.0", "1000.5"),
@@ -708,94 +709,100 @@ def _data_case(
 
 
 CASES += [
-    _data_case("missing-folder", "nowhere", "no train"),
-    _data_case("empty-folder", "empty", ("no train", "no heldout")),
-    _data_case("a-file", "file.txt", "no train"),
-    _data_case("only-train", "only_train", "no heldout"),
+    _data_case("missing-folder", "nowhere", ("enterprise acme", "does not exist")),
+    _data_case("empty-folder", "empty", ("no train", "or point data at one file")),
+    _data_case("a-text-file", "file.txt", "unsupported data file type '.txt'"),
     _data_case("only-heldout", "only_heldout", "no train"),
     _data_case("splits-are-folders", "split_folders", "no train"),
     _data_case("unsupported-suffix", "txt_splits", "no train"),
-    _data_case("symlink-loop", "loop", "no train"),
+    _data_case("symlink-loop", "loop", "does not exist"),
+    _data_case("binary-file", "binary.jsonl", ("binary.jsonl", "not UTF-8")),
+    _data_case(
+        "binary-ascii-file", "binary_ascii.jsonl", ("binary_ascii.jsonl:1", "not valid JSON")
+    ),
+    _data_case("one-record-no-heldout", "one.jsonl", ("one.jsonl", "at least 2")),
+    _data_case("too-few-tokens", "tiny", ("tiny/train.jsonl", "fewer than one block")),
+    _data_case("copies-of-one-text", "copies.jsonl", "every record is a copy of one text"),
+    _data_case("empty-heldout", "empty_heldout", ("heldout.jsonl", "no records")),
+    _data_case("heldout-without-text", "heldout_no_text", ("heldout.jsonl record 1", "'text'")),
+    case(
+        "data-heldout-file-missing",
+        ("federation.enterprises.0.heldout: enterprise acme", "held-out file", "does not exist"),
+        ENTERPRISE + "data = '@A@/good/train.jsonl'\nheldout = '@A@/nowhere.jsonl'\n",
+    ),
+    case(
+        "data-heldout-in-a-deployment-key",
+        "federation.enterprises.0.heldout: String should have at least 1 character",
+        ENTERPRISE + "data = '@A@/good'\nheldout = ''\n",
+    ),
+    case(
+        "data-fewer-records-than-min_records",
+        ("privacy.record.min_records: enterprise acme holds 10", "declared 11"),
+        "[privacy]\naccept_noisy_plan = true\n[privacy.record]\nepsilon = 8.0\nmin_records = 11\n"
+        + ENTERPRISE
+        + "data = '@A@/good'\n",
+    ),
     _data_case("name-too-long", "d" * 300, "too long"),
-    _data_case("bad-json", "bad_json", "train.jsonl:2: not valid JSON", record_dp=True),
+    _data_case("bad-json", "bad_json", "train.jsonl:2: not valid JSON"),
     _data_case(
         "json-list-line",
         "json_list",
         "train.jsonl:1: a record must be a JSON object, got list",
-        record_dp=True,
     ),
     _data_case(
         "json-number-line",
         "json_number",
         "train.jsonl:1: a record must be a JSON object, got int",
-        record_dp=True,
     ),
     _data_case(
         "json-string-line",
         "json_string",
         "train.jsonl:1: a record must be a JSON object, got str",
-        record_dp=True,
     ),
     _data_case(
         "json-null-line",
         "json_null",
         "a record must be a JSON object, got NoneType",
-        record_dp=True,
     ),
     _data_case(
         "json-too-deep",
         "json_deep",
         "train.jsonl:1: not valid JSON (nested too deeply)",
-        record_dp=True,
     ),
     _data_case(
         "json-integer-5000-digits",
         "json_bigint",
         ("train.jsonl:1: not valid JSON", "4300 digits"),
-        record_dp=True,
     ),
-    _data_case(
-        "record-without-text", "no_text", ("record 1", "needs a 'text' field"), record_dp=True
-    ),
-    _data_case(
-        "text-not-a-string", "text_number", ("record 0", "needs a 'text' field"), record_dp=True
-    ),
+    _data_case("record-without-text", "no_text", ("record 2", "needs a 'text' field")),
+    _data_case("text-not-a-string", "text_number", ("record 1", "needs a 'text' field")),
     _data_case(
         "instruction-without-response",
         "no_response",
-        ("record 0", "needs a 'text' field"),
-        record_dp=True,
+        ("record 1", "needs a 'text' field"),
     ),
-    _data_case("non-utf8-jsonl", "non_utf8", ("train.jsonl", "not UTF-8"), record_dp=True),
-    _data_case("non-utf8-csv", "non_utf8_csv", ("train.csv", "not UTF-8"), record_dp=True),
-    _data_case(
-        "record-2M-chars", "huge_record", ("record 1", "2,000,000 characters"), record_dp=True
-    ),
+    _data_case("non-utf8-jsonl", "non_utf8", ("train.jsonl", "not UTF-8")),
+    _data_case("non-utf8-csv", "non_utf8_csv", ("train.csv", "not UTF-8")),
+    _data_case("record-2M-chars", "huge_record", ("record 2", "2,000,000 characters")),
     _data_case(
         "instruction-2M-chars",
         "huge_instruction",
-        ("record 0", "at most 1,000,000"),
-        record_dp=True,
+        ("record 1", "at most 1,000,000"),
     ),
-    _data_case(
-        "csv-field-over-limit", "csv_huge_field", ("train.csv:2", "not valid CSV"), record_dp=True
-    ),
+    _data_case("csv-field-over-limit", "csv_huge_field", ("train.csv:2", "not valid CSV")),
     _data_case(
         "csv-row-longer-than-header",
         "csv_extra_column",
-        ("record 0", "got keys ['None', 'foo']"),
-        record_dp=True,
+        ("record 1", "got keys ['None', 'foo']"),
     ),
-    _data_case("csv-header-only", "csv_header_only", ("train.csv", "no records"), record_dp=True),
-    _data_case("empty-train", "empty_train", ("train.jsonl", "no records"), record_dp=True),
-    _data_case("blank-lines-only", "blank_train", ("train.jsonl", "no records"), record_dp=True),
-    _data_case(
-        "parquet-garbage", "parquet_garbage", "train.parquet", record_dp=True
-    ),  # with or without pyarrow
-    # (the first enterprise's plan is infeasible too: refused at once instead of calibrated for seconds)
+    _data_case("csv-header-only", "csv_header_only", ("train.csv", "no records")),
+    _data_case("empty-train", "empty_train", ("train.jsonl", "no records")),
+    _data_case("blank-lines-only", "blank_train", ("train.jsonl", "no records")),
+    _data_case("parquet-garbage", "parquet_garbage", "train.parquet"),  # with or without pyarrow
+    # (the data is checked first, whole: a broken file is named before any plan is calibrated)
     case(
         "data-second-enterprise-bad-json",
-        ("federation.enterprises.1.data:", "not valid JSON", "privacy.record.epsilon"),
+        ("federation.enterprises.1.data: enterprise beta", "not valid JSON"),
         "[privacy.record]\nepsilon = 0.001\n"
         + ENTERPRISE
         + "data = '@A@/good'\n[[federation.enterprises]]\nname = 'beta'\ndata = '@A@/bad_json'\n",
@@ -1044,8 +1051,13 @@ def assets(tmp_path_factory) -> Path:
     (root / "empty").mkdir()
     (root / "file.txt").write_text("not a folder\n")
     (root / "loop").symlink_to(root / "loop")
-    (root / "only_train").mkdir()
-    (root / "only_train" / "train.jsonl").write_bytes(good)
+    (root / "binary.jsonl").write_bytes(bytes(range(256)) * 4)
+    (root / "binary_ascii.jsonl").write_bytes(bytes(range(1, 128)) * 4)
+    (root / "one.jsonl").write_bytes(good.split(b"\n")[0] + b"\n")
+    (root / "copies.jsonl").write_bytes((good.split(b"\n")[0] + b"\n") * 3)
+    _split(root / "tiny", b'{"text": "too short"}\n')
+    _split(root / "empty_heldout", good, b"")
+    _split(root / "heldout_no_text", good, b'{"body": "x"}\n')
     (root / "only_heldout").mkdir()
     (root / "only_heldout" / "heldout.jsonl").write_bytes(good)
     (root / "split_folders" / "train.jsonl").mkdir(parents=True)
@@ -1226,9 +1238,15 @@ CLI_CASES = [
     ),
     (
         "bad-data",
-        RECORD_DP + ENTERPRISE + "data = '@A@/bad_json'\n",
+        ENTERPRISE + "data = '@A@/bad_json'\n",
         ["--config", "run.toml"],
-        "federation.enterprises.0.data",
+        "federation.enterprises.0.data: enterprise acme",
+    ),
+    (
+        "no-text-field",
+        ENTERPRISE + "data = '@A@/no_text'\n",
+        ["--config", "run.toml"],
+        "record 2: a record needs a 'text' field",
     ),
     # A NUL cannot be passed in argv (execve refuses it): the same main() with the argument built inside.
     ("nul-in-set", None, None, "federation.rounds"),

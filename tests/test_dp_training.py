@@ -160,7 +160,7 @@ def test_empty_poisson_batches_still_step_with_noise_only():
 def _client(tmp_path, enterprise="finance", **budget):
     node = NodeSettings(
         enterprise=enterprise,
-        data_dir=DEMO_DATA_DIR / enterprise,
+        data=DEMO_DATA_DIR / enterprise,
         ledger=tmp_path / f"{enterprise}.sqlite",
         budget=NodeBudget(**budget),
     )

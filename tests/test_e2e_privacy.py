@@ -152,6 +152,9 @@ def test_expert_weighting_under_enterprise_dp_and_secagg_learns_and_shows_no_cou
         "privacy.enterprise.clip": 1.0,
         "privacy.accept_noisy_plan": "true",
         "train.local_steps": 6,
+        # Only what the weighting weighs: with every group the noise of 349K parameters made
+        # one run in two end no better than the base (0.98 vs 0.9797); with these 3 in 3 learned.
+        "lora.targets": '["routed_experts"]',
         "database.url": db_url,
         "output.dir": "out",
     }
@@ -163,6 +166,6 @@ def test_expert_weighting_under_enterprise_dp_and_secagg_learns_and_shows_no_cou
     rounds = store.rounds(record.id)
     assert record.status == "completed" and [r.status for r in rounds] == ["completed"] * 2
     assert all(r.updates_seen == 1 and r.expert_load is None for r in rounds)
-    # Learns (0.95-0.97 from 0.98 in runs so far); wrong scales gave 7.8.
+    # Learns (0.965-0.971 from 0.980 in runs so far); wrong scales gave 7.8.
     assert min(r.server_eval_loss for r in rounds) < record.base_eval_loss
     assert all(p.epsilon_enterprise <= 1000 + 1e-9 for r in rounds for p in r.participations)

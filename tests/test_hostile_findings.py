@@ -186,13 +186,13 @@ def test_the_record_count_never_shows_in_a_handshake(tmp_path, federation):
     # Finding 6: bisecting the run's delta over free handshakes pinned N exactly.
     half = tmp_path / "half"
     half.mkdir()
-    lines = (make_victim(tmp_path, federation).node.data_dir / "train.jsonl").read_text()
+    lines = (make_victim(tmp_path, federation).node.data / "train.jsonl").read_text()
     (half / "train.jsonl").write_text("\n".join(lines.splitlines()[:100]) + "\n")
-    source = make_victim(tmp_path, federation).node.data_dir / "heldout.jsonl"
+    source = make_victim(tmp_path, federation).node.data / "heldout.jsonl"
     (half / "heldout.jsonl").write_text(source.read_text())
     worlds = [
         World(tmp_path / "full", federation, budget=NodeBudget(delta=1e-3)),
-        World(tmp_path / "half-node", federation, data_dir=half, budget=NodeBudget(delta=1e-3)),
+        World(tmp_path / "half-node", federation, data=half, budget=NodeBudget(delta=1e-3)),
     ]
     answers = [[], []]
     for delta in (0.5, 0.1, 0.02, 0.009, 0.005, 0.002, 1e-3, 1e-4):

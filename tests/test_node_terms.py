@@ -31,7 +31,7 @@ BOTH = {"record": {"epsilon": 8.0}, "enterprise": {"epsilon": 8.0, "clip": 0.05}
 def _node(tmp_path, data=DEMO_DATA_DIR / "finance", name="finance", **budget):
     settings = NodeSettings(
         enterprise=name,
-        data_dir=data,
+        data=data,
         ledger=tmp_path / f"{name}.sqlite",
         budget=NodeBudget(**budget),
     )
@@ -173,3 +173,34 @@ def test_an_audit_request_in_a_run_without_an_audit_is_refused(tmp_path):
     node, ws = _node(tmp_path)
     with pytest.raises(RoundRefused, match="without \\[privacy.audit\\]"):
         node.evaluate(_adapter(ws), _config(ws, {}, audit=True))
+
+
+def test_a_node_below_the_runs_public_record_bound_refuses_with_one_fixed_text(tmp_path):
+    """The coordinator forecast a deployed run on `privacy.record.min_records`: a node holding
+    fewer records refuses, saying only that it is below that public bound (the demo's 400)."""
+    node, ws = _node(tmp_path)
+    above = {**BOTH, "record": {**BOTH["record"], "min_records": 401}}
+    answers = {node.budget(_config(ws, above))["reason"] for _ in range(2)}
+    assert answers == {
+        "this node holds fewer training records than the run's public bound "
+        "privacy.record.min_records = 401"
+    }
+    with pytest.raises(RoundRefused, match="min_records = 401"):
+        node.fit(_adapter(ws), _config(ws, above), secure_sum=None)
+    at = {**BOTH, "record": {**BOTH["record"], "min_records": 400}}
+    assert node.budget(_config(ws, at))["accept"] is True
+    assert node.ledger.entries() == []
+    # The bound is public and sets no noise: the same run under another bound is one run.
+    keys = {RoundSpec.from_config(_config(ws, p)).ledger_key() for p in (above, at, BOTH)}
+    assert len(keys) == 1
+
+
+def test_the_nodes_ledger_names_a_run_by_the_coordinators_number_as_first_given(tmp_path):
+    from fedmoe.cli.agent import ledger_rows
+
+    node, ws = _node(tmp_path)
+    node.fit(_adapter(ws), _config(ws, run_number=7), secure_sum=None)
+    node.fit(_adapter(ws), _config(ws, server_round=2, run_number=9), secure_sum=None)
+    rows = ledger_rows(node.ledger)["entries"]
+    assert {e["run_id"] for e in rows} == {7}  # a later relabel is ignored: a label, not a key
+    assert all(e["run_key"].startswith(RoundSpec.from_config(_config(ws)).run_uid) for e in rows)

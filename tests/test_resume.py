@@ -33,7 +33,7 @@ PRIVATE = {"record": {"epsilon": 8.0}, "enterprise": {"epsilon": 8.0, "clip": 0.
 @pytest.fixture
 def node(tmp_path):
     settings = NodeSettings(
-        enterprise="finance", data_dir=DEMO_DATA_DIR / "finance", ledger=tmp_path / "ledger.sqlite"
+        enterprise="finance", data=DEMO_DATA_DIR / "finance", ledger=tmp_path / "ledger.sqlite"
     )
     ws = workspace(settings, LORA, TRAIN.seq_len)
     return EnterpriseNode(settings), ws

@@ -15,6 +15,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
+from fedmoe.contract.round import BudgetAnswer
 from fedmoe.coordinator.config import ConfigError, load_run_config
 from fedmoe.coordinator.db import RunStore
 from fedmoe.coordinator.strategy import (
@@ -340,6 +341,7 @@ def test_a_node_that_would_train_without_the_runs_privacy_is_not_asked_to_train(
 
 def test_a_plain_run_asks_no_budget_handshake_and_records_who_refused_in_training(tmp_path):
     strategy, store, run_id, _, asked = _make(tmp_path, {}, **{"federation.min_fit_clients": 1})
+    strategy.ctx.enterprise_of = {1: "a", 2: "b", 3: "c"}.get  # registered nodes: named
     errors = {
         3: "<class 'fedmoe.client.ledger.BudgetExceeded'>:<'the run gives no record-level privacy guarantee'>"
     }
@@ -390,6 +392,7 @@ def test_the_audit_adds_up_the_nodes_counts_and_says_when_it_refutes_the_claim(t
 def test_a_round_records_the_bytes_the_grid_counted_from_its_start_to_its_commit(tmp_path):
     # Under SecAgg+ the strategy never sees the nodes' messages: the bytes are the grid's.
     strategy, store, run_id, *_ = _make(tmp_path, {}, **{"federation.min_fit_clients": 1})
+    strategy.ctx.enterprise_of = {1: "a"}.get
     traffic = {"down": 1_000, "up": 200}  # an earlier round's messages
     strategy.ctx.traffic = lambda: (traffic["down"], traffic["up"])
     strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1]))
@@ -402,3 +405,23 @@ def test_a_round_records_the_bytes_the_grid_counted_from_its_start_to_its_commit
     )
     (r,) = store.rounds(run_id)
     assert (r.bytes_down, r.bytes_up) == (900, 60)
+
+
+def test_a_plain_simulation_asks_unnamed_nodes_once_so_failures_carry_names(tmp_path):
+    answers = {n: BudgetAnswer(accept=True, enterprise=f"e{n}").to_properties() for n in (1, 2)}
+    strategy, store, run_id, _, asked = _make(
+        tmp_path, answers, **{"federation.min_fit_clients": 1}
+    )
+    parameters = ndarrays_to_parameters(strategy.global_adapter)
+    assert len(strategy.configure_fit(1, parameters, _manager([1, 2]))) == 2
+    with pytest.raises(RoundAborted, match="e1: boom; e2: boom"):
+        strategy.aggregate_fit(1, [], [Exception("boom"), Exception("boom")])
+    assert [nodes for nodes, _ in asked] == [[1, 2]]
+    (failed,) = store.rounds(run_id)
+    assert {(p.enterprise, p.error) for p in failed.participations} == {
+        ("e1", "boom"),
+        ("e2", "boom"),
+    }
+    strategy.pending = None
+    strategy.configure_fit(2, parameters, _manager([1, 2]))
+    assert len(asked) == 1  # named now: no second handshake
