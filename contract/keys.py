@@ -26,6 +26,9 @@ def load_public_key(text: str) -> ec.EllipticCurvePublicKey:
         raise ValueError(
             "public_key: expected one OpenSSH public key line (`fedmoe agent init` prints it)"
         )
+    if any(ord(c) < 32 and c not in "\t\r\n" or ord(c) == 127 for c in text):
+        # A NUL would be cut by SQLite and refused by PostgreSQL: refused here, named.
+        raise ValueError("public_key: must not contain control characters (NUL, escape, ...)")
     try:
         key = serialization.load_ssh_public_key(text.strip().encode())
     except (ValueError, TypeError, UnicodeError) as err:

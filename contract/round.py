@@ -39,7 +39,8 @@ class LocalTrainSettings(BaseModel):
     )
     batch_size: int = Field(8, ge=1, le=4096, description="sequences per step")
     seq_len: int = Field(64, ge=8, le=32_768, description="tokens per training sequence")
-    lr: float = Field(3e-3, gt=0.0, le=1.0, description="AdamW learning rate")
+    # Below 1e-8 AdamW moves no float32 weight: such a run would train nothing, silently.
+    lr: float = Field(3e-3, ge=1e-8, le=1.0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(
         1.0, gt=0.0, le=1e6, description="gradient-norm clip for stability (not a privacy bound)"

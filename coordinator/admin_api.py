@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedmoe.coordinator.db import FINAL_STATUSES
 from fedmoe.coordinator.service_config import AdminSection
@@ -230,6 +231,61 @@ class TokenAuth(grpc.ServerInterceptor):
         )
 
 
+class MalformedRequest:
+    """A request whose bytes are no protobuf of the method's request type."""
+
+    def __init__(self, type_name: str):
+        self.type_name = type_name
+
+
+def _tolerant(request_type):
+    """Parse a request, or stand in for it: gRPC would answer a parse failure INTERNAL."""
+
+    def parse(data: bytes):
+        try:
+            return request_type.FromString(data)
+        except DecodeError:
+            return MalformedRequest(request_type.__name__)
+
+    return parse
+
+
+def _refusing_malformed(method):
+    def handle(request, context):
+        if isinstance(request, MalformedRequest):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {request.type_name} message (protobuf); "
+                "use `fedmoe admin` or stubs generated from proto/fedmoe/proto/admin.proto",
+            )
+        return method(request, context)
+
+    return handle
+
+
+def _add_servicer(servicer: AdminServicer, server: grpc.Server) -> None:
+    """The generated `add_AdminServicer_to_server`, with requests that fail to parse refused
+    as INVALID_ARGUMENT instead of INTERNAL."""
+    service = pb.DESCRIPTOR.services_by_name["Admin"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            _refusing_malformed(getattr(servicer, method.name)),
+            request_deserializer=_tolerant(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
 def serve(service, address: str, cert: bytes, key: bytes) -> grpc.Server:
     """Start the admin API on `address` (TLS with the coordinator's certificate)."""
     admin = service.config.admin
@@ -241,7 +297,7 @@ def serve(service, address: str, cert: bytes, key: bytes) -> grpc.Server:
             ("grpc.max_send_message_length", 64 << 20),
         ],
     )
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(service), server)
+    _add_servicer(AdminServicer(service), server)
     if server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)])) == 0:
         raise RuntimeError(f"admin.address: cannot listen on {address}")
     server.start()

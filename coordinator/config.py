@@ -145,7 +145,7 @@ class SecureAggregation(_Section):
         22, ge=8, le=30, description="bits per value; clients x 2^bits must stay below 2^32"
     )
     timeout_s: float = Field(
-        600.0, gt=0.0, le=86_400.0, description="how long a stage waits for clients"
+        600.0, ge=1.0, le=86_400.0, description="how long a stage waits for clients"
     )
 
     def threshold_for(self, clients: int) -> int:
@@ -182,12 +182,13 @@ class FederationSection(_Section):
     cpus_per_client: int = Field(
         1, ge=1, le=512, description="whole CPUs Flower's simulation engine reserves per client"
     )
+    # Below a second no message makes the round trip: the round would fail every time.
     connect_timeout_s: float = Field(
-        600.0, gt=0.0, le=86_400.0, description="how long a round waits for enterprises to connect"
+        600.0, ge=1.0, le=86_400.0, description="how long a round waits for enterprises to connect"
     )
     round_timeout_s: float = Field(
         3600.0,
-        gt=0.0,
+        ge=1.0,
         le=604_800.0,
         description="how long a round waits for training and evaluation replies",
     )
@@ -235,6 +236,14 @@ class FederationSection(_Section):
         if self.enterprises and self.min_fit_clients > len(self.enterprises):
             raise ValueError(
                 f"min_fit_clients: {self.min_fit_clients} exceeds the {len(self.enterprises)} enterprises"
+            )
+        sampled = math.ceil(len(self.enterprises) * self.fraction_fit)
+        if self.enterprises and sampled < self.min_fit_clients:
+            raise ValueError(
+                f"fraction_fit: {self.fraction_fit:g} of {len(self.enterprises)} enterprises "
+                f"samples {sampled} a round, fewer than min_fit_clients = {self.min_fit_clients}; "
+                f"raise fraction_fit to >= {self.min_fit_clients / len(self.enterprises):.3g} "
+                "or lower min_fit_clients"
             )
         if self.max_failed_rounds >= self.rounds:
             # At least one round must train, or a run could "complete" having learned nothing.
@@ -376,9 +385,39 @@ def _check_database_url(url: str) -> str | None:
         parsed.get_dialect().import_dbapi()
     except Exception as err:  # noqa: BLE001 - SQLAlchemy raises several kinds: parse, unknown dialect, no driver
         return f"not a usable SQLAlchemy URL ({type(err).__name__}: {str(err)[:200]})"
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        if not parsed.database.startswith("file:"):
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database not in (None, "", ":memory:") and not parsed.database.startswith(
+            "file:"
+        ):
             return _creatable(Path(parsed.database), "file")
+        return None
+    return _reachable(url)
+
+
+def _reachable(url: str) -> str | None:
+    """Why a database server cannot be connected to now, or None: found before a run starts,
+    not when the launcher first writes."""
+    from sqlalchemy import create_engine
+
+    args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    engine = create_engine(url, connect_args=args)
+    try:
+        with engine.connect():
+            return None
+    except Exception as err:  # noqa: BLE001 - drivers raise their own kinds
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"cannot connect ({first[:300]}); is the server up and the URL right?"
+    finally:
+        engine.dispose()
+
+
+# What a run's folders must never be: the kernel's and devices' pseudo file systems.
+SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def _system_path(path: Path) -> str | None:
+    if any(path == f or f in path.parents for f in SYSTEM_FOLDERS):
+        return f"{str(path)[:200]} is a system folder; use a folder of your own"
     return None
 
 
@@ -387,11 +426,25 @@ def _check_outputs(config: RunConfig) -> None:
     problems = []
     if problem := _check_database_url(config.database.url):
         problems.append(f"  database.url: {problem}")
-    if problem := _creatable(Path(config.output.dir), "folder"):
+    output = Path(config.output.dir)
+    if problem := _system_path(output) or _creatable(output, "folder"):
         problems.append(f"  output.dir: {problem}")
+    # Each enterprise's ledger and data are its own: shared, one node's spend or records would
+    # count for another's.
+    seen: dict[tuple[str, str], str] = {}
     for i, e in enumerate(config.federation.enterprises):
         if e.ledger is not None and (problem := _creatable(Path(e.ledger), "file")):
             problems.append(f"  federation.enterprises.{i}.ledger: {problem}")
+        for key in ("ledger", "data"):
+            value = getattr(e, key)
+            if value is None:
+                continue
+            if (key, value) in seen:
+                problems.append(
+                    f"  federation.enterprises.{i}.{key}: {value[:200]} is enterprise "
+                    f"{seen[key, value]}'s too; each enterprise's {key} is its own"
+                )
+            seen.setdefault((key, value), e.name)
     if problems:
         raise ConfigError("invalid run config:\n" + "\n".join(problems))
 

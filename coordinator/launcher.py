@@ -23,6 +23,7 @@ from fedmoe.coordinator.outcome import outcome
 from fedmoe.coordinator.runs import RunSupervisor
 from fedmoe.coordinator.superlink import FINISHED, LOG_END, SuperLink, follow_logs
 from fedmoe.coordinator.views import privacy_plan_summary
+from fedmoe.support.files import unwritable
 from fedmoe.support.processes import Stopped, stop_on_signals
 from fedmoe.support.words import plural
 
@@ -36,14 +37,8 @@ def federation_config(config: RunConfig) -> str:
 
 def check_writable(directory: Path) -> None:
     """Fail before anything starts if checkpoints could not be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"output.dir: cannot write to {directory} ({err.strerror or err})"
-        ) from None
+    if (problem := unwritable(directory)) is not None:
+        raise ConfigError(f"output.dir: {problem}")
 
 
 def _follow(superlink: SuperLink, flower_run_id: str, on_text) -> threading.Thread:

@@ -54,6 +54,7 @@ from fedmoe.model.lora import (
 )
 from fedmoe.model.loss import evaluate_loss
 from fedmoe.privacy import secagg_prg
+from fedmoe.support.files import unwritable
 from fedmoe.support.words import plural
 
 log = logging.getLogger("fedmoe")
@@ -140,6 +141,12 @@ def build_round_context(
         write_atomically(directory, lambda staging: save_adapter(model, config.lora, staging))
         return str(directory), directory_sha256(directory)
 
+    adapter_bytes = get_adapter_vector(model).nbytes
+
+    def storage_problem() -> str | None:
+        """Why a checkpoint could not be written now: the folder, and room for two of them."""
+        return unwritable(checkpoint_root, 2 * adapter_bytes + (16 << 20))
+
     server_eval = None
     if config.evaluation.server_data:
         tokenizer = load_tokenizer(config.model.path)
@@ -160,6 +167,7 @@ def build_round_context(
         server_eval=server_eval,
         first_round=first_round,
         connect_timeout_s=config.federation.connect_timeout_s,
+        storage_problem=storage_problem,
         expert_of=expert_of,
         expert_weighting=weighting_of_layout(
             config.privacy.enterprise, expert_of, layers, model.config.num_experts_per_tok

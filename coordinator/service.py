@@ -38,7 +38,7 @@ from fedmoe.coordinator.service_config import CoordinatorConfig
 from fedmoe.coordinator.superlink import FINISHED, SuperLink, TLSFiles, follow_logs
 from fedmoe.coordinator.views import node_message, privacy_plan_summary
 from fedmoe.proto import admin_pb2 as pb
-from fedmoe.support.files import ConfigError, parse_toml
+from fedmoe.support.files import ConfigError, parse_toml, unwritable
 from fedmoe.support.processes import Stopped, stop_on_signals
 from fedmoe.support.words import plural, run_list
 
@@ -95,6 +95,9 @@ class CoordinatorService:
             config, registered, self.config.database.url, str(self.config.runs_dir)
         )
         names = [e.name for e in config.federation.enterprises]
+        if (problem := unwritable(Path(self.config.runs_dir))) is not None:
+            # Checked again before every round: no node is charged for a round that cannot commit.
+            raise AdminError(self.grpc.StatusCode.FAILED_PRECONDITION, f"storage.dir: {problem}")
         with self.lock:
             run_id = self.store.create_run(
                 config.to_toml_dict(),
@@ -160,6 +163,14 @@ class CoordinatorService:
         return node_message(node, online=False)
 
     def revoke_node(self, enterprise: str, caller: str) -> pb.Node:
+        import re
+
+        if not re.match(ENTERPRISE_NAME, enterprise or ""):  # never echo a 100 KB name back
+            raise AdminError(
+                self.grpc.StatusCode.INVALID_ARGUMENT,
+                f"enterprise: 1-64 letters, digits, `_`, `.`, `-` (got {len(enterprise)} "
+                f"characters starting {enterprise[:40]!r})",
+            )
         with self.lock:
             active = [n for n in self.store.nodes() if n.enterprise == enterprise]
             if not active:

@@ -91,6 +91,8 @@ class RoundContext:
     # SecAgg+ most of a round's messages never reach the strategy.
     traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)
     expert_weighting: Weighting = Weighting()  # its public scales (contract/expert_weighting.py)
+    # Why this round could not commit (checkpoint storage), or None: asked before any node is.
+    storage_problem: Callable[[], str | None] = lambda: None
 
 
 @dataclass
@@ -251,6 +253,12 @@ class FederatedLoRA(FedAvg):
         self.pending = _PendingRound(
             number=number, started_at=utcnow(), traffic_at_start=self.ctx.traffic()
         )
+        # Check before charge: a round that could not commit fails before any node is asked
+        # (the handshake, then the fit, is where nodes charge their ledgers).
+        if (problem := self._commit_problem()) is not None:
+            self._record_failed_round()
+            self._fail(number, RoundAborted(f"round {number}: {problem}; no node was asked"))
+            return []
         if self.config.privacy.enabled or fed.secure_aggregation.enabled:
             accepted = self._handshake(number, sampled) if sampled else []
         else:
@@ -288,6 +296,17 @@ class FederatedLoRA(FedAvg):
             changes["noise_shares"] = fed.secure_aggregation.threshold_for(len(accepted))
         fit_ins = FitIns(parameters, self.round_spec(number, **changes).to_config())
         return [(proxy, fit_ins) for proxy in accepted]
+
+    def _commit_problem(self) -> str | None:
+        if (problem := self.ctx.storage_problem()) is not None:
+            return problem
+        try:
+            self.store.run(self.run_id)
+        except Exception as err:  # noqa: BLE001 - any driver's error: the database is unusable
+            raise RoundAborted(
+                f"the run database is unreachable ({type(err).__name__}); no node was asked"
+            ) from None
+        return None
 
     def _round_bytes(self, pending: _PendingRound) -> dict[str, int]:
         """Bytes of every message since the round began: the budget handshake, training (all of

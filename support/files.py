@@ -31,6 +31,23 @@ class ConfigError(ValueError):
     """A config value outside its allowed range; the message names each field."""
 
 
+def _toml_line(text: str, err: tomllib.TOMLDecodeError) -> str:
+    """The offending line itself, and for a key given twice its name (tomllib names neither)."""
+    match = re.search(r"line (\d+)", str(err))
+    if not match:
+        return ""
+    lines = text.splitlines()
+    number = int(match.group(1))
+    if not 1 <= number <= len(lines):
+        return ""
+    line = lines[number - 1].strip()
+    shown = f": line {number} reads {line[:120]!r}"
+    if "overwrite" in str(err) or "declare" in str(err):
+        key = re.split(r"\s*=", line.strip("[] "), maxsplit=1)[0].strip()
+        shown += f"; {key[:80]!r} is defined twice"
+    return shown
+
+
 def parse_toml(text: str | bytes, source: str) -> dict:
     """TOML text (at most MAX_CONFIG_BYTES, UTF-8) as a dict, or a ConfigError."""
     if len(text) > MAX_CONFIG_BYTES:
@@ -51,7 +68,7 @@ def parse_toml(text: str | bytes, source: str) -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source}: not valid TOML ({err})") from None
+        raise ConfigError(f"{source}: not valid TOML ({err}){_toml_line(text, err)}") from None
     except RecursionError:
         raise ConfigError(
             f"{source}: not a usable TOML document (arrays or tables nest too deeply)"
@@ -123,3 +140,21 @@ def _field_name(loc: tuple) -> str:
 def resolve_path(path: str | Path, base: Path) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else (base / p).resolve()
+
+
+def unwritable(directory: Path, room: int = 0) -> str | None:
+    """Why files cannot be written into `directory` now (made if missing), with `room` bytes
+    free, or None."""
+    import shutil
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+        free = shutil.disk_usage(directory).free
+    except OSError as err:
+        return f"cannot write to {str(directory)[:200]} ({err.strerror or err})"
+    if free < room:
+        return f"{str(directory)[:200]} has {free:,} bytes free, {room:,} needed"
+    return None

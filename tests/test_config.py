@@ -132,9 +132,9 @@ def test_bad_privacy_settings_are_refused_before_anything_starts(overrides, mess
 def test_a_node_budget_smaller_than_one_round_is_refused(tmp_path):
     text = (
         "[privacy.record]\nepsilon = 4.0\n"
-        '[[federation.enterprises]]\nname = "acme"\ndata = "DATA"\nbudget = { record_epsilon = 0.5 }\n'
-        '[[federation.enterprises]]\nname = "beta"\ndata = "DATA"\nbudget = { enterprise_epsilon = 10.0 }\n'
-    ).replace("DATA", str(DEMO_DATA_DIR / "finance"))
+        '[[federation.enterprises]]\nname = "acme"\ndata = "DATA/finance"\nbudget = { record_epsilon = 0.5 }\n'
+        '[[federation.enterprises]]\nname = "beta"\ndata = "DATA/clinical"\nbudget = { enterprise_epsilon = 10.0 }\n'
+    ).replace("DATA", str(DEMO_DATA_DIR))
     with pytest.raises(ConfigError) as err:
         load_run_config(_write(tmp_path, text))
     assert (

@@ -246,7 +246,7 @@ NUMBERS = [
     ("train", "local_steps", int, "0", "100001"),
     ("train", "batch_size", int, "0", "4097"),
     ("train", "seq_len", int, "7", "32769"),
-    ("train", "lr", float, "0.0", "1.5"),
+    ("train", "lr", float, "1e-308", "1.5"),
     ("train", "weight_decay", float, "-0.01", "1.01"),
     ("train", "max_grad_norm", float, "0.0", "2e6"),
     ("train", "eval_batch_size", int, "0", "4097"),
@@ -258,7 +258,7 @@ NUMBERS = [
     ("federation", "threads_per_client", int, "0", "513"),
     ("federation", "cpus_per_client", int, "0", "513"),
     ("federation", "connect_timeout_s", float, "0.0", "86400.5"),
-    ("federation", "round_timeout_s", float, "-1.0", "604800.5"),
+    ("federation", "round_timeout_s", float, "1e-308", "604800.5"),
     ("federation", "server_lr", float, "0.0", "10.5"),
     ("federation.secure_aggregation", "reconstruction_threshold", float, "0.0", "1.01"),
     ("federation.secure_aggregation", "value_range", float, "0.0", "1000000.5"),
@@ -809,6 +809,50 @@ CASES += [
     ),
 ]
 
+# --- faults found in the field (issue 18) ---------------------------------------------------------
+
+TWO = ENTERPRISE + "data = '@A@/good'\n[[federation.enterprises]]\nname = 'beta'\n"
+CASES += [
+    case(
+        "duplicate-key-named-with-its-line",
+        ("not valid TOML", "line 3 reads 'rounds = 2'", "'rounds' is defined twice"),
+        "[federation]\nrounds = 1\nrounds = 2\n",
+    ),
+    case(
+        "two-enterprises-one-data-folder",
+        ("federation.enterprises.1.data:", "is enterprise acme's too"),
+        TWO + "data = '@A@/good'\n",
+    ),
+    case(
+        "two-enterprises-one-ledger",
+        ("federation.enterprises.1.ledger:", "is enterprise acme's too"),
+        ENTERPRISE
+        + "data = '@A@/good'\nledger = 'l.sqlite'\n[[federation.enterprises]]\nname = 'beta'\n"
+        + "data = '@A@/only_heldout_and_train'\nledger = 'l.sqlite'\n",
+    ),
+    case(
+        "output-dir-under-proc",
+        ("output.dir:", "is a system folder"),
+        "[output]\ndir = '/proc/x'\n",
+    ),
+    case("output-dir-is-dev", ("output.dir:", "is a system folder"), "[output]\ndir = '/dev'\n"),
+    case(
+        "database-unreachable",
+        ("database.url:", "cannot connect"),
+        "[database]\nurl = 'postgresql+psycopg://nobody@127.0.0.1:1/none'\n",
+    ),
+    case(
+        "fraction-fit-below-min-fit-clients",
+        ("federation.fraction_fit: 0.1 of 3 enterprises samples 1", "min_fit_clients = 3"),
+        "[federation]\nfraction_fit = 0.1\nmin_fit_clients = 3\n",
+    ),
+    case(
+        "fraction-fit-below-min-fit-clients-listed",
+        ("federation.fraction_fit: 0.5 of 2 enterprises samples 1", "min_fit_clients = 2"),
+        "[federation]\nfraction_fit = 0.5\nmin_fit_clients = 2\n" + TWO + "data = '@A@/good2'\n",
+    ),
+]
+
 # --- the model folder ------------------------------------------------------------------------------
 
 
@@ -1056,6 +1100,8 @@ def assets(tmp_path_factory) -> Path:
     (root / "one.jsonl").write_bytes(good.split(b"\n")[0] + b"\n")
     (root / "copies.jsonl").write_bytes((good.split(b"\n")[0] + b"\n") * 3)
     _split(root / "tiny", b'{"text": "too short"}\n')
+    _split(root / "good2", good)
+    _split(root / "only_heldout_and_train", good)
     _split(root / "empty_heldout", good, b"")
     _split(root / "heldout_no_text", good, b'{"body": "x"}\n')
     (root / "only_heldout").mkdir()

@@ -359,6 +359,9 @@ def _malformed_requests(deployment) -> list[tuple[str, object, grpc.StatusCode]]
         ed25519,
         "-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----",
         key[:40],
+        key.strip() + "\x00",  # a NUL: PostgreSQL refused it (INTERNAL), SQLite cut it
+        key[:30] + "\x00" + key[30:],
+        key.strip() + " \x1b[31mred",
     ):
         requests.append(
             ("RegisterNode", pb.RegisterNodeRequest(enterprise="newcomer", public_key=k), bad)
@@ -371,7 +374,10 @@ def _malformed_requests(deployment) -> list[tuple[str, object, grpc.StatusCode]]
         ("RegisterNode", pb.RegisterNodeRequest(enterprise="finance", public_key=other), exists)
     )  # name taken
     requests += [
-        ("RevokeNode", pb.RevokeNodeRequest(enterprise=n), missing) for n in ("nobody", "", "spare")
+        ("RevokeNode", pb.RevokeNodeRequest(enterprise=n), missing) for n in ("nobody", "spare")
+    ]
+    requests += [  # a bad name is named, never echoed whole (100 KB would not fit the reply)
+        ("RevokeNode", pb.RevokeNodeRequest(enterprise=n), bad) for n in ("", "x" * 100_000)
     ]
     return requests
 
@@ -388,8 +394,16 @@ def test_malformed_admin_requests_get_clear_errors_and_change_nothing(deployment
         with pytest.raises(grpc.RpcError) as err:
             deployment.call(method, request)
         assert err.value.code() == code, (method, str(request)[:200], err.value.details())
-        if code == grpc.StatusCode.INVALID_ARGUMENT and method == "StartRun":
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
             assert "Traceback" not in err.value.details() and len(err.value.details()) < 5000
+    # Bytes that are no protobuf at all: named as such, never an INTERNAL error.
+    for method in ("StartRun", "RegisterNode", "WatchRun"):
+        raw = deployment._channel.unary_unary(f"/fedmoe.admin.v1.Admin/{method}")
+        for data in (b"\xff\xff\xff\xff", b"\x0a\xff", b"\x08" + b"\xff" * 11):
+            with pytest.raises(grpc.RpcError) as err:
+                raw(data, metadata=deployment.metadata, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, data)
+            assert "not a valid" in err.value.details()
     after = (
         [(r.id, r.status) for r in store.runs()],
         [(n.enterprise, n.revoked_at) for n in store.nodes(include_revoked=True)],

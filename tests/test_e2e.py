@@ -105,12 +105,12 @@ def test_federated_fine_tune_on_sqlite_then_generate_and_export(tmp_path):
 
 
 def test_a_run_whose_clients_cannot_train_is_refused_before_it_starts(tmp_path):
-    tiny = tmp_path / "tiny"
-    tiny.mkdir()
-    for split in ("train", "heldout"):
-        (tiny / f"{split}.jsonl").write_text('{"text": "too short"}\n')
+    for i in range(2):
+        (tmp_path / f"tiny{i}").mkdir()
+        for split in ("train", "heldout"):
+            (tmp_path / f"tiny{i}" / f"{split}.jsonl").write_text('{"text": "too short"}\n')
     enterprises = "\n".join(
-        f'[[federation.enterprises]]\nname = "e{i}"\ndata = "tiny"\n' for i in range(2)
+        f'[[federation.enterprises]]\nname = "e{i}"\ndata = "tiny{i}"\n' for i in range(2)
     )
     db_url = f"sqlite:///{tmp_path / 'runs.db'}"
     result = fedmoe(

@@ -425,3 +425,14 @@ def test_a_plain_simulation_asks_unnamed_nodes_once_so_failures_carry_names(tmp_
     strategy.pending = None
     strategy.configure_fit(2, parameters, _manager([1, 2]))
     assert len(asked) == 1  # named now: no second handshake
+
+
+def test_a_round_that_could_not_commit_fails_before_any_node_is_asked(tmp_path):
+    answers = {n: _accept(str(n), 1.0, 1.0) for n in (1, 2)}
+    strategy, store, run_id, saved, asked = _make(tmp_path, answers, **PRIVATE)
+    strategy.ctx.storage_problem = lambda: "cannot write checkpoints to /x (Not a directory)"
+    with pytest.raises(RoundAborted, match="cannot write checkpoints to /x"):
+        strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2]))
+    assert asked == [] and not saved  # no handshake: no node charged anything
+    (failed,) = store.rounds(run_id)
+    assert failed.status == "failed" and failed.participations == []
