@@ -86,6 +86,24 @@ def cmd_agent(args) -> int:
         ok, message = agent_health(config)
         console.print(message, highlight=False)
         return 0 if ok else 1
+    from fedmoe.client.ledger_witness import LedgerRefused, create_ledger, open_ledger
+    from fedmoe.support.files import ConfigError
+
+    settings = config.node_settings()
+    ledger, key, witness = settings.ledger_path, settings.identity_key, settings.witness_path
+    try:
+        if args.agent_command == "restore-ledger":
+            from fedmoe.client.ledger_witness import restore_ledger
+
+            for line in restore_ledger(ledger, key, witness):
+                console.print(line, highlight=False)
+            return 0
+        if args.new_ledger and not ledger.exists():
+            create_ledger(ledger, key, config.name, witness)
+            console.print(f"made a new, empty ledger {ledger} for this node", highlight=False)
+        open_ledger(ledger, key, witness)  # refused here, before any process starts
+    except LedgerRefused as err:
+        raise ConfigError(f"ledger: {err}") from None
     return Agent(config).run()
 
 
@@ -107,6 +125,11 @@ def add_commands(sub) -> None:
         "agent", help="the enterprise agent: run a node, make its key, read its ledger"
     )
     agent.add_argument("--config", type=Path, help="agent.toml")
+    agent.add_argument(
+        "--new-ledger",
+        action="store_true",
+        help="make the node's ledger if it has none (refused where the node has spent before)",
+    )
     agent_sub = agent.add_subparsers(dest="agent_command")
     agent.set_defaults(func=cmd_agent)
     p = agent_sub.add_parser(
@@ -116,6 +139,11 @@ def add_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.set_defaults(func=cmd_init)
     p = agent_sub.add_parser("health", help="exit 0 if the agent configured by --config is up")
+    p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="agent.toml")
+    p = agent_sub.add_parser(
+        "restore-ledger",
+        help="accept a restored backup of this node's ledger; the spend it lacks is carried in",
+    )
     p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="agent.toml")
     p = agent_sub.add_parser("ledger", help="show a node's own privacy ledger (its SQLite file)")
     p.add_argument("ledger", type=Path, metavar="FILE")

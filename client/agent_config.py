@@ -58,6 +58,12 @@ class AgentConfig(BaseModel):
     ledger: str = Field(
         "state/ledger.sqlite", min_length=1, description="the node's privacy ledger (SQLite)"
     )
+    ledger_witness: str | None = Field(
+        None,
+        min_length=1,
+        description="the ledger's witness (client/ledger_witness.py); default beside "
+        "private_key; keep it off the ledger's volume",
+    )
     state_dir: str = Field("state", min_length=1, description="Flower's files, logs, health")
     budget: NodeBudget = NodeBudget()
     federation_keys: str | None = Field(
@@ -100,6 +106,8 @@ class AgentConfig(BaseModel):
             budget=self.budget,
             ledger=Path(self.ledger),
             identity_key=Path(self.private_key),
+            witnessed_ledger=True,
+            ledger_witness=Path(self.ledger_witness) if self.ledger_witness else None,
             federation_keys=read_federation_keys(Path(self.federation_keys))
             if self.federation_keys
             else None,
@@ -125,7 +133,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         }
         | {
             key: str(resolve_path(getattr(config, key), base))
-            for key in ("federation_keys", "heldout")
+            for key in ("federation_keys", "heldout", "ledger_witness")
             if getattr(config, key)
         }
         | {

@@ -22,6 +22,7 @@ import torch
 
 from fedmoe.client.dp_trainer import train_local_private
 from fedmoe.client.ledger import CLEAR, Draw, PrivacyLedger, Release, ReplayRefused
+from fedmoe.client.ledger_witness import open_ledger
 from fedmoe.client.settings import NodeSettings
 from fedmoe.client.trainer import train_local
 from fedmoe.contract.expert_weighting import weighted_release, weighting_of_layout
@@ -208,7 +209,11 @@ class EnterpriseNode:
     def __init__(self, node: NodeSettings):
         self.node = node
         self._canary_cache: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
-        self.ledger = PrivacyLedger(node.ledger_path)
+        self.ledger = (
+            open_ledger(node.ledger_path, node.identity_key, node.witness_path)
+            if node.witnessed_ledger
+            else PrivacyLedger(node.ledger_path)
+        )
         self.budgets = {
             "record": node.budget.record_epsilon,
             "enterprise": node.budget.enterprise_epsilon,

@@ -72,6 +72,14 @@ CREATE TABLE IF NOT EXISTS draws (
     PRIMARY KEY (run, round)
 )""",
     """
+CREATE TABLE IF NOT EXISTS identity (
+    only INTEGER PRIMARY KEY CHECK (only = 1),  -- one row: whose ledger this is
+    ledger_id TEXT NOT NULL,     -- random, made once: the node's witness names it
+    fingerprint TEXT NOT NULL,   -- the node key's SHA256 fingerprint
+    enterprise TEXT NOT NULL,
+    created_at TEXT NOT NULL
+)""",
+    """
 CREATE TABLE IF NOT EXISTS run_numbers (
     run TEXT PRIMARY KEY,  -- a run uid
     number INTEGER NOT NULL  -- the coordinator's number for it, as first given: a label only
@@ -136,13 +144,55 @@ def _unpack(blob: bytes) -> list[np.ndarray]:
         return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
+@dataclass(frozen=True)
+class LedgerIdentity:
+    ledger_id: str
+    fingerprint: str
+    enterprise: str
+    created_at: str
+
+
 class PrivacyLedger:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_charge: Callable[[int], None] | None = None):
+        """`on_charge(charges)` runs after every committed charge with the ledger's count of
+        spend entries (client/ledger_witness.py mirrors it beside the node's key)."""
         self.path = Path(path)
+        self.on_charge = on_charge
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db, db:
             for statement in _SCHEMA:
                 db.execute(statement)
+
+    def identity(self) -> LedgerIdentity | None:
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT ledger_id, fingerprint, enterprise, created_at FROM identity"
+            ).fetchone()
+        return None if row is None else LedgerIdentity(*row)
+
+    def stamp(self, fingerprint: str, enterprise: str) -> LedgerIdentity:
+        """Make this the ledger of the node with key `fingerprint` (once; later calls keep it)."""
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT OR IGNORE INTO identity VALUES (1, ?, ?, ?, ?)",
+                (os.urandom(16).hex(), fingerprint, enterprise, _now()),
+            )
+        return self.identity()
+
+    def charges(self) -> int:
+        """How many spend entries the ledger holds: it only ever grows."""
+        with closing(self._connect()) as db:
+            return db.execute("SELECT COUNT(*) FROM spends").fetchone()[0]
+
+    def carry(self, level: str, epsilon: float, delta: float, why: str) -> None:
+        """A spend the ledger no longer holds (a rolled-back copy), kept as one entry of its own
+        so the lifetime budget never goes back."""
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT INTO spends (run, round, level, epsilon_run, delta, recorded_at) "
+                "VALUES (?, 0, ?, ?, ?, ?)",
+                (f"carried:{why}:{os.urandom(4).hex()}", level, epsilon, delta, _now()),
+            )
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -300,7 +350,9 @@ class PrivacyLedger:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
-            return spends
+        if self.on_charge is not None:
+            self.on_charge(self.charges())
+        return spends
 
     # --- draws ------------------------------------------------------------------------------
     def released(self, run: str, round_number: int, release: Release) -> None:

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedmoe.client.ledger_witness import default_witness
 from fedmoe.client.secagg_guard import Federation
 from fedmoe.contract.keys import fingerprint, load_public_key
 from fedmoe.contract.secagg_session import Identity
@@ -37,6 +38,14 @@ class NodeSettings(BaseModel):
         description="the node's privacy ledger (SQLite); default ~/.fedmoe/ledger-<enterprise>.sqlite",
     )
 
+    witnessed_ledger: bool = Field(
+        False,
+        description="a deployed node: its ledger must exist, be its own and be no older than "
+        "the witness beside its key (client/ledger_witness.py)",
+    )
+    ledger_witness: Path | None = Field(
+        None, description="the ledger's witness; default beside identity_key (node.witness)"
+    )
     identity_key: Path | None = Field(
         None,
         description="the node's private key (`fedmoe agent init`): signs its SecAgg+ keys; "
@@ -78,6 +87,10 @@ class NodeSettings(BaseModel):
     @property
     def data_files(self) -> DataFiles:
         return DataFiles.locate(self.data, self.heldout)
+
+    @property
+    def witness_path(self) -> Path:
+        return self.ledger_witness or default_witness(self.identity_key)
 
     @property
     def ledger_path(self) -> Path:

@@ -134,7 +134,7 @@ class Loopback:
     def start_agent(self, name: str) -> None:
         folder = self.root / "agents" / name
         self.agents[name] = self._spawn(
-            ["agent", "--config", "agent.toml"], folder, folder / "agent.log"
+            ["agent", "--config", "agent.toml", "--new-ledger"], folder, folder / "agent.log"
         )
 
     def stop_agent(self, name: str, kill: bool = False) -> None:

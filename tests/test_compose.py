@@ -276,7 +276,7 @@ def test_commands_and_healthchecks():
         COORDINATOR_CONFIG,
     ]
     for service in AGENTS:
-        assert command(service) == ["fedmoe", "agent", "--config", AGENT_CONFIG]
+        assert command(service) == ["fedmoe", "agent", "--config", AGENT_CONFIG, "--new-ledger"]
         assert healthcheck(service) == [
             "CMD",
             "fedmoe",
@@ -306,7 +306,8 @@ def test_the_cli_accepts_the_commands_compose_runs():
         for argv in (command(service), healthcheck(service)[1:]):
             args = build_parser().parse_args(argv[1:])
             assert str(args.config) in (COORDINATOR_CONFIG, AGENT_CONFIG)
-            assert getattr(args, f"{argv[1]}_command") == (argv[2] if len(argv) > 4 else None)
+            subcommand = argv[2] if not argv[2].startswith("-") else None
+            assert getattr(args, f"{argv[1]}_command") == subcommand
 
 
 def test_startup_order_waits_for_health():
