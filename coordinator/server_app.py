@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmoe.contract.expert_weighting import weighting_of_layout
 from fedmoe.coordinator.config import RunConfig
-from fedmoe.coordinator.db import FINAL_STATUSES, RoundRecord, RunStore
+from fedmoe.coordinator.db import FINAL_STATUSES, Round, RoundRecord, RunStore
 from fedmoe.coordinator.flower_run import FlowerRun
 from fedmoe.coordinator.grid import FleetGrid
 from fedmoe.coordinator.outcome import NO_EVALUATION, outcome
@@ -128,12 +128,13 @@ def build_round_context(
     base_fp = fingerprint(base)
     model = attach_lora(base, config.lora)
     checkpoint_root = run_dir(config, run_id)
-    first_round = 1
+    first_round, resume_note = 1, None
     if (last := store.last_round(run_id)) is not None:
         first_round = last.number + 1
-        resume_from = store.last_checkpoint(run_id)
-        if resume_from is not None:
-            load_checkpoint(model, Path(resume_from.checkpoint_path), resume_from.checkpoint_sha256)
+        committed = [
+            r for r in store.rounds(run_id) if r.status == "completed" and r.checkpoint_path
+        ]
+        resume_note = resume_from_intact(model, committed)
 
     def save_checkpoint(number: int, adapter: list[np.ndarray]) -> tuple[str, str]:
         set_adapter_vector(model, adapter[0])
@@ -166,6 +167,7 @@ def build_round_context(
         ask_nodes=ask_nodes,
         server_eval=server_eval,
         first_round=first_round,
+        resume_note=resume_note,
         connect_timeout_s=config.federation.connect_timeout_s,
         storage_problem=storage_problem,
         expert_of=expert_of,
@@ -173,6 +175,28 @@ def build_round_context(
             config.privacy.enterprise, expert_of, layers, model.config.num_experts_per_tok
         ),
     )
+
+
+def resume_from_intact(model: torch.nn.Module, committed: list[Round]) -> str | None:
+    """Load the latest committed checkpoint that is intact (its SHA-256 as the database holds
+    it, finite values), newest first; returns what was skipped, or None. The rounds whose
+    checkpoints are lost stay recorded; their updates are gone, their charges stand, and the run
+    goes on from the older adapter with the rounds it has left (no round is charged twice)."""
+    initial = get_adapter_vector(model).copy()
+    lost = []
+    for record in sorted(committed, key=lambda r: r.number, reverse=True):
+        try:
+            load_checkpoint(model, Path(record.checkpoint_path), record.checkpoint_sha256)
+        except (OSError, ValueError) as err:
+            set_adapter_vector(model, initial)  # a half-loaded adapter is never trained on
+            lost.append(f"round {record.number}: {err}")
+            continue
+        if not lost:
+            return None
+        return f"resumed from round {record.number}'s checkpoint; skipped {'; '.join(lost)}"
+    if lost:
+        return f"no intact checkpoint: resumed from the base adapter; skipped {'; '.join(lost)}"
+    return None
 
 
 def load_checkpoint(model: torch.nn.Module, directory: Path, sha256: str | None) -> None:
@@ -268,6 +292,8 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         store.set_fingerprint(run_id, ctx.base_fingerprint)
         remaining = config.federation.rounds - (ctx.first_round - 1)
         resumed = f", resumed after round {ctx.first_round - 1}" if ctx.first_round > 1 else ""
+        if ctx.resume_note:
+            print(f"[fedmoe] WARNING: run {run_id} {ctx.resume_note}", flush=True)
         print(
             f"[fedmoe] run {run_id}: {plural(n, 'enterprise')}, "
             f"{plural(config.federation.rounds, 'round')}, "
@@ -329,7 +355,7 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
     else:
         # Rounds may go on without an enterprise (min_fit_clients), or past a failed round
         # (max_failed_rounds); the run says so, loudly.
-        notes = []
+        notes = [ctx.resume_note] if ctx.resume_note else []
         if strategy.failed:
             notes.append(
                 f"{len(strategy.failed)} round(s) failed: {'; '.join(strategy.failed.values())}"

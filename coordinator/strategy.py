@@ -81,6 +81,7 @@ class RoundContext:
     ask_nodes: AskNodes
     server_eval: Callable[[list[np.ndarray]], float] | None = None
     first_round: int = 1  # > 1 when a resumed run continues
+    resume_note: str | None = None  # a resumed run that skipped lost checkpoints says which
     enterprise_of: Callable[[int], str | None] = lambda node_id: None  # the node registry
     node_errors: Callable[[], dict[int, str]] = dict  # why each node's last reply failed
     connect_timeout_s: float = 600.0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fedmoe.client.ledger import PrivacyLedger
 from fedmoe.coordinator.db import RunStore
 
 pytestmark = pytest.mark.e2e
@@ -137,15 +138,16 @@ def test_bad_cli_input_is_refused_before_anything_starts(tmp_path):
 def test_a_killed_launcher_takes_its_processes_along_and_the_run_resumes(tmp_path):
     """SIGKILL `fedmoe run` mid-run: Flower's SuperLink, SuperExec, ServerApp and simulation
     processes end with it, the run stays `running`, and `fedmoe run --resume` completes it with
-    every round once."""
+    every round once, from the last intact checkpoint (the latest one is corrupted meanwhile)."""
     import psutil
 
     db_url = f"sqlite:///{tmp_path / 'runs.db'}"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     config = (
-        _config(tmp_path, db_url, rounds=2)
+        _config(tmp_path, db_url, rounds=3)
         .read_text()
         .replace("local_steps = 8", "local_steps = 3")
+        .replace("rounds = 3", "rounds = 3\nmax_failed_rounds = 1")
     )
     (tmp_path / "run.toml").write_text(config)
     launcher = subprocess.Popen(
@@ -156,7 +158,7 @@ def test_a_killed_launcher_takes_its_processes_along_and_the_run_resumes(tmp_pat
         text=True,
     )
     for line in launcher.stdout:
-        if "round 1/2" in line:
+        if "round 2/3" in line:
             break
     children = psutil.Process(launcher.pid).children(recursive=True)
     assert any("flower-superlink" in " ".join(c.cmdline()) for c in children)
@@ -166,9 +168,23 @@ def test_a_killed_launcher_takes_its_processes_along_and_the_run_resumes(tmp_pat
     assert alive == [], [" ".join(p.cmdline())[:120] for p in alive]
     store = RunStore(db_url, migrate=False)
     assert store.runs()[0].status == "running"
+    last = max(r.number for r in store.rounds(1) if r.status == "completed")
+    (tmp_path / "out" / "run-0001" / f"round-{last:03d}" / "adapter_model.safetensors").write_bytes(
+        b"cut short"
+    )
     resumed = fedmoe("run", "--resume", "1", "--database", db_url, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed after round 1" in resumed.stdout
+    assert f"resumed after round {last}" in resumed.stdout
+    assert f"resumed from round {last - 1}'s checkpoint; skipped round {last}:" in resumed.stdout
     (run,) = store.runs()
     assert run.status == "completed" and run.resumes == 1
-    assert [r.number for r in store.rounds(run.id)] == [1, 2]
+    assert [r.number for r in store.rounds(run.id)] == [1, 2, 3]
+    # Round 3 again, from round 1's adapter: trained anew if no node had drawn for it before the
+    # kill; else refused by every node that had (one release per round), never trained twice.
+    third = store.rounds(run.id)[2]
+    assert third.status == "completed" or all(
+        "already released" in p.error for p in third.participations
+    ), [(p.enterprise, p.error) for p in third.participations]
+    for ledger in (tmp_path / "out" / "ledgers").glob("*.sqlite"):
+        rounds = [r for _, r, level, *_ in PrivacyLedger(ledger).entries() if level == "record"]
+        assert len(rounds) == len(set(rounds)), (ledger.name, rounds)  # one charge per round

@@ -22,7 +22,7 @@ from fedmoe.coordinator.runs import RunSupervisor
 from fedmoe.coordinator.server_app import load_checkpoint, write_atomically
 from fedmoe.model.base import load_base
 from fedmoe.model.corpus import DEMO_DATA_DIR
-from fedmoe.model.lora import attach_lora, get_adapter_vector, save_adapter
+from fedmoe.model.lora import attach_lora, get_adapter_vector, save_adapter, set_adapter_vector
 from fedmoe.model.settings import LoraSettings
 
 LORA = LoraSettings(r=4, alpha=8)
@@ -201,3 +201,33 @@ def test_a_stopped_run_ends_stopped_and_its_flower_run_is_stopped(supervised):
     run = store.run(run_id)
     assert run.status == "stopped" and run.error == "stopped by ops" and link.stopped == ["fr0"]
     assert not store.finish_run(run_id, "completed")  # a final status is final
+
+
+def test_a_resume_falls_back_to_the_last_intact_checkpoint_and_says_so(tmp_path):
+    from fedmoe.coordinator.server_app import directory_sha256, resume_from_intact
+
+    model = attach_lora(load_base("embedded"), LORA)
+    records, vectors = [], []
+    for number in (1, 2, 3):
+        vector = np.full_like(get_adapter_vector(model), 0.01 * number)
+        set_adapter_vector(model, vector)
+        directory = tmp_path / f"round-{number:03d}"
+        save_adapter(model, LORA, directory)
+        vectors.append(get_adapter_vector(model).copy())
+        records.append(SimpleNamespace(number=number, checkpoint_path=str(directory),
+                                       checkpoint_sha256=directory_sha256(directory)))  # fmt: skip
+    fresh = attach_lora(load_base("embedded"), LORA)
+    assert resume_from_intact(fresh, records) is None  # all intact: the latest, silently
+    np.testing.assert_array_equal(get_adapter_vector(fresh), vectors[2])
+    (tmp_path / "round-003" / "adapter_model.safetensors").write_bytes(b"truncated")
+    fresh = attach_lora(load_base("embedded"), LORA)
+    note = resume_from_intact(fresh, records)
+    assert note.startswith("resumed from round 2's checkpoint; skipped round 3:")
+    assert "changed since its round committed" in note
+    np.testing.assert_array_equal(get_adapter_vector(fresh), vectors[1])
+    for number in (1, 2):
+        (tmp_path / f"round-{number:03d}" / "adapter_model.safetensors").unlink()
+    fresh = attach_lora(load_base("embedded"), LORA)
+    base = get_adapter_vector(fresh).copy()
+    assert resume_from_intact(fresh, records).startswith("no intact checkpoint")
+    np.testing.assert_array_equal(get_adapter_vector(fresh), base)
