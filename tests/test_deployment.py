@@ -413,6 +413,20 @@ def test_malformed_admin_requests_get_clear_errors_and_change_nothing(deployment
     with pytest.raises(grpc.RpcError) as err:
         deployment.start_run("[federation]\nrounds = 0\n")
     assert "federation.rounds" in err.value.details()
+    # Storage that cannot take a checkpoint: refused before a run exists (none is charged).
+    runs = deployment.root / "state" / "runs"
+    runs.mkdir(exist_ok=True)
+    runs.rename(runs.with_name("runs.aside"))
+    runs.write_text("not a folder\n")
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            deployment.start_run(PRIVATE)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "storage.dir: cannot write to" in err.value.details()
+    finally:
+        runs.unlink()
+        runs.with_name("runs.aside").rename(runs)
+    assert [(r.id, r.status) for r in store.runs()] == before[0]
 
 
 def test_a_coordinator_killed_between_rounds_and_inside_one_resumes_and_charges_no_node_twice(
