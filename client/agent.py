@@ -61,16 +61,6 @@ PAUSED_AFTER_S = 10.0  # a supervision loop this late was suspended, not slow
 RETRY_QUIET_S = 60.0  # while the coordinator stays unreachable, one attempt's lines a minute
 
 
-def _gave_up(log_path: Path, offset: int) -> tuple[bool, int]:
-    """Whether the SuperNode's log from `offset` on says it stopped trying to reconnect, and
-    where to read next time (a line cut by the read is read again). The agent itself now reads
-    whole lines (`_new_lines`); this stays for tests/test_deployment_parts.py."""
-    with open(log_path, "rb") as log:
-        log.seek(offset)
-        text = log.read()
-    return GAVE_UP.encode() in text, offset + max(0, len(text) - len(GAVE_UP))
-
-
 def _new_lines(log_path: Path, offset: int) -> tuple[list[str], int]:
     """The complete lines of the SuperNode's log from `offset` on, and where to read next time (a
     line still being written is read next time, whole)."""
