@@ -45,7 +45,17 @@ class NodeClient(NumPyClient):
         return self.node.evaluate(parameters, dict(config))
 
 
-def build_client_app(node_for: Callable[[Context], object]) -> ClientApp:
+def named_errors(msg, context, call_next):
+    """The simulation engine passes on only an exception's message (Ray wraps it in a
+    ClientAppException): name its type there, as the deployment engine does, so the coordinator
+    tells a node's refusal (BudgetExceeded, ReplayRefused, ...) from a failure."""
+    try:
+        return call_next(msg, context)
+    except Exception as err:
+        raise RuntimeError(f"{type(err).__name__}: {err}") from err
+
+
+def build_client_app(node_for: Callable[[Context], object], outer_mods=()) -> ClientApp:
     """The ClientApp of the node `node_for(context)` returns (an `EnterpriseNode`)."""
 
     def optional_secaggplus_mod(msg, context, call_next):
@@ -93,7 +103,7 @@ def build_client_app(node_for: Callable[[Context], object]) -> ClientApp:
         secure_sum = guard.secure_sum(context) if flag and flag["active"] else None
         return NodeClient(node_for(context), secure_sum).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[optional_secaggplus_mod])
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, optional_secaggplus_mod])
 
 
 @lru_cache(maxsize=64)
@@ -118,4 +128,4 @@ def simulated_node(context: Context):
     return _simulated_node(json.dumps(enterprises[partition], sort_keys=True))
 
 
-app = build_client_app(simulated_node)
+app = build_client_app(simulated_node, outer_mods=[named_errors])

@@ -56,6 +56,11 @@ class RoundAborted(RuntimeError):
     """Too few usable client updates: the run stops rather than silently not training."""
 
 
+class RoundLost(RoundAborted):
+    """Every node that did not train refused the round as a replay: it was released (or its draw
+    was cut short) before the coordinator stopped. Its budget is spent; the run goes on."""
+
+
 class BudgetExhausted(RuntimeError):
     """Too few enterprises have privacy budget left for another round: the run ends cleanly."""
 
@@ -148,6 +153,7 @@ class FederatedLoRA(FedAvg):
         self.pending: _PendingRound | None = None
         self.lost: list[str] = []  # enterprises that failed or were rejected in a committed round
         self.failed: dict[int, str] = {}  # rounds that failed while the run went on: why
+        self.replayed: set[int] = set()  # of those, rounds lost to an earlier interruption
         self.claimed: dict[int, str] = {}  # node id -> the name a simulated node gave itself
 
     def __repr__(self) -> str:
@@ -322,12 +328,23 @@ class FederatedLoRA(FedAvg):
         """After round `number` is recorded as failed: raise `error` (the run stops), unless
         federation.max_failed_rounds lets the run go on from the same adapter."""
         tolerated = self.config.federation.max_failed_rounds
-        if isinstance(error, BudgetExhausted) or len(self.failed) >= tolerated:
+        if isinstance(error, RoundLost):
+            # Not a fault of this run's rounds: the nodes keep one release per round.
+            self.failed[number] = str(error)
+            self.replayed.add(number)
+            print(
+                f"[fedmoe] round {number} is lost (its nodes released it, or were cut short, "
+                f"before the coordinator stopped) and is recorded; the run goes on: {error}",
+                flush=True,
+            )
+            return
+        counted = len(self.failed) - len(self.replayed)
+        if isinstance(error, BudgetExhausted) or counted >= tolerated:
             raise error
         self.failed[number] = str(error)
         print(
             f"[fedmoe] round {number} failed and is recorded; the run goes on from the same "
-            f"adapter ({len(self.failed)} of federation.max_failed_rounds={tolerated}): {error}",
+            f"adapter ({counted + 1} of federation.max_failed_rounds={tolerated}): {error}",
             flush=True,
         )
 
@@ -396,11 +413,15 @@ class FederatedLoRA(FedAvg):
                 for r in pending.participations.values()
                 if r.status != "ok"
             ]
-            refused = any(r.status == "refused" for r in pending.participations.values())
+            others = [r for r in pending.participations.values() if r.status != "ok"]
+            refused = any(r.status == "refused" for r in others)
+            replayed = bool(others) and all(
+                (r.error or "").startswith("ReplayRefused") for r in others
+            )
             self._record_failed_round()
             self._fail(
                 pending.number,
-                (BudgetExhausted if refused else RoundAborted)(
+                (RoundLost if replayed else BudgetExhausted if refused else RoundAborted)(
                     f"round {pending.number}: {len(deltas)} usable update(s), federation.min_fit_clients={needed}; "
                     + "; ".join(problems)[:2000]
                 ),

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,17 @@ def test_a_killed_launcher_takes_its_processes_along_and_the_run_resumes(tmp_pat
     for line in launcher.stdout:
         if "round 2/3" in line:
             break
+    # Kill once every node has charged round 3: its draw is under way (or just released).
+    ledgers = tmp_path / "out" / "ledgers"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        charged = [
+            any(r == 3 for _, r, *_ in PrivacyLedger(path).entries())
+            for path in ledgers.glob("*.sqlite")
+        ]
+        if len(charged) == 3 and all(charged):
+            break
+        time.sleep(0.05)
     children = psutil.Process(launcher.pid).children(recursive=True)
     assert any("flower-superlink" in " ".join(c.cmdline()) for c in children)
     launcher.kill()
@@ -179,12 +191,15 @@ def test_a_killed_launcher_takes_its_processes_along_and_the_run_resumes(tmp_pat
     (run,) = store.runs()
     assert run.status == "completed" and run.resumes == 1
     assert [r.number for r in store.rounds(run.id)] == [1, 2, 3]
-    # Round 3 again, from round 1's adapter: trained anew if no node had drawn for it before the
-    # kill; else refused by every node that had (one release per round), never trained twice.
+    # Round 3 again, from round 1's adapter: every node had drawn for it before the kill, so
+    # every node refuses it (one draw per charge, one release per round): it is lost, recorded
+    # as failed, and the run completes without counting it against max_failed_rounds.
     third = store.rounds(run.id)[2]
-    assert third.status == "completed" or all(
-        "already released" in p.error for p in third.participations
+    assert third.status == "failed" and all(
+        "one draw per charge" in p.error or "one release per round" in p.error
+        for p in third.participations
     ), [(p.enterprise, p.error) for p in third.participations]
+    assert "round 3 is lost" in resumed.stdout and "round 3" in (run.error or "")
     for ledger in (tmp_path / "out" / "ledgers").glob("*.sqlite"):
         rounds = [r for _, r, level, *_ in PrivacyLedger(ledger).entries() if level == "record"]
         assert len(rounds) == len(set(rounds)), (ledger.name, rounds)  # one charge per round

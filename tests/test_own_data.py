@@ -289,4 +289,4 @@ def test_a_run_whose_every_round_fails_names_the_enterprises_in_one_line_exit_1(
     (error,) = [line for line in output.splitlines() if line.startswith("error:")]
     assert "run 1 failed" in error and "0 usable update(s)" in error
     for name in ("acme", "globex"):
-        assert f"{name}: the disk under the enterprise's data went away" in error
+        assert f"{name}: OSError: the disk under the enterprise's data went away" in error

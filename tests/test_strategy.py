@@ -436,3 +436,31 @@ def test_a_round_that_could_not_commit_fails_before_any_node_is_asked(tmp_path):
     assert asked == [] and not saved  # no handshake: no node charged anything
     (failed,) = store.rounds(run_id)
     assert failed.status == "failed" and failed.participations == []
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        # deployment: Flower's ClientApp names the type; simulation: our named_errors mod does
+        "<class 'fedmoe.client.ledger.ReplayRefused'>:<'round 1 of run 0123abcd was charged and its draw is under way or was cut short; one draw per charge'>",
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\\nException ClientAppException occurred. Message: ReplayRefused: round 1 of run 0123abcd was already released from another global adapter; one release per round'>",
+    ],
+)
+def test_a_round_every_node_refuses_as_a_replay_is_lost_and_the_run_goes_on(tmp_path, reason):
+    """A resumed run asks again a round its nodes released (or were cut short in) before the
+    coordinator stopped: the round is recorded failed and the run goes on, even with
+    max_failed_rounds = 0 (the nodes keep one release per round; nothing is wrong with the run)."""
+    strategy, store, run_id, _, _ = _make(tmp_path, {}, **{"federation.min_fit_clients": 1})
+    assert strategy.config.federation.max_failed_rounds == 0
+    strategy.ctx.enterprise_of = {1: "a", 2: "b"}.get
+    strategy.ctx.node_errors = lambda: {1: reason, 2: reason}
+    strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2]))
+    assert strategy.aggregate_fit(1, [], [Exception("x"), Exception("y")]) == (None, {})
+    (r,) = store.rounds(run_id)
+    assert r.status == "failed" and {p.status for p in r.participations} == {"refused"}
+    assert strategy.failed.keys() == {1} and strategy.replayed == {1}
+    # A replay refusal among other failures is a plain failure: max_failed_rounds = 0 stops.
+    strategy.ctx.node_errors = lambda: {1: reason, 2: "RuntimeError: out of memory"}
+    strategy.configure_fit(2, ndarrays_to_parameters(strategy.global_adapter), _manager([1, 2]))
+    with pytest.raises(BudgetExhausted):
+        strategy.aggregate_fit(2, [], [Exception("x")])
