@@ -22,7 +22,7 @@ WORKDIR /app
 COPY . /app
 RUN pip install --no-cache-dir -e . \
  && python -m compileall -q /app \
- && python -c "from fedmoe.coordinator.superlink import APP_DIR; assert (APP_DIR / 'pyproject.toml').is_file(), APP_DIR"
+ && python -c "from fedmoe.coordinator.service.superlink import APP_DIR; assert (APP_DIR / 'pyproject.toml').is_file(), APP_DIR"
 
 # Non-root service user. /var/lib/fedmoe is where compose mounts each service's named volume
 # (coordinator storage, agent ledger and state): a fresh volume takes this folder's owner.

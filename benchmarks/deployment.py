@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from loopback import Loopback  # noqa: E402
 
-from fedmoe.coordinator.db import RunStore  # noqa: E402
+from fedmoe.coordinator.store.db import RunStore  # noqa: E402
 from fedmoe.model.corpus import DEMO_DATA_DIR, DEMO_ENTERPRISES  # noqa: E402
 
 TIMING = re.compile(r"\[fedmoe-timing\] (\w+) x(\d+) ([0-9.]+)s")

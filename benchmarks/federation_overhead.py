@@ -25,7 +25,7 @@ from rich.table import Table
 
 from fedmoe.coordinator.config import load_run_config
 from fedmoe.coordinator.launcher import federation_config
-from fedmoe.coordinator.superlink import FINISHED, SuperLink, submit_app
+from fedmoe.coordinator.service.superlink import FINISHED, SuperLink, submit_app
 from fedmoe.model.base import EMBEDDED_BASE_DIR
 
 BASELINE_APP = Path(__file__).parent / "flower_baseline"

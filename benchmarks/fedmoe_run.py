@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from fedmoe.coordinator.config import RunConfig, load_run_config
-from fedmoe.coordinator.db import RunStore
 from fedmoe.coordinator.launcher import launch
+from fedmoe.coordinator.store.db import RunStore
 
 
 def run_in(workdir: Path, overrides: dict) -> tuple[RunConfig, float, RunStore]:

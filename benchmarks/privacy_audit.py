@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedmoe.coordinator.db import RunStore  # noqa: E402
+from fedmoe.coordinator.store.db import RunStore  # noqa: E402
 
 
 def run(root: Path, name: str, settings: list[str]) -> tuple[dict | None, float]:

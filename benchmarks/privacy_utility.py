@@ -31,9 +31,9 @@ from pathlib import Path
 import tomli_w
 import torch
 
-from fedmoe.coordinator.artifacts import adapter_of_run, load_adapted
 from fedmoe.coordinator.config import ConfigError, load_run_config
-from fedmoe.coordinator.db import RunStore
+from fedmoe.coordinator.store.artifacts import adapter_of_run, load_adapted
+from fedmoe.coordinator.store.db import RunStore
 from fedmoe.model.base import load_tokenizer
 from fedmoe.model.corpus import generated_enterprises, resolve_generated
 from fedmoe.model.data import find_split, load_records

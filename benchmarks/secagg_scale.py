@@ -9,7 +9,7 @@ Every cell is a real `fedmoe run` on Flower's simulation engine over the first n
 the generated many-enterprise federation (demo:many/e00..), default run config otherwise (LoRA
 r=16 on every group of the embedded base). The two modes of a size differ only in
 `federation.secure_aggregation.enabled`. Bytes are those the coordinator's grid counted for the
-round (coordinator/grid.py): every message of it in Flower's serialized form, each way, the budget
+round (coordinator/round/grid.py): every message of it in Flower's serialized form, each way, the budget
 handshake, all SecAgg+ stages and federated evaluation included.
 
 The largest adapter: one SecAgg+ round at 3 enterprises for each LoRA rank of `--ranks` (the

@@ -42,7 +42,7 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     """The run's privacy plan and utility forecast, without training (refusals raise as in run)."""
     from fedmoe.coordinator.config import check_privacy, load_run_config, parse_overrides
-    from fedmoe.coordinator.views import describe_privacy, privacy_plan_summary
+    from fedmoe.coordinator.store.views import describe_privacy, privacy_plan_summary
     from fedmoe.model.lora import adapter_size
     from fedmoe.support.words import plural
 
@@ -76,7 +76,7 @@ def cmd_audit(args) -> int:
 
 
 def _store(args):
-    from fedmoe.coordinator.db import RunStore
+    from fedmoe.coordinator.store.db import RunStore
 
     return RunStore(args.database, migrate=False)
 
@@ -87,7 +87,7 @@ def _known_run(store, run_id: int, database: str) -> None:
 
 
 def cmd_runs(args) -> int:
-    from fedmoe.coordinator.views import run_message
+    from fedmoe.coordinator.store.views import run_message
 
     store = _store(args)
     rows = run_rows([run_message(run, store.rounds(run.id)) for run in store.runs()])
@@ -96,7 +96,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_rounds(args) -> int:
-    from fedmoe.coordinator.views import round_message
+    from fedmoe.coordinator.store.views import round_message
 
     store = _store(args)
     _known_run(store, args.run_id, args.database)
@@ -107,7 +107,7 @@ def cmd_rounds(args) -> int:
 
 def cmd_privacy(args) -> int:
     """The coordinator's record of the epsilon spent, per run, enterprise and round."""
-    from fedmoe.coordinator.views import privacy_ledger_message
+    from fedmoe.coordinator.store.views import privacy_ledger_message
 
     store = _store(args)
     if args.run_id is not None:
@@ -117,7 +117,7 @@ def cmd_privacy(args) -> int:
 
 
 def _resolve_adapter(args) -> tuple[Path | None, str]:
-    from fedmoe.coordinator.artifacts import adapter_of_run
+    from fedmoe.coordinator.store.artifacts import adapter_of_run
 
     if args.adapter:
         return Path(args.adapter), args.model
@@ -127,7 +127,7 @@ def _resolve_adapter(args) -> tuple[Path | None, str]:
 
 
 def cmd_generate(args) -> int:
-    from fedmoe.coordinator.artifacts import generate
+    from fedmoe.coordinator.store.artifacts import generate
 
     adapter, model_path = _resolve_adapter(args)
     text = generate(
@@ -138,7 +138,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from fedmoe.coordinator.artifacts import export
+    from fedmoe.coordinator.store.artifacts import export
 
     adapter, model_path = _resolve_adapter(args)
     if adapter is None:
@@ -154,8 +154,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_coordinator(args) -> int:
-    from fedmoe.coordinator.service import CoordinatorService, coordinator_health
-    from fedmoe.coordinator.service_config import load_coordinator_config, new_admin_token
+    from fedmoe.coordinator.service.service import CoordinatorService, coordinator_health
+    from fedmoe.coordinator.service.service_config import load_coordinator_config, new_admin_token
 
     if args.coordinator_command == "token":
         token, lines = new_admin_token(args.name)
@@ -177,7 +177,7 @@ def cmd_coordinator(args) -> int:
 
 
 def cmd_certs(args) -> int:
-    from fedmoe.coordinator.certs import make_dev_certificates
+    from fedmoe.coordinator.service.certs import make_dev_certificates
 
     try:
         paths = make_dev_certificates(Path(args.out), args.host, args.days, args.force)

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedmoe.coordinator.db import DatabaseMissing
+    from fedmoe.coordinator.store.db import DatabaseMissing
     from fedmoe.support.files import ConfigError
 
     quiet_third_party_noise()

@@ -94,7 +94,7 @@ def _table(title: str, columns: tuple[str, ...], rows: list[tuple]) -> Table:
 
 # --- runs ---------------------------------------------------------------------------------------
 def run_row(run: pb.Run) -> dict:
-    from fedmoe.coordinator.outcome import Outcome
+    from fedmoe.coordinator.store.outcome import Outcome
 
     base, best = _opt(run, "result_base_loss"), _opt(run, "best_eval_loss")
     gain = None

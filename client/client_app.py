@@ -115,7 +115,7 @@ def _simulated_node(settings_json: str):
 
 
 def simulated_node(context: Context):
-    """Simulation engine: partition i of the run's simulated enterprises (see coordinator/flower_run.py)."""
+    """Simulation engine: partition i of the run's simulated enterprises (see coordinator/round/flower_run.py)."""
     run, node = context.run_config, context.node_config
     if "sim-enterprises" not in run or "partition-id" not in node:
         raise ValueError("this ClientApp runs on the simulation engine or inside `fedmoe agent`")

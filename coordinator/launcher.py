@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 from fedmoe.coordinator.config import ConfigError, RunConfig, parse_run_config
-from fedmoe.coordinator.db import FINAL_STATUSES, RunStore
-from fedmoe.coordinator.outcome import outcome
-from fedmoe.coordinator.runs import RunSupervisor
-from fedmoe.coordinator.superlink import FINISHED, LOG_END, SuperLink, follow_logs
-from fedmoe.coordinator.views import privacy_plan_summary
+from fedmoe.coordinator.round.flower_run import LOG_END
+from fedmoe.coordinator.service.runs import RunSupervisor
+from fedmoe.coordinator.service.superlink import FINISHED, SuperLink, follow_logs
+from fedmoe.coordinator.store.db import FINAL_STATUSES, RunStore
+from fedmoe.coordinator.store.outcome import outcome
+from fedmoe.coordinator.store.views import privacy_plan_summary
 from fedmoe.support.files import unwritable
 from fedmoe.support.processes import Stopped, stop_on_signals
 from fedmoe.support.words import plural
@@ -58,7 +59,7 @@ def _follow(superlink: SuperLink, flower_run_id: str, on_text) -> threading.Thre
     return thread
 
 
-# A ServerApp's progress line for round N (coordinator/server_app.py's format_round).
+# A ServerApp's progress line for round N (coordinator/round/server_app.py's format_round).
 ROUND_LINE = re.compile(r"\[fedmoe\] round (\d+)/")
 
 
@@ -67,7 +68,7 @@ def _print_from_database(
 ) -> None:
     """Under load Flower can lose a ServerApp's last log lines for good: print what they said
     (the rounds not shown, how the run ended) from the run database instead."""
-    from fedmoe.coordinator.server_app import format_round
+    from fedmoe.coordinator.round.server_app import format_round
 
     print("[fedmoe] (Flower's log lost the run's last lines; from the run database:)", flush=True)
     run = store.run(run_id)

@@ -11,7 +11,7 @@ The patch is what an upstream pull request would change (one function, same sign
 output types, masks still reproducible from the same seed by server and clients), installed into
 the three modules that call it. It refuses to install on a Flower whose original function is not
 the one it was written for. Every process that masks or unmasks installs it: the node's ClientApp
-(client/client_app.py) and the coordinator's ServerApp (coordinator/server_app.py).
+(client/client_app.py) and the coordinator's ServerApp (coordinator/round/server_app.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Work for processes the tests start (kept light: a spawned process imports only this)."""
 
-from fedmoe.coordinator.db import RunStore
+from fedmoe.coordinator.store.db import RunStore
 
 
 def open_and_create_run(url: str) -> int:

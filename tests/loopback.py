@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 
 from fedmoe.client.keys import make_node_keys
-from fedmoe.coordinator.certs import make_dev_certificates
-from fedmoe.coordinator.service_config import new_admin_token
+from fedmoe.coordinator.service.certs import make_dev_certificates
+from fedmoe.coordinator.service.service_config import new_admin_token
 from fedmoe.proto import admin_pb2 as pb
 from fedmoe.proto import admin_pb2_grpc as pb_grpc
 

@@ -19,7 +19,7 @@ from loopback import Loopback
 from fedmoe.client.agent import CONNECTED, _new_lines
 from fedmoe.client.executor import TASK_EXPIRY_S, TaskLost, _client
 from fedmoe.client.supernode import NODE_EXPIRY_S
-from fedmoe.coordinator.db import RunStore
+from fedmoe.coordinator.store.db import RunStore
 from fedmoe.model.corpus import DEMO_DATA_DIR
 from fedmoe.support.watchdog import descendants
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedmoe.coordinator.aggregation import (
+from fedmoe.coordinator.round.aggregation import (
     MalformedUpdate,
     apply_update,
     check_update,

@@ -22,8 +22,8 @@ import torch
 from loopback import Loopback
 
 from fedmoe.cli.main import main, quiet_third_party_noise
-from fedmoe.coordinator.db import ParticipationRecord, RoundRecord, RunStore
-from fedmoe.coordinator.outcome import outcome
+from fedmoe.coordinator.store.db import ParticipationRecord, RoundRecord, RunStore
+from fedmoe.coordinator.store.outcome import outcome
 from fedmoe.proto import admin_pb2 as pb
 
 LONG_NODE_ID = "15787297569019954470"  # a Flower node id: 20 digits
@@ -59,7 +59,7 @@ def finished_run(
 ) -> int:
     """A completed two-round deployment run with checkpoints, as the coordinator records one;
     without server evaluation, its enterprises' held-out losses fall from 2.0 to 1.8 and 1.7."""
-    from fedmoe.coordinator.server_app import directory_sha256
+    from fedmoe.coordinator.round.server_app import directory_sha256
 
     run_id = store.create_run(
         {"model": {"path": "embedded"}, "federation": {"rounds": 2}},
@@ -122,9 +122,9 @@ def finished_run(
 def coordinator(tmp_path_factory):
     """The admin API of a real coordinator service, in process, over a database of two finished
     runs: run 1 beat its base model, run 2 did not."""
-    from fedmoe.coordinator.admin_api import serve
-    from fedmoe.coordinator.service import CoordinatorService
-    from fedmoe.coordinator.service_config import load_coordinator_config
+    from fedmoe.coordinator.service.admin_api import serve
+    from fedmoe.coordinator.service.service import CoordinatorService
+    from fedmoe.coordinator.service.service_config import load_coordinator_config
 
     loop = Loopback(tmp_path_factory.mktemp("operator"))
     service = CoordinatorService(
@@ -316,7 +316,7 @@ def test_the_agent_ledger_prints_json(tmp_path, capsys):
 
 # --- words ---------------------------------------------------------------------------------------
 def test_counts_and_the_shutdown_line_read_right_for_zero_one_and_many():
-    from fedmoe.coordinator.service import shutdown_line
+    from fedmoe.coordinator.service.service import shutdown_line
     from fedmoe.support.words import plural
 
     assert [plural(n, "round") for n in (0, 1, 2)] == ["0 rounds", "1 round", "2 rounds"]
@@ -359,7 +359,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_admin_export_streams_what_fedmoe_export_writes(coordinator, token, tmp_path, capsys):
-    from fedmoe.coordinator.artifacts import export
+    from fedmoe.coordinator.store.artifacts import export
 
     checkpoint = Path(coordinator.service.store.rounds(1)[1].checkpoint_path)
     assert main(admin(coordinator, "export", "1", "--out", str(tmp_path / "peft"))) == 0
@@ -463,7 +463,7 @@ def test_export_and_generate_need_a_valid_token(coordinator):
 
 
 def test_admin_generate_uses_the_runs_result_on_the_coordinator(coordinator, token, capsys):
-    from fedmoe.coordinator.artifacts import generate
+    from fedmoe.coordinator.store.artifacts import generate
 
     checkpoint = Path(coordinator.service.store.rounds(1)[1].checkpoint_path)
     prompt = "QC log line 3 lot 4521:"

@@ -430,7 +430,7 @@ def test_each_agent_has_its_own_data_keys_and_ledger():
 # --- the configs ------------------------------------------------------------------------------------
 def test_the_configs_validate():
     from fedmoe.client.agent_config import AgentConfig
-    from fedmoe.coordinator.service_config import CoordinatorConfig
+    from fedmoe.coordinator.service.service_config import CoordinatorConfig
 
     coordinator = CoordinatorConfig.model_validate(coordinator_toml())
     assert coordinator.database.url.startswith("postgresql+psycopg://")
@@ -537,7 +537,7 @@ def test_setup_sets_the_token_once(setup):
         hashlib.sha256(token.encode()).hexdigest()
     ]
     assert setup.first.stdout.count(token) == 1 and token not in setup.second.stdout
-    from fedmoe.coordinator.service_config import CoordinatorConfig
+    from fedmoe.coordinator.service.service_config import CoordinatorConfig
 
     assert CoordinatorConfig.model_validate(config).admin.caller(token) == "ops"
 
@@ -687,9 +687,9 @@ def test_the_dockerfile_installs_cpu_torch_then_the_project_and_runs_unprivilege
 def test_the_flower_app_ships_inside_fedmoe():
     # `flwr run` is pointed at APP_DIR, a folder of the installed fedmoe (not the checkout, whose
     # `flwr run .` is refused: tests/test_flwr_run.py), so the image finds it however installed.
-    from fedmoe.coordinator import superlink
+    from fedmoe.coordinator.service import superlink
 
-    assert superlink.APP_DIR == Path(superlink.__file__).resolve().parent / "flower_app"
+    assert superlink.APP_DIR == Path(superlink.__file__).resolve().parents[1] / "flower_app"
     assert (superlink.APP_DIR / "pyproject.toml").is_file()
 
 
@@ -716,9 +716,9 @@ def test_the_build_context_is_small_and_holds_no_secrets():
                 "deploy/agents/finance/keys/node.key", "deploy/admin.token", ".env", ".pytest_cache/v",
                 "coordinator/__pycache__/db.cpython-311.pyc", "fedmoe.egg-info/PKG-INFO"):  # fmt: skip
         assert _dockerignore_excludes(rel), f".dockerignore lets {rel} into the build context"
-    for rel in ("pyproject.toml", "README.md", "coordinator/server_app.py", "client/client_app.py",
+    for rel in ("pyproject.toml", "README.md", "coordinator/round/server_app.py", "client/client_app.py",
                 "coordinator/flower_app/pyproject.toml",
-                "coordinator/migrations/env.py", "proto/gen/fedmoe/proto/admin_pb2.py",
+                "coordinator/store/migrations/env.py", "proto/gen/fedmoe/proto/admin_pb2.py",
                 "model/assets/base/model.safetensors", "model/assets/demo/public_eval.jsonl"):  # fmt: skip
         assert (ROOT / rel).exists() and not _dockerignore_excludes(rel), (
             f".dockerignore drops {rel}, which the image needs"

@@ -5,7 +5,7 @@ import datetime as dt
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from fedmoe.coordinator.db import Base, ParticipationRecord, RoundRecord, RunStore
+from fedmoe.coordinator.store.db import Base, ParticipationRecord, RoundRecord, RunStore
 
 
 def _round(number, participations=None):

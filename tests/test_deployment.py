@@ -16,7 +16,7 @@ import pytest
 from loopback import Loopback
 
 from fedmoe.client.ledger import PrivacyLedger
-from fedmoe.coordinator.db import RunStore
+from fedmoe.coordinator.store.db import RunStore
 from fedmoe.model.corpus import DEMO_DATA_DIR
 from fedmoe.proto import admin_pb2 as pb
 

@@ -23,10 +23,10 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from fedmoe.client.agent_config import load_agent_config
 from fedmoe.client.keys import make_node_keys
 from fedmoe.contract.keys import fingerprint, load_public_key, openssh_public
-from fedmoe.coordinator.certs import make_dev_certificates
-from fedmoe.coordinator.db import DatabaseMissing, RunStore
-from fedmoe.coordinator.grid import FleetGrid, message_bytes
-from fedmoe.coordinator.service_config import load_coordinator_config, new_admin_token
+from fedmoe.coordinator.round.grid import FleetGrid, message_bytes
+from fedmoe.coordinator.service.certs import make_dev_certificates
+from fedmoe.coordinator.service.service_config import load_coordinator_config, new_admin_token
+from fedmoe.coordinator.store.db import DatabaseMissing, RunStore
 from fedmoe.model.corpus import DEMO_DATA_DIR
 from fedmoe.support.files import ConfigError
 

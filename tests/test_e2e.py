@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedmoe.client.ledger import PrivacyLedger
-from fedmoe.coordinator.db import RunStore
+from fedmoe.coordinator.store.db import RunStore
 
 pytestmark = pytest.mark.e2e
 FEDMOE = [sys.executable, "-m", "fedmoe.cli"]

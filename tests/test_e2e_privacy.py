@@ -5,7 +5,7 @@ import pytest
 from test_e2e import fedmoe
 
 from fedmoe.client.ledger import PrivacyLedger
-from fedmoe.coordinator.db import RunStore
+from fedmoe.coordinator.store.db import RunStore
 from fedmoe.model.corpus import DEMO_DATA_DIR
 from fedmoe.privacy.plan import plan_record_level
 from fedmoe.privacy.settings import RecordLevel

@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_e2e import fedmoe
 
-from fedmoe.coordinator.artifacts import adapter_of_run, load_adapted
-from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.views import run_message
+from fedmoe.coordinator.store.artifacts import adapter_of_run, load_adapted
+from fedmoe.coordinator.store.db import RunStore
+from fedmoe.coordinator.store.views import run_message
 from fedmoe.model.base import load_tokenizer
 from fedmoe.model.data import find_split, load_records
 from fedmoe.model.loss import evaluate_loss

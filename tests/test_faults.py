@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fedmoe.client.ledger import PrivacyLedger
-from fedmoe.coordinator.db import RunStore
+from fedmoe.coordinator.store.db import RunStore
 
 pytestmark = pytest.mark.e2e
 

@@ -131,13 +131,13 @@ def test_the_app_fedmoe_submits_is_not_the_checkout():
     the real ServerApp and ClientApp and no dependency for Flower to install."""
     import tomllib
 
-    from fedmoe.coordinator import superlink
+    from fedmoe.coordinator.service import superlink
 
     with open(superlink.APP_DIR / "pyproject.toml", "rb") as f:
         app = tomllib.load(f)
     assert app["project"]["dependencies"] == []
     assert app["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "fedmoe.coordinator.server_app:app",
+        "serverapp": "fedmoe.coordinator.round.server_app:app",
         "clientapp": "fedmoe.client.client_app:app",
     }
     assert superlink.APP_DIR != Path(superlink.__file__).resolve().parents[1]

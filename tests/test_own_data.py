@@ -14,8 +14,8 @@ import pytest
 from fedmoe.client.agent_config import load_agent_config
 from fedmoe.contract.keys import write_key_pair
 from fedmoe.coordinator.config import ConfigError, load_run_config
-from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.outcome import ENTERPRISES, outcome
+from fedmoe.coordinator.store.db import RunStore
+from fedmoe.coordinator.store.outcome import ENTERPRISES, outcome
 from fedmoe.model.corpus import generate, write_jsonl
 from fedmoe.model.data import HELDOUT_SHARE, DataFiles, carve_heldout
 

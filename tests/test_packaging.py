@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 
 from checkout import ROOT, copy_checkout
 
-DATA_FOLDERS = ("model/assets", "coordinator/migrations", "coordinator/flower_app")
+DATA_FOLDERS = ("model/assets", "coordinator/store/migrations", "coordinator/flower_app")
 
 
 def _tracked(folder: str) -> list[str]:

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fedmoe.coordinator.config import ConfigError, load_run_config
-from fedmoe.coordinator.db import Round
-from fedmoe.coordinator.outcome import outcome
+from fedmoe.coordinator.store.db import Round
+from fedmoe.coordinator.store.outcome import outcome
 from fedmoe.model.corpus import (
     MANY_ENTERPRISES,
     build_generated_federation,

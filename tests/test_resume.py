@@ -17,9 +17,9 @@ from fedmoe.client.enterprise import EnterpriseNode, workspace
 from fedmoe.client.ledger import ReplayRefused
 from fedmoe.client.settings import NodeSettings
 from fedmoe.contract.round import LocalTrainSettings, SecureSum
-from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.runs import RunSupervisor
-from fedmoe.coordinator.server_app import load_checkpoint, write_atomically
+from fedmoe.coordinator.round.server_app import load_checkpoint, write_atomically
+from fedmoe.coordinator.service.runs import RunSupervisor
+from fedmoe.coordinator.store.db import RunStore
 from fedmoe.model.base import load_base
 from fedmoe.model.corpus import DEMO_DATA_DIR
 from fedmoe.model.lora import attach_lora, get_adapter_vector, save_adapter, set_adapter_vector
@@ -113,7 +113,7 @@ def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path):
 
 
 def test_a_resumed_run_refuses_a_changed_or_corrupt_checkpoint(tmp_path):
-    from fedmoe.coordinator.server_app import directory_sha256
+    from fedmoe.coordinator.round.server_app import directory_sha256
 
     model = attach_lora(load_base("embedded"), LORA)
     directory = tmp_path / "round-001"
@@ -154,7 +154,7 @@ def supervised(tmp_path, monkeypatch):
     link = _FakeLink()
     submitted = iter(f"fr{i}" for i in range(100))
     monkeypatch.setattr(
-        "fedmoe.coordinator.runs.submit_run",
+        "fedmoe.coordinator.service.runs.submit_run",
         lambda home, flower_run, federation=None: next(submitted),
     )
     from fedmoe.coordinator.config import load_run_config
@@ -204,7 +204,7 @@ def test_a_stopped_run_ends_stopped_and_its_flower_run_is_stopped(supervised):
 
 
 def test_a_resume_falls_back_to_the_last_intact_checkpoint_and_says_so(tmp_path):
-    from fedmoe.coordinator.server_app import directory_sha256, resume_from_intact
+    from fedmoe.coordinator.round.server_app import directory_sha256, resume_from_intact
 
     model = attach_lora(load_base("embedded"), LORA)
     records, vectors = [], []

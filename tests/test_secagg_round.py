@@ -38,8 +38,8 @@ from fedmoe.contract.round import RoundSpec
 from fedmoe.contract.secagg_session import Identity
 from fedmoe.contract.secagg_transport import MASKED, pack, unpack
 from fedmoe.coordinator.config import load_run_config
-from fedmoe.coordinator.flower_run import FlowerRun
-from fedmoe.coordinator.secure_sum import SecureSumWorkflow
+from fedmoe.coordinator.round.flower_run import FlowerRun
+from fedmoe.coordinator.round.secure_sum import SecureSumWorkflow
 from fedmoe.privacy import secagg_prg
 from fedmoe.privacy.plan import EnterprisePlan, privatize_update
 
@@ -97,7 +97,7 @@ class _Grid:
                 reply = self.app(message=deepcopy(message), context=self.contexts[node])
                 if MASKED in reply.content.array_records:
                     self.packed.append(reply.content.array_records[MASKED].to_numpy_ndarrays())
-                unpack(reply.content)  # as the coordinator's grid does (coordinator/grid.py)
+                unpack(reply.content)  # as the coordinator's grid does (coordinator/round/grid.py)
                 replies.append(reply)
         self.received += replies
         return replies
@@ -158,7 +158,7 @@ def _round(
     [
         (None, True),
         # Lost after sending its public keys, before sharing its key shares: no one masked with
-        # it, so it is not in the round (Flower 1.42 alone fails the round: coordinator/secure_sum.py).
+        # it, so it is not in the round (Flower 1.42 alone fails the round: coordinator/round/secure_sum.py).
         (Stage.SHARE_KEYS, False),
         # Lost after sharing its key shares: the server rebuilds its pairwise masks from them.
         (Stage.COLLECT_MASKED_VECTORS, False),

@@ -17,8 +17,7 @@ from flwr.common import (
 
 from fedmoe.contract.round import BudgetAnswer
 from fedmoe.coordinator.config import ConfigError, load_run_config
-from fedmoe.coordinator.db import RunStore
-from fedmoe.coordinator.strategy import (
+from fedmoe.coordinator.round.strategy import (
     BudgetExhausted,
     FederatedLoRA,
     RoundAborted,
@@ -26,6 +25,7 @@ from fedmoe.coordinator.strategy import (
     _PendingRound,
     sum_expert_load,
 )
+from fedmoe.coordinator.store.db import RunStore
 from fedmoe.privacy.audit import epsilon_lower_bound
 
 FP, LAYOUT = "f" * 64, "a" * 16

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from fedmoe.coordinator.db import Base
+from fedmoe.coordinator.store.db import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -26,9 +26,9 @@ from concurrent import futures
 import grpc
 from google.protobuf.message import DecodeError
 
-from fedmoe.coordinator.db import FINAL_STATUSES
-from fedmoe.coordinator.service_config import AdminSection
-from fedmoe.coordinator.views import privacy_ledger_message, round_message, run_message
+from fedmoe.coordinator.service.service_config import AdminSection
+from fedmoe.coordinator.store.db import FINAL_STATUSES
+from fedmoe.coordinator.store.views import privacy_ledger_message, round_message, run_message
 from fedmoe.proto import admin_pb2 as pb
 from fedmoe.proto import admin_pb2_grpc as pb_grpc
 from fedmoe.support.files import ConfigError

@@ -40,15 +40,15 @@ from flwr.server.strategy import FedAvg
 
 from fedmoe.contract.expert_weighting import Weighting, expert_weighted_update
 from fedmoe.contract.round import BUDGET_QUERY, BudgetAnswer, MalformedRound, RoundSpec
-from fedmoe.coordinator.aggregation import (
+from fedmoe.coordinator.config import RunConfig
+from fedmoe.coordinator.round.aggregation import (
     MalformedUpdate,
     apply_update,
     check_update,
     l2_norm,
     weighted_average,
 )
-from fedmoe.coordinator.config import RunConfig
-from fedmoe.coordinator.db import ParticipationRecord, RoundRecord, RunStore, utcnow
+from fedmoe.coordinator.store.db import ParticipationRecord, RoundRecord, RunStore, utcnow
 from fedmoe.privacy.audit import epsilon_lower_bound
 
 

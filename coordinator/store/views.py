@@ -7,8 +7,8 @@ import datetime as dt
 import json
 
 from fedmoe.coordinator.config import RunConfig
-from fedmoe.coordinator.db import Node, Participation, Round, Run, RunStore
-from fedmoe.coordinator.outcome import outcome
+from fedmoe.coordinator.store.db import Node, Participation, Round, Run, RunStore
+from fedmoe.coordinator.store.outcome import outcome
 from fedmoe.privacy.plan import plan_enterprise_level
 from fedmoe.proto import admin_pb2 as pb
 

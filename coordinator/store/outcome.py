@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from fedmoe.coordinator.db import Round
+from fedmoe.coordinator.store.db import Round
 
 SERVER = "server eval"
 ENTERPRISES = "enterprises' held-out loss"

@@ -15,9 +15,9 @@ import logging
 import time
 
 from fedmoe.coordinator.config import RunConfig, parse_run_config
-from fedmoe.coordinator.db import FINAL_STATUSES, Run, RunStore
-from fedmoe.coordinator.flower_run import FlowerRun
-from fedmoe.coordinator.superlink import FINISHED, SuperLink, submit_run
+from fedmoe.coordinator.round.flower_run import FlowerRun
+from fedmoe.coordinator.service.superlink import FINISHED, SuperLink, submit_run
+from fedmoe.coordinator.store.db import FINAL_STATUSES, Run, RunStore
 
 log = logging.getLogger("fedmoe.runs")
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmoe.coordinator.flower_run import FlowerRun
+from fedmoe.coordinator.round.flower_run import LOG_END, FlowerRun
 from fedmoe.support.processes import (
     executable,
     flower_env,
@@ -33,12 +33,10 @@ from fedmoe.support.processes import (
 
 # The Flower app we submit: a pyproject.toml alone, shipped inside fedmoe (not the checkout's, whose
 # `flwr run .` is refused: support/flwr_run_refusal).
-APP_DIR = Path(__file__).resolve().parent / "flower_app"
+APP_DIR = Path(__file__).resolve().parents[1] / "flower_app"
 CONNECTION = "fedmoe"  # the name of our SuperLink in $FLWR_HOME/config.toml
 FINISHED = "finished"  # Flower's status of a run that ended, whatever the outcome
 STOP_GRACE_S = 3.0
-# The ServerApp's last log line, so a log follower knows it has everything.
-LOG_END = "fedmoe: the ServerApp's log ends here"
 LATE_LOG_S = 15.0
 
 

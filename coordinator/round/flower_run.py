@@ -13,6 +13,8 @@ from fedmoe.contract.keys import write_key_pair
 from fedmoe.coordinator.config import RunConfig, parse_run_config
 
 ENGINES = ("simulation", "deployment")
+# The ServerApp's last log line, so a log follower knows it has everything.
+LOG_END = "fedmoe: the ServerApp's log ends here"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The run database: runs, rounds, per-client participation and the node registry (SQLAlchemy 2.x).
 
 SQLite by default, any SQLAlchemy URL (PostgreSQL in production). The schema is created and
-upgraded by alembic (coordinator/migrations) under a lock, so two processes opening a fresh
+upgraded by alembic (coordinator/store/migrations) under a lock, so two processes opening a fresh
 database do not race; read-only commands open it without migrating and never create one.
 `RunStore` is the only writer. A round and all of its participations are written in one
 transaction, so a crash never leaves half a round.

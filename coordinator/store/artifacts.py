@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from fedmoe.coordinator.db import Round, RunStore
-from fedmoe.coordinator.outcome import outcome
+from fedmoe.coordinator.store.db import Round, RunStore
+from fedmoe.coordinator.store.outcome import outcome
 from fedmoe.model.base import load_base, load_tokenizer
 from fedmoe.model.lora import adapter_settings, load_adapter, merge_adapter
 from fedmoe.model.peft_format import write_peft_adapter

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from fedmoe.contract.keys import fingerprint, load_public_key
-from fedmoe.coordinator.admin_api import AdminError, serve
 from fedmoe.coordinator.config import (
     ENTERPRISE_NAME,
     apply_overrides,
@@ -31,12 +30,13 @@ from fedmoe.coordinator.config import (
     parse_run_config,
     resolve_for_deployment,
 )
-from fedmoe.coordinator.db import FINAL_STATUSES, RunStore
-from fedmoe.coordinator.gateway import FleetGateway
-from fedmoe.coordinator.runs import RunSupervisor
-from fedmoe.coordinator.service_config import CoordinatorConfig
-from fedmoe.coordinator.superlink import FINISHED, SuperLink, TLSFiles, follow_logs
-from fedmoe.coordinator.views import node_message, privacy_plan_summary
+from fedmoe.coordinator.service.admin_api import AdminError, serve
+from fedmoe.coordinator.service.gateway import FleetGateway
+from fedmoe.coordinator.service.runs import RunSupervisor
+from fedmoe.coordinator.service.service_config import CoordinatorConfig
+from fedmoe.coordinator.service.superlink import FINISHED, SuperLink, TLSFiles, follow_logs
+from fedmoe.coordinator.store.db import FINAL_STATUSES, RunStore
+from fedmoe.coordinator.store.views import node_message, privacy_plan_summary
 from fedmoe.proto import admin_pb2 as pb
 from fedmoe.support.files import ConfigError, parse_toml, unwritable
 from fedmoe.support.processes import Stopped, stop_on_signals
@@ -199,7 +199,7 @@ class CoordinatorService:
     ) -> tuple[Path, pb.ExportManifest]:
         """Build a run's export as `fedmoe export` would, in a fresh folder under
         storage/exports/ (the caller streams it, then removes it): (folder, manifest)."""
-        from fedmoe.coordinator.artifacts import export, resolve_adapter
+        from fedmoe.coordinator.store.artifacts import export, resolve_adapter
         from fedmoe.model.base import base_bytes, resolve_model_path
         from fedmoe.model.settings import BaseLoading
 
@@ -266,7 +266,7 @@ class CoordinatorService:
         seed: int,
     ) -> pb.GenerateResponse:
         """Text from the base model with the run's adapter (its result unless a round is named)."""
-        from fedmoe.coordinator.artifacts import generate, resolve_adapter
+        from fedmoe.coordinator.store.artifacts import generate, resolve_adapter
         from fedmoe.model.base import check_model_dir, load_tokenizer, resolve_model_path
 
         bad = self.grpc.StatusCode.INVALID_ARGUMENT
@@ -307,7 +307,7 @@ class CoordinatorService:
         )
 
     def _checked_checkpoint(self, run_id: int, found) -> Path:
-        from fedmoe.coordinator.server_app import directory_sha256
+        from fedmoe.coordinator.round.server_app import directory_sha256
 
         checkpoint = Path(found.checkpoint_path)
         if not checkpoint.is_dir():

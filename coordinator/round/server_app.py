@@ -32,14 +32,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmoe.contract.expert_weighting import weighting_of_layout
 from fedmoe.coordinator.config import RunConfig
-from fedmoe.coordinator.db import FINAL_STATUSES, Round, RoundRecord, RunStore
-from fedmoe.coordinator.flower_run import FlowerRun
-from fedmoe.coordinator.grid import FleetGrid
-from fedmoe.coordinator.outcome import NO_EVALUATION, outcome
-from fedmoe.coordinator.secure_sum import SecureSumWorkflow
-from fedmoe.coordinator.strategy import AskNodes, BudgetExhausted, FederatedLoRA, RoundContext
-from fedmoe.coordinator.superlink import LOG_END
-from fedmoe.coordinator.views import describe_privacy
+from fedmoe.coordinator.round.flower_run import LOG_END, FlowerRun
+from fedmoe.coordinator.round.grid import FleetGrid
+from fedmoe.coordinator.round.secure_sum import SecureSumWorkflow
+from fedmoe.coordinator.round.strategy import AskNodes, BudgetExhausted, FederatedLoRA, RoundContext
+from fedmoe.coordinator.store.db import FINAL_STATUSES, Round, RoundRecord, RunStore
+from fedmoe.coordinator.store.outcome import NO_EVALUATION, outcome
+from fedmoe.coordinator.store.views import describe_privacy
 from fedmoe.model.base import fingerprint, load_base, load_tokenizer
 from fedmoe.model.data import load_records
 from fedmoe.model.lora import (
