@@ -87,10 +87,9 @@ def _known_run(store, run_id: int, database: str) -> None:
 
 
 def cmd_runs(args) -> int:
-    from fedmoe.coordinator.store.views import run_message
+    from fedmoe.coordinator.store.views import runs_response
 
-    store = _store(args)
-    rows = run_rows([run_message(run, store.rounds(run.id)) for run in store.runs()])
+    rows = run_rows(list(runs_response(_store(args)).runs))
     print_runs(args, rows, f"runs in {args.database}")
     return 0
 
@@ -113,6 +112,35 @@ def cmd_privacy(args) -> int:
     if args.run_id is not None:
         _known_run(store, args.run_id, args.database)
     print_privacy(args, privacy_rows(privacy_ledger_message(store, args.run_id)))
+    return 0
+
+
+def cmd_report(args) -> int:
+    """One self-contained HTML file of a run's page: charts, their numbers and downloads inline,
+    nothing fetched (for people without access to the coordinator)."""
+    from fedmoe.coordinator.store.views import privacy_ledger_message, rounds_response, run_message
+    from fedmoe.coordinator.web.pages import run_page
+
+    out = args.out
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--out {out}: a report is one .html file")
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; name the .html file to write")
+    store = _store(args)
+    _known_run(store, args.run_id, args.database)
+    run = run_message(store.run(args.run_id), store.rounds(args.run_id))
+    page = run_page(
+        run,
+        rounds_response(store, args.run_id),
+        privacy_ledger_message(store, args.run_id),
+        user=None,
+        standalone=True,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(page)
+    partial.replace(out)
+    print(f"wrote {out} ({len(page) // 1024} KiB): run {run.id}, {run.completed_rounds} rounds")
     return 0
 
 
@@ -269,6 +297,14 @@ def add_commands(sub) -> None:
     add_database_arg(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_rounds)
+
+    p = sub.add_parser(
+        "report", help="write one self-contained HTML file of a run's charts and numbers"
+    )
+    p.add_argument("run_id", type=positive_int)
+    p.add_argument("--out", type=Path, required=True, help="the .html file to write")
+    add_database_arg(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "privacy",

@@ -16,8 +16,9 @@ A small supervisor around Flower's own SuperNode, in the spirit of Flower's app 
    pause costs that message only (client/executor.py); only SIGINT or SIGTERM from outside stop
    the agent;
 5. it writes `<state_dir>/health.json` every few seconds for `fedmoe agent health`.
-Nothing of the agent listens on the network; the enterprise's records never leave this process
-except as the releases `EnterpriseNode` decides on.
+Nothing of the agent listens on the network but its Prometheus /metrics, and only where the
+enterprise's operator sets `metrics_address` (client/metrics.py); the enterprise's records never
+leave this process except as the releases `EnterpriseNode` decides on.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fedmoe.client.agent_config import AgentConfig
 from fedmoe.client.client_app import build_client_app
 from fedmoe.client.enterprise import EnterpriseNode
 from fedmoe.client.executor import run_tasks
+from fedmoe.client.metrics import AgentCollector, serve_agent_metrics
 from fedmoe.client.supernode import (
     HEARTBEAT_BACK,
     HEARTBEAT_DEAD,
@@ -189,6 +191,12 @@ class Agent:
             f"model {ws.base_fingerprint[:12]} loaded on {ws.device}; "
             f"ledger {c.ledger} (lifetime budgets: {budgets})"
         )
+        if c.metrics_address:
+            collector = AgentCollector(node.ledger, node.budgets, node.refusals)
+            serve_agent_metrics(c.metrics_address, collector)
+            self.say(
+                f"metrics at http://{c.metrics_address}/metrics (plain HTTP, for this enterprise)"
+            )
         pinned = node.federation.pinned
         self.say(
             f"secure aggregation: {len(pinned)} pinned members ({c.federation_keys}); a noise share "

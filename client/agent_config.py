@@ -90,10 +90,21 @@ class AgentConfig(BaseModel):
         description="how often the idle SuperNode asks the coordinator for work",
     )
 
+    metrics_address: str | None = Field(
+        None,
+        description="host:port of this agent's Prometheus /metrics (plain HTTP: bind it to a "
+        "network only the enterprise's monitoring reaches); off if unset",
+    )
+
     @field_validator("coordinator")
     @classmethod
     def _address(cls, value: str) -> str:
         return check_host_port(value, "coordinator.example.com:9092")
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        return None if value is None else check_host_port(value, "127.0.0.1:9465")
 
     def node_settings(self) -> NodeSettings:
         return NodeSettings(

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 
 from fedmoe.client.dp_trainer import train_local_private
-from fedmoe.client.ledger import CLEAR, Draw, PrivacyLedger, Release, ReplayRefused
+from fedmoe.client.ledger import (
+    CLEAR,
+    BudgetExceeded,
+    Draw,
+    PrivacyLedger,
+    Release,
+    ReplayRefused,
+)
 from fedmoe.client.ledger_witness import open_ledger
 from fedmoe.client.settings import NodeSettings
 from fedmoe.client.trainer import train_local
@@ -203,6 +210,21 @@ def _sequence_losses(ws: Workspace, rows: torch.Tensor, batch_size: int) -> np.n
     return torch.cat(losses).numpy()
 
 
+@dataclass
+class Refusals:
+    """The rounds this node refused since its process started, for its own operator's monitoring
+    (client/metrics.py): how many, and the last one's time and reason. Refusals are not on the
+    ledger: a refused round spent nothing."""
+
+    count: int = 0
+    last_at: float | None = None  # Unix time
+    last_reason: str = ""
+
+    def note(self, reason: str) -> None:
+        self.count += 1
+        self.last_at, self.last_reason = time.time(), reason
+
+
 class EnterpriseNode:
     """One enterprise: checks its own privacy budget, trains, privatizes, releases a delta."""
 
@@ -220,6 +242,7 @@ class EnterpriseNode:
         }
         self.federation = node.federation()
         self._warned_timing = False
+        self.refusals = Refusals()
 
     def warm_up(self, lora: LoraSettings | None = None, seq_len: int = 64) -> Workspace:
         """Load the model and tokenize the data now, so the first round does not pay for it."""
@@ -316,6 +339,7 @@ class EnterpriseNode:
             reason = str(err)
             if isinstance(err, InfeasiblePlan):
                 reason = f"infeasible privacy plan on this node: {reason}"
+            self.refusals.note(reason)
             return BudgetAnswer(
                 accept=False, reason=reason, enterprise=self.node.enterprise
             ).to_properties()
@@ -334,6 +358,8 @@ class EnterpriseNode:
             self.budgets,
             spec.rounds,
         )
+        if problem is not None:
+            self.refusals.note(problem)
         epsilons = {f"epsilon_{s.level}": s.epsilon_run for s in spends}
         answer = BudgetAnswer(
             accept=problem is None,
@@ -377,6 +403,15 @@ class EnterpriseNode:
         `secure_sum`: the SecAgg+ session this update goes into (None: sent in the clear).
         Everything before the charge depends only on public values and the node's own terms;
         after it, the round's one draw ends released or failed on the ledger, never retried."""
+        try:
+            return self._fit(parameters, config, secure_sum)
+        except (BudgetExceeded, ReplayRefused, RoundRefused) as err:
+            self.refusals.note(str(err))
+            raise
+
+    def _fit(
+        self, parameters: list[np.ndarray], config: dict, secure_sum: SecureSum | None
+    ) -> tuple[list[np.ndarray], int, dict]:
         started = time.monotonic()
         spec, ws, plan = self._prepare(config)
         shares, value_range, session = self._secure_terms(spec, secure_sum)

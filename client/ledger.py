@@ -431,3 +431,8 @@ class PrivacyLedger:
                 "SELECT run, round, level, epsilon_run, delta, recorded_at FROM spends ORDER BY id"
             )
             return db.execute(query).fetchall()
+
+    def released_rounds(self) -> int:
+        """How many rounds' draws ended released (what left the node, every run)."""
+        with closing(self._connect()) as db:
+            return db.execute("SELECT COUNT(*) FROM draws WHERE status = 'released'").fetchone()[0]

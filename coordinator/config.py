@@ -14,12 +14,15 @@ names them, and their data, budgets and ledgers stay on their own machines.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from pydantic import (
     BaseModel,
@@ -284,6 +287,64 @@ class OutputSection(_Section):
     )
 
 
+_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def _uri_scheme(uri: str) -> str:
+    """`http`, `file`, ... in lower case; "" for a plain path."""
+    match = _URI_SCHEME.match(uri)
+    return match.group(1).lower() if match else ""
+
+
+class TrackingSection(_Section):
+    """Experiment trackers the coordinator streams a run to (coordinator/round/tracking.py): the
+    coordinator's own, from its run database; nodes send nothing more for it and never see it."""
+
+    mlflow_uri: OptionalPathText = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="MLflow tracking URI: a folder or file: URI (a file store), or http(s):// "
+        "(an MLflow server)",
+    )
+    mlflow_experiment: str = Field(
+        "fedmoe",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$",
+        description="the MLflow experiment a run goes in (made if missing)",
+    )
+    tensorboard_dir: OptionalPathText = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="a folder; each run writes its event files in run-NNNN/ under it",
+    )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _supported_uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme, parts = _uri_scheme(v), urlsplit(v)
+        if scheme in ("http", "https") and not parts.hostname:
+            raise ValueError("an http(s) URI needs a host, e.g. http://mlflow.internal:5000")
+        if scheme == "file" and (parts.netloc not in ("", "localhost") or not parts.path):
+            raise ValueError("a file: URI names a folder on this host, e.g. file:mlruns")
+        if scheme not in ("", "file", "http", "https"):
+            raise ValueError(
+                f"URIs of scheme {scheme[:40]!r} are not supported; use a folder or file: URI "
+                "(an MLflow file store) or http(s):// (an MLflow server)"
+            )
+        return v
+
+    @property
+    def mlflow_folder(self) -> Path | None:
+        """The file store's folder (None: no MLflow, or a server)."""
+        uri = self.mlflow_uri
+        if uri is None or _uri_scheme(uri) in ("http", "https"):
+            return None
+        return Path(url2pathname(urlsplit(uri).path) if _uri_scheme(uri) else uri)
+
+
 class RunConfig(_Section):
     model: ModelSection = ModelSection()
     lora: LoraSettings = LoraSettings()
@@ -293,6 +354,9 @@ class RunConfig(_Section):
     evaluation: EvaluationSection = EvaluationSection()
     database: DatabaseSection = DatabaseSection()
     output: OutputSection = OutputSection()
+    # Left out of the config's dumps, so out of the Flower run's config, which reaches every
+    # deployed node; the run row keeps it (to_toml_dict) and the ServerApp reads it there.
+    tracking: TrackingSection = Field(TrackingSection(), exclude=True)
 
     def result_basis(self) -> str:
         """What a resolved run's result is chosen by (`fedmoe plan` and the run header say it)."""
@@ -308,7 +372,9 @@ class RunConfig(_Section):
         return "the best round by the enterprises' own held-out loss (federated evaluation)"
 
     def to_toml_dict(self) -> dict:
-        return json.loads(self.model_dump_json(exclude_none=True))
+        """The config as the run row keeps it: all of it, the coordinator's tracking too."""
+        data = json.loads(self.model_dump_json(exclude_none=True))
+        return {**data, "tracking": self.tracking.model_dump(exclude_none=True)}
 
 
 def _resolve(path: str, base: Path, field: str) -> str:
@@ -421,6 +487,53 @@ def _system_path(path: Path) -> str | None:
     return None
 
 
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported: found, not imported (MLflow takes seconds to import)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def _check_tracking(tracking: TrackingSection) -> list[str]:
+    """A tracker whose package is missing or whose folder cannot be made is refused before the
+    run starts, not found out by a warning at its first round."""
+    problems = []
+    for key, module, name, folder in (
+        ("mlflow_uri", "mlflow", "MLflow", tracking.mlflow_folder),
+        ("tensorboard_dir", "tensorboard", "TensorBoard", tracking.tensorboard_dir),
+    ):
+        if getattr(tracking, key) is None:
+            continue
+        if not _installed(module):
+            problems.append(
+                f"  tracking.{key}: {name} is not installed; pip install 'fedmoe[tracking]'"
+            )
+        elif folder is not None and (
+            problem := _system_path(Path(folder)) or _creatable(Path(folder), "folder")
+        ):
+            problems.append(f"  tracking.{key}: {problem}")
+    return problems
+
+
+def _resolve_tracking(tracking: TrackingSection, base: Path | None) -> TrackingSection:
+    """Absolute folders, a file store as a file: URI. `base` None (a deployment run): a relative
+    folder means nothing on the coordinator's host and is refused."""
+
+    def absolute(path: str, key: str) -> str:
+        if base is not None:
+            return _resolve(path, base, f"tracking.{key}")
+        if not Path(path).is_absolute():
+            raise ConfigError(
+                f"invalid run config:\n  tracking.{key}: use an absolute path on the coordinator's host"
+            )
+        return path
+
+    changes = {}
+    if (folder := tracking.mlflow_folder) is not None:
+        changes["mlflow_uri"] = Path(absolute(str(folder), "mlflow_uri")).as_uri()
+    if tracking.tensorboard_dir is not None:
+        changes["tensorboard_dir"] = absolute(tracking.tensorboard_dir, "tensorboard_dir")
+    return tracking.model_copy(update=changes)
+
+
 def _check_outputs(config: RunConfig) -> None:
     """The database, output folder and ledgers of a resolved simulation run can be created."""
     problems = []
@@ -445,6 +558,7 @@ def _check_outputs(config: RunConfig) -> None:
                     f"{seen[key, value]}'s too; each enterprise's {key} is its own"
                 )
             seen.setdefault((key, value), e.name)
+    problems += _check_tracking(config.tracking)
     if problems:
         raise ConfigError("invalid run config:\n" + "\n".join(problems))
 
@@ -498,6 +612,7 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
             ),
             database=DatabaseSection(url=_resolve_sqlite_url(config.database.url, base)),
             output=OutputSection(dir=output_dir),
+            tracking=_resolve_tracking(config.tracking, base),
         )
     )
     _check_outputs(resolved)
@@ -552,8 +667,11 @@ def resolve_for_deployment(
             ),
             database=DatabaseSection(url=database_url),
             output=OutputSection(dir=output_dir),
+            tracking=_resolve_tracking(config.tracking, None),
         )
     )
+    if problems := _check_tracking(resolved.tracking):
+        raise ConfigError("invalid run config:\n" + "\n".join(problems))
     check_files(resolved)
     check_privacy(resolved)
     return resolved

@@ -27,6 +27,7 @@ DEPLOY = ROOT / "deploy"
 ENTERPRISES = ("finance", "clinical", "manufacturing")
 AGENTS = {f"agent-{name}": name for name in ENTERPRISES}
 FEDMOE_SERVICES = ("coordinator", *AGENTS)
+MONITORING = ("prometheus", "grafana")  # the `monitoring` profile
 COORDINATOR_CONFIG = "/etc/fedmoe/coordinator.toml"
 AGENT_CONFIG = "/etc/fedmoe/agent.toml"
 PLACEHOLDER = "0" * 64
@@ -245,7 +246,7 @@ def setup(tmp_path_factory) -> Setup:
 
 # --- services ---------------------------------------------------------------------------------------
 def test_the_services_and_their_images():
-    assert set(SERVICES) == {"postgres", *FEDMOE_SERVICES}
+    assert set(SERVICES) == {"postgres", *FEDMOE_SERVICES, *MONITORING}
     assert SERVICES["postgres"]["image"] == "postgres:15" and "build" not in SERVICES["postgres"]
     images = {SERVICES[s]["image"] for s in FEDMOE_SERVICES}
     assert len(images) == 1, f"coordinator and agents must run one image, got {images}"
@@ -334,6 +335,8 @@ def test_ports_published_match_the_coordinator_config():
         assert config[section]["address"].startswith("0.0.0.0:")
     for service in ("postgres", *AGENTS):
         assert not published(service), f"{service} publishes ports"
+    for service in MONITORING:  # their UIs: the host's loopback only
+        assert all(host.startswith("127.0.0.1:") for host in published(service).values())
     for service in AGENTS:
         assert agent_toml(service)["coordinator"] == f"coordinator:{agents_port}"
 
@@ -360,6 +363,85 @@ def test_postgres_is_reached_by_the_coordinator_only():
         assert networks[service] & networks["coordinator"], (
             f"{service} cannot reach the coordinator"
         )
+
+
+# --- the monitoring profile -------------------------------------------------------------------------
+def prometheus_config() -> dict:
+    flags = dict(arg.split("=", 1) for arg in command("prometheus"))
+    m, inner = mount_of("prometheus", flags["--config.file"])
+    assert m.type == "bind" and m.read_only and inner == "."
+    return yaml.safe_load((ROOT / m.source).read_text())
+
+
+def documented_metrics(module) -> set[str]:
+    """The metric names a collector's docstring table lists."""
+    return set(re.findall(r"^\| `(fedmoe_[a-z_]+)` \|", module.__doc__, flags=re.M))
+
+
+def test_only_the_monitoring_profile_runs_prometheus_and_grafana():
+    for service in SERVICES:
+        expected = ["monitoring"] if service in MONITORING else None
+        assert SERVICES[service].get("profiles") == expected, service
+    assert depends_on("prometheus") == {}  # it scrapes whatever is up
+    assert depends_on("grafana") == {"prometheus": "service_healthy"}
+
+
+def test_prometheus_scrapes_the_metrics_the_services_expose():
+    from fedmoe.client.agent_config import AgentConfig
+    from fedmoe.coordinator.service.service_config import CoordinatorConfig
+
+    jobs = {job["job_name"]: job for job in prometheus_config()["scrape_configs"]}
+    assert set(jobs) == {"fedmoe-coordinator", "fedmoe-agents"}
+    networks = {s: set(SERVICES[s].get("networks", ["default"])) for s in SERVICES}
+
+    def targets(job: str) -> set[str]:
+        found = {t for group in jobs[job]["static_configs"] for t in group["targets"]}
+        for target in found:
+            service = target.rsplit(":", 1)[0]
+            assert networks[service] & networks["prometheus"], f"Prometheus cannot reach {target}"
+        return found
+
+    coordinator = CoordinatorConfig.model_validate(coordinator_toml()).metrics.address
+    assert coordinator is not None and coordinator.startswith("0.0.0.0:")
+    assert targets("fedmoe-coordinator") == {f"coordinator:{coordinator.rsplit(':', 1)[1]}"}
+    # HTTPS against the deployment's CA, for a name setup.sh's certificate holds.
+    job = jobs["fedmoe-coordinator"]
+    assert job["scheme"] == "https" and job["tls_config"]["server_name"] == "coordinator"
+    ca, _ = mount_of("prometheus", job["tls_config"]["ca_file"])
+    assert ca.type == "bind" and ca.source == "deploy/certs/ca.pem"
+    agents = {
+        f"{service}:{AgentConfig.model_validate(agent_toml(service)).metrics_address.rsplit(':', 1)[1]}"
+        for service in AGENTS
+    }
+    assert targets("fedmoe-agents") == agents
+    for service in AGENTS:
+        assert agent_toml(service)["metrics_address"].startswith("0.0.0.0:")
+
+
+def test_grafana_shows_metrics_the_collectors_serve():
+    import json
+
+    from fedmoe.client import metrics as agent_metrics
+    from fedmoe.coordinator.service import metrics as coordinator_metrics
+
+    provisioning = ROOT / bind_source("grafana", "/etc/grafana/provisioning")
+    source = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())
+    (datasource,) = source["datasources"]
+    assert datasource["url"] == "http://prometheus:9090" and 9090 in published("prometheus")
+    (provider,) = yaml.safe_load((provisioning / "dashboards/fedmoe.yml").read_text())["providers"]
+    m, _ = mount_of("grafana", provider["options"]["path"])
+    dashboards = list((ROOT / m.source).glob("*.json"))
+    assert [p.name for p in dashboards] == ["fedmoe.json"]
+    panels = json.loads(dashboards[0].read_text())["panels"]
+    served = documented_metrics(coordinator_metrics) | documented_metrics(agent_metrics)
+    assert len(served) == 19
+    for panel in panels:
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == datasource["uid"]
+            for name in re.findall(r"fedmoe_[a-z_]+", target["expr"]):
+                assert re.sub(r"_(bucket|sum|count)$", "", name) in served, (
+                    f"panel {panel['title']!r} reads {name}, which no collector serves"
+                )
 
 
 # --- volumes ----------------------------------------------------------------------------------------

@@ -211,6 +211,7 @@ UNKNOWN = [
     ("evaluation", "server", ""),
     ("database", "uri", ""),
     ("output", "directory", ""),
+    ("tracking", "uri", ""),
 ]
 CASES += [
     case(
@@ -332,6 +333,9 @@ STRINGS = [
     ("output", "dir"),
     ("privacy.record", "accountant"),
     ("privacy.enterprise", "mechanism"),
+    ("tracking", "mlflow_uri"),
+    ("tracking", "mlflow_experiment"),
+    ("tracking", "tensorboard_dir"),
 ]
 for section, key in STRINGS:
     for literal in ("3", "true", "['x']"):
@@ -446,6 +450,7 @@ SECTIONS_AS_VALUES = [
     ("evaluation", "[]", "evaluation: Input should be a valid dictionary"),
     ("database", "'sqlite://'", "database: Input should be a valid dictionary"),
     ("output", "'runs'", "output: Input should be a valid dictionary"),
+    ("tracking", "'mlruns'", "tracking: Input should be a valid dictionary"),
 ]
 CASES += [
     case(f"section-{name}={literal}", msg, f"{name} = {literal}\n")
@@ -500,6 +505,8 @@ PATH_FIELDS = [
     ("evaluation.server_data", "[evaluation]\nserver_data = {}\n"),
     ("database.url", "[database]\nurl = {}\n"),
     ("output.dir", "[output]\ndir = {}\n"),
+    ("tracking.mlflow_uri", "[tracking]\nmlflow_uri = {}\n"),
+    ("tracking.tensorboard_dir", "[tracking]\ntensorboard_dir = {}\n"),
 ]
 for field, template in PATH_FIELDS:
     CASES += [
@@ -597,6 +604,71 @@ CASES += [
         "server_data-name-too-long",
         "evaluation.server_data: file",
         f"[evaluation]\nserver_data = '{'s' * 300}'\n",
+    ),
+]
+
+# --- the trackers: URIs, names, folders -----------------------------------------------------------
+
+CASES += [
+    case(
+        "tracking.mlflow_uri=empty",
+        "tracking.mlflow_uri: String should have at least 1 character",
+        "[tracking]\nmlflow_uri = ''\n",
+    ),
+    case(
+        "tracking.mlflow_uri-sqlite",
+        ("tracking.mlflow_uri:", "scheme 'sqlite' are not supported"),
+        "[tracking]\nmlflow_uri = 'sqlite:///mlflow.db'\n",
+    ),
+    case(
+        "tracking.mlflow_uri-no-host",
+        ("tracking.mlflow_uri:", "needs a host"),
+        "[tracking]\nmlflow_uri = 'https://'\n",
+    ),
+    case(
+        "tracking.mlflow_uri-file-on-another-host",
+        ("tracking.mlflow_uri:", "a file: URI names a folder on this host"),
+        "[tracking]\nmlflow_uri = 'file://nas/mlruns'\n",
+    ),
+    case(
+        "tracking.mlflow_uri-no-such-home",
+        "tracking.mlflow_uri: cannot resolve",
+        f"[tracking]\nmlflow_uri = '{NO_HOME}'\n",
+    ),
+    case(
+        "tracking.mlflow_uri-under-a-file",
+        ("tracking.mlflow_uri:", "is not a folder"),
+        "[tracking]\nmlflow_uri = 'file:@A@/file.txt/mlruns'\n",
+    ),
+    case(
+        "tracking.mlflow_experiment-space",
+        "tracking.mlflow_experiment: String should match pattern",
+        "[tracking]\nmlflow_experiment = ' fedmoe'\n",
+    ),
+    case(
+        "tracking.mlflow_experiment-too-long",
+        "tracking.mlflow_experiment: String should match pattern",
+        f"[tracking]\nmlflow_experiment = '{'e' * 129}'\n",
+    ),
+    case(
+        "tracking.tensorboard_dir=empty",
+        "tracking.tensorboard_dir: String should have at least 1 character",
+        "[tracking]\ntensorboard_dir = ''\n",
+    ),
+    case(
+        "tracking.tensorboard_dir-no-such-home",
+        "tracking.tensorboard_dir: cannot resolve",
+        f"[tracking]\ntensorboard_dir = '{NO_HOME}'\n",
+    ),
+    case(
+        "tracking.tensorboard_dir-is-a-file",
+        ("tracking.tensorboard_dir:", "is not a folder"),
+        "[tracking]\ntensorboard_dir = '@A@/file.txt'\n",
+    ),
+    case(
+        "tracking.tensorboard_dir-system-folder",
+        ("tracking.tensorboard_dir:", "is a system folder"),
+        "[tracking]\ntensorboard_dir = '/sys/tb'\n",
     ),
 ]
 

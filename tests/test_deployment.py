@@ -6,14 +6,18 @@ or the coordinator) come last and restore what they kill."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import time
+import tomllib
 
 import grpc
 import httpx
 import pytest
-from loopback import Loopback
+from browser import CHROMIUM, MISSING, signed_in_page
+from loopback import Loopback, free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 from fedmoe.client.ledger import PrivacyLedger
 from fedmoe.coordinator.store.db import RunStore
@@ -50,12 +54,16 @@ def deployment(tmp_path_factory, request):
     postgres_url = request.getfixturevalue("module_postgres_url")
     loop = Loopback(tmp_path_factory.mktemp("deployment"), database_url=postgres_url)
     try:
+        with open(loop.root / "coordinator.toml", "a") as toml:  # /metrics, scraped below
+            toml.write(f'[metrics]\naddress = "127.0.0.1:{free_port()}"\n')
+            toml.write(f'[dashboard]\naddress = "127.0.0.1:{free_port()}"\n')  # and its pages
         loop.start_coordinator()
         for name in ENTERPRISES:
             # finance budgets record-level epsilon: it refuses non-private runs, and pays for one
             # round of the private run below, not two.
             budget = {"record_epsilon": 7.5} if name == "finance" else None
-            loop.add_agent(name, DEMO_DATA_DIR / name, budget)
+            toml = loop.add_agent(name, DEMO_DATA_DIR / name, budget) / "agent.toml"
+            toml.write_text(f'metrics_address = "127.0.0.1:{free_port()}"\n' + toml.read_text())
             loop.register(name)
         loop.pin_federation(ENTERPRISES)
         # manufacturing's agent calls itself "finance": the coordinator must not believe it.
@@ -72,7 +80,16 @@ def deployment(tmp_path_factory, request):
 
 
 def test_a_run_through_the_admin_api_streams_rounds_and_records_everything(deployment):
-    run = deployment.start_run(overrides=("federation.rounds=3", *QUICK))
+    with contextlib.ExitStack() as stack:
+        if CHROMIUM is None:
+            print(MISSING)
+        else:  # the dashboard's runs page, open in Chromium while the run goes on
+            address = tomllib.loads((deployment.root / "coordinator.toml").read_text())
+            url = f"https://{address['dashboard']['address']}"
+            page, requests = stack.enter_context(signed_in_page(url, deployment.token))
+        run = deployment.start_run(overrides=("federation.rounds=3", *QUICK))
+        if CHROMIUM is not None:
+            _dashboard_follows(page, requests, url, run.id, deployment)
     assert (
         run.engine == "deployment"
         and sorted(run.enterprises) == sorted(ENTERPRISES)
@@ -105,6 +122,29 @@ def test_a_run_through_the_admin_api_streams_rounds_and_records_everything(deplo
     assert f"run {run.id} started by ops" in deployment.log("coordinator")
 
 
+def _dashboard_follows(page, requests, url, run_id, deployment) -> None:
+    """The runs page shows the run's rounds as they commit, without a reload; then the run page
+    draws the losses the database holds. Nothing is fetched from anywhere but the coordinator."""
+    page.goto(url + "/runs")
+    cell = page.locator(f'tr[data-run="{run_id}"] td.rounds')
+    seen: list[str] = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and (not seen or seen[-1] != "3 / 3"):
+        text = cell.inner_text() if cell.count() else ""
+        if text and (not seen or seen[-1] != text):
+            seen.append(text)
+        time.sleep(0.2)
+    assert seen[-1] == "3 / 3" and len(seen) >= 2, seen  # it moved while the page stayed open
+    page.screenshot(path=deployment.root / "dashboard-runs.png", full_page=True)
+    store = RunStore(deployment.database_url, migrate=False)
+    page.goto(f"{url}/runs/{run_id}")
+    marks = page.locator('#chart-loss circle[data-series="federated eval"]')
+    drawn = [float(m.get_attribute("data-y")) for m in marks.all()]
+    assert drawn == [r.eval_loss for r in store.rounds(run_id)] and len(drawn) == 3
+    page.screenshot(path=deployment.root / "dashboard-run.png", full_page=True)
+    assert all(u.startswith(url + "/") for u in requests), requests
+
+
 def test_a_private_run_with_secure_aggregation_enforces_each_nodes_budget(deployment):
     run = deployment.start_run(PRIVATE)
     assert "record-level DP-SGD eps 8" in run.privacy and "secure aggregation on" in run.privacy
@@ -130,6 +170,38 @@ def test_a_private_run_with_secure_aggregation_enforces_each_nodes_budget(deploy
         deployment.root / "agents" / "finance" / "state" / "ledger.sqlite"
     )
     assert 0 < finance_ledger.lifetime("record") <= 7.5
+    # The live /metrics of the coordinator and of finance's agent, as Prometheus parses them.
+    coordinator, agent = scrape(deployment, "coordinator"), scrape(deployment, "finance")
+    assert "; metrics at https://127.0.0.1:" in deployment.log("coordinator")
+    assert "metrics at http://127.0.0.1:" in deployment.log("finance")
+    committed = sum(r.status == "completed" for x in store.runs() for r in store.rounds(x.id))
+    assert sample(coordinator, "fedmoe_rounds_committed_total") == committed
+    assert sample(coordinator, "fedmoe_run_rounds_completed", run=str(run.id)) == len(rounds) == 2
+    numbers = finance_ledger.run_numbers()
+    charged = [e for e in finance_ledger.entries() if numbers.get(e[0].split(":")[0]) == run.id]
+    for level in ("record", "enterprise"):
+        latest = {  # the last epsilon each enterprise reported, in round order
+            p.enterprise: getattr(p, f"epsilon_{level}")
+            for r in rounds
+            for p in r.participations
+            if getattr(p, f"epsilon_{level}") is not None
+        }
+        assert set(latest) == set(ENTERPRISES)
+        for enterprise, eps in latest.items():
+            labels = {"run": str(run.id), "enterprise": enterprise, "level": level}
+            assert sample(coordinator, "fedmoe_epsilon_spent", **labels) == eps
+        # What finance told the coordinator is what its own ledger charged for this run.
+        assert max(e[3] for e in charged if e[2] == level) == latest["finance"]
+        lifetime = sample(agent, "fedmoe_agent_lifetime_epsilon", level=level)
+        assert lifetime == finance_ledger.lifetime(level)
+    assert sample(agent, "fedmoe_agent_budget_epsilon", level="record") == 7.5
+    assert sample(agent, "fedmoe_agent_charges_total") == finance_ledger.charges() > 0
+    assert sample(agent, "fedmoe_agent_refusals_total") >= 1
+    info = [dict(labels) for name, labels in agent if name == "fedmoe_agent_last_refusal_info"]
+    assert (
+        info == [{"reason": finance[1].error[:200]}]
+        and "lifetime budget of 7.5" in info[0]["reason"]
+    )
 
 
 def test_the_agents_port_serves_tls_and_the_fleet_api_only(deployment):
@@ -153,6 +225,30 @@ def test_the_agents_port_serves_tls_and_the_fleet_api_only(deployment):
             pb.ListRunsRequest(), metadata=deployment.metadata, timeout=5
         )
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def scrape(deployment, who: str) -> dict[tuple[str, frozenset], float]:
+    """(sample name, labels) -> value: the live /metrics of the coordinator (HTTPS against the
+    deployment's CA) or of one agent (plain HTTP)."""
+    if who == "coordinator":
+        config = tomllib.loads((deployment.root / "coordinator.toml").read_text())
+        url, verify = (
+            f"https://{config['metrics']['address']}/metrics",
+            ssl.create_default_context(cafile=str(deployment.certs / "ca.pem")),
+        )
+    else:
+        config = tomllib.loads((deployment.root / "agents" / who / "agent.toml").read_text())
+        url, verify = f"http://{config['metrics_address']}/metrics", False
+    text = httpx.get(url, verify=verify, timeout=10).raise_for_status().text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict, name: str, **labels) -> float:
+    return samples[(name, frozenset(labels.items()))]
 
 
 def pb_grpc_stub(channel):

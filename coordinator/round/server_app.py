@@ -31,11 +31,12 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedmoe.contract.expert_weighting import weighting_of_layout
-from fedmoe.coordinator.config import RunConfig
+from fedmoe.coordinator.config import RunConfig, parse_run_config
 from fedmoe.coordinator.round.flower_run import LOG_END, FlowerRun
 from fedmoe.coordinator.round.grid import FleetGrid
 from fedmoe.coordinator.round.secure_sum import SecureSumWorkflow
 from fedmoe.coordinator.round.strategy import AskNodes, BudgetExhausted, FederatedLoRA, RoundContext
+from fedmoe.coordinator.round.tracking import RunFeed, open_trackers
 from fedmoe.coordinator.store.db import FINAL_STATUSES, Round, RoundRecord, RunStore
 from fedmoe.coordinator.store.outcome import NO_EVALUATION, outcome
 from fedmoe.coordinator.store.views import describe_privacy
@@ -273,6 +274,9 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         )
     n = len(config.federation.enterprises)
     secagg = config.federation.secure_aggregation
+    # The row's config: the Flower run's leaves the coordinator's trackers out (it reaches nodes).
+    tracking = parse_run_config(run.config, f"run {run_id}").tracking
+    feed = RunFeed(open_trackers(tracking, run_id, run.uid), store, run)
     try:
         store.mark_running(run_id)
         allowed = None
@@ -310,15 +314,12 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
             base_loss = ctx.server_eval(ctx.initial_adapter)
             store.set_base_eval(run_id, base_loss)
             print(f"[fedmoe] base model server eval loss {base_loss:.4f}", flush=True)
-        strategy = FederatedLoRA(
-            config,
-            ctx,
-            store,
-            run_id,
-            on_round=lambda r: print(
-                format_round(r, config, store.run(run_id).base_eval_loss), flush=True
-            ),
-        )
+
+        def on_round(record: RoundRecord) -> None:
+            print(format_round(record, config, store.run(run_id).base_eval_loss), flush=True)
+            feed.rounds()
+
+        strategy = FederatedLoRA(config, ctx, store, run_id, on_round=on_round)
         server_config = ServerConfig(
             num_rounds=remaining, round_timeout=config.federation.round_timeout_s
         )
@@ -379,7 +380,9 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         print(f"[fedmoe] run {run_id} {result.describe() if result else NO_EVALUATION}", flush=True)
         if note:
             print(f"[fedmoe] WARNING: run {run_id} {note}", flush=True)
+        feed.result(result.describe() if result else NO_EVALUATION)
     finally:
+        feed.close()
         store.close()
         print(LOG_END, flush=True)
     return run_id

@@ -28,7 +28,13 @@ from google.protobuf.message import DecodeError
 
 from fedmoe.coordinator.service.service_config import AdminSection
 from fedmoe.coordinator.store.db import FINAL_STATUSES
-from fedmoe.coordinator.store.views import privacy_ledger_message, round_message, run_message
+from fedmoe.coordinator.store.views import (
+    privacy_ledger_message,
+    round_message,
+    rounds_response,
+    run_message,
+    runs_response,
+)
 from fedmoe.proto import admin_pb2 as pb
 from fedmoe.proto import admin_pb2_grpc as pb_grpc
 from fedmoe.support.files import ConfigError
@@ -113,17 +119,12 @@ class AdminServicer(pb_grpc.AdminServicer):
         return self._handle(context, lambda: self._run(request.run_id))
 
     def ListRuns(self, request, context):
-        runs = [run_message(r, self.store.rounds(r.id)) for r in self.store.runs()]
-        return pb.ListRunsResponse(runs=runs)
+        return runs_response(self.store)
 
     def ListRounds(self, request, context):
-        def rounds():
-            run = self._run(request.run_id)
-            return pb.ListRoundsResponse(
-                rounds=[round_message(r) for r in self.store.rounds(run.id)]
-            )
-
-        return self._handle(context, rounds)
+        return self._handle(
+            context, lambda: rounds_response(self.store, self._run(request.run_id).id)
+        )
 
     def WatchRun(self, request, context) -> Iterator[pb.RunEvent]:
         run = self._handle(context, lambda: self._run(request.run_id))

@@ -32,11 +32,13 @@ from fedmoe.coordinator.config import (
 )
 from fedmoe.coordinator.service.admin_api import AdminError, serve
 from fedmoe.coordinator.service.gateway import FleetGateway
+from fedmoe.coordinator.service.metrics import MetricsServer, coordinator_registry, serve_metrics
 from fedmoe.coordinator.service.runs import RunSupervisor
 from fedmoe.coordinator.service.service_config import CoordinatorConfig
 from fedmoe.coordinator.service.superlink import FINISHED, SuperLink, TLSFiles, follow_logs
 from fedmoe.coordinator.store.db import FINAL_STATUSES, RunStore
 from fedmoe.coordinator.store.views import node_message, privacy_plan_summary
+from fedmoe.coordinator.web.server import Dashboard, DashboardServer
 from fedmoe.proto import admin_pb2 as pb
 from fedmoe.support.files import ConfigError, parse_toml, unwritable
 from fedmoe.support.processes import Stopped, stop_on_signals
@@ -72,6 +74,8 @@ class CoordinatorService:
         )
         self.gateway: FleetGateway | None = None
         self.admin_server = None
+        self.metrics: MetricsServer | None = None
+        self.dashboard: DashboardServer | None = None
         self.followed: set[str] = set()
         # One model at a time in this process for exports and generation (memory), apart from the
         # supervision lock: a long export never holds up runs or other admin calls.
@@ -394,12 +398,30 @@ class CoordinatorService:
         self.admin_server = serve(
             self, c.admin.address, tls.cert.read_bytes(), tls.key.read_bytes()
         )
+        if c.dashboard.address:
+            pages = Dashboard(
+                self.store, lambda: self.nodes(True), c.admin.caller, c.dashboard.session_hours
+            )
+            self.dashboard = DashboardServer(
+                pages, c.dashboard.address, str(tls.cert), str(tls.key)
+            ).start()
+            self.say(f"dashboard at https://{c.dashboard.address}/ (sign in with an admin token)")
+        if c.metrics.address:
+            registry = coordinator_registry(
+                self.store, lambda: len(self.superlink.control().online_nodes())
+            )
+            self.metrics = serve_metrics(c.metrics.address, registry, str(tls.cert), str(tls.key))
         self.say(
             f"ready: agents connect to {c.agents.address} (TLS, registered keys only); admin API at {c.admin.address}; "
             f"runs in {c.database.url.split('@')[-1]}"
+            + (f"; metrics at https://{c.metrics.address}/metrics" if self.metrics else "")
         )
 
     def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         if self.admin_server is not None:
             self.admin_server.stop(grace=2).wait()
         if self.gateway is not None:

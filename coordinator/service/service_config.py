@@ -21,6 +21,12 @@ url = "sqlite:///state/fedmoe.db"   # postgresql+psycopg://... in production
 
 [storage]
 dir = "state"   # checkpoints (runs/), Flower's state database and logs
+
+[dashboard]     # read-only web pages over HTTPS, sign-in with an admin token (off by default)
+address = "127.0.0.1:9443"
+
+[metrics]       # Prometheus /metrics over HTTPS with the [tls] certificate (off by default)
+address = "127.0.0.1:9464"
 ```
 Relative paths resolve against the config file's folder.
 """
@@ -127,6 +133,31 @@ class RunsSection(_Section):
     poll_interval_s: float = Field(1.0, gt=0.0, le=60.0, description="how often runs are checked")
 
 
+class DashboardSection(_Section):
+    address: str | None = Field(
+        None, description="host:port of the web dashboard (HTTPS, admin-token sign-in); off if unset"
+    )
+    session_hours: float = Field(
+        12.0, gt=0.0, le=24.0 * 30, description="how long a sign-in lasts"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else check_host_port(value, "127.0.0.1:9443")
+
+
+class MetricsSection(_Section):
+    address: str | None = Field(
+        None, description="host:port of Prometheus' /metrics (HTTPS); off if unset"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else check_host_port(value, "127.0.0.1:9464")
+
+
 class CoordinatorConfig(_Section):
     agents: AgentsSection = AgentsSection()
     admin: AdminSection
@@ -134,6 +165,17 @@ class CoordinatorConfig(_Section):
     database: DatabaseSection = DatabaseSection()
     storage: StorageSection = StorageSection()
     runs: RunsSection = RunsSection()
+    dashboard: DashboardSection = DashboardSection()
+    metrics: MetricsSection = MetricsSection()
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> CoordinatorConfig:
+        addresses = [self.agents.address, self.admin.address]
+        addresses += [a for a in (self.dashboard.address, self.metrics.address) if a]
+        ports = [a.rsplit(":", 1)[1] for a in addresses]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"agents, admin, dashboard and metrics need distinct ports, got {addresses}")
+        return self
 
     @property
     def runs_dir(self) -> Path:

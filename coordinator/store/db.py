@@ -26,16 +26,25 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Row,
     String,
     Text,
     UniqueConstraint,
     create_engine,
+    func,
     inspect,
     select,
     text,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
 
 FINAL_STATUSES = ("completed", "failed", "budget_spent", "stopped")
 RUN_STATUSES = ("queued", "running", *FINAL_STATUSES)
@@ -193,6 +202,25 @@ class RoundRecord:
     checkpoint_path: str | None = None
     checkpoint_sha256: str | None = None
     participations: list[ParticipationRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Aggregates:
+    """The database summed up for monitoring (`RunStore.aggregates`): whole-database counts, and
+    the few runs that get series of their own."""
+
+    runs_by_status: dict[str, int]
+    rounds_by_status: dict[str, int]
+    bytes_up: int  # every recorded round's
+    bytes_down: int
+    last_round_bytes: tuple[int, int] | None  # (up, down) of the latest committed round
+    round_seconds: list[float]  # every committed round's duration
+    active_nodes: int
+    # Every unfinished run and the latest finished ones: rows with id, status, planned_rounds,
+    # privacy_plan; their committed rounds; the latest epsilon each enterprise reported in each.
+    recent_runs: list
+    committed_rounds: dict[int, int]
+    epsilons: dict[tuple[int, str, str], float]  # (run id, enterprise, level) -> epsilon
 
 
 def _sqlite_path(engine: Engine) -> Path | None:
@@ -360,10 +388,8 @@ class RunStore:
     def rounds(self, run_id: int, after: int = 0) -> list[Round]:
         with self._session() as s:
             query = select(Round).where(Round.run_id == run_id, Round.number > after)
-            rounds = list(s.scalars(query.order_by(Round.number)))
-            for r in rounds:
-                r.participations  # noqa: B018 - load while the session is open
-            return rounds
+            query = query.options(selectinload(Round.participations))  # one query, not one a round
+            return list(s.scalars(query.order_by(Round.number)))
 
     def last_round(self, run_id: int) -> Round | None:
         """The last round the run recorded (completed or failed), or None."""
@@ -381,18 +407,28 @@ class RunStore:
             )
             return s.scalars(query.order_by(Round.number.desc()).limit(1)).first()
 
-    def privacy_ledger(self, run_id: int | None = None) -> list[tuple[Run, Round, Participation]]:
-        """Every participation with its round and run, oldest first (one run, or all)."""
+    def privacy_ledger(self, run_id: int | None = None) -> list[tuple[Run, int, Row]]:
+        """Every participation (the columns the privacy ledger shows) with its round's number
+        and its run, oldest first (one run, or all). Rows, not objects, and each run read once:
+        a large federation's ledger is many thousand rows."""
         with self._session() as s:
-            query = (
-                select(Run, Round, Participation)
-                .join(Round, Round.run_id == Run.id)
-                .join(Participation, Participation.round_id == Round.id)
-            )
+            query = select(
+                Round.run_id,
+                Round.number,
+                Participation.enterprise,
+                Participation.node_id,
+                Participation.status,
+                Participation.error,
+                Participation.epsilon_record,
+                Participation.epsilon_enterprise,
+            ).join(Participation, Participation.round_id == Round.id)
+            runs = select(Run)
             if run_id is not None:
-                query = query.where(Run.id == run_id)
-            order = (Run.id, Round.number, Participation.enterprise)
-            return list(s.execute(query.order_by(*order)).tuples())
+                query, runs = query.where(Round.run_id == run_id), runs.where(Run.id == run_id)
+            by_id = {run.id: run for run in s.scalars(runs)}
+            order = (Round.run_id, Round.number, Participation.enterprise)
+            rows = s.execute(query.order_by(*order))
+            return [(by_id[row.run_id], row.number, row) for row in rows if row.run_id in by_id]
 
     # --- node registry ----------------------------------------------------------------------
     def register_node(
@@ -435,5 +471,118 @@ class RunStore:
         with self._session() as s:
             return s.scalars(select(Node).where(Node.fingerprint == fingerprint)).first()
 
+    # --- aggregates -------------------------------------------------------------------------
+    def aggregates(self, finished_runs: int = 20) -> Aggregates:
+        """A handful of grouped queries, cheap enough for every scrape of /metrics: totals over
+        the whole database, and per-run values for unfinished runs plus the latest
+        `finished_runs` finished ones only, so that the number of series stays bounded."""
+        committed = Round.status == "completed"
+        with self._session() as s:
+            by_run_status = select(Run.status, func.count()).group_by(Run.status)
+            by_round_status = select(Round.status, func.count()).group_by(Round.status)
+            sums = select(func.sum(Round.bytes_up), func.sum(Round.bytes_down))
+            up, down = s.execute(sums).one()
+            last = select(Round.bytes_up, Round.bytes_down).where(committed)
+            last = s.execute(last.order_by(Round.id.desc()).limit(1)).first()
+            spans = s.execute(select(Round.started_at, Round.ended_at).where(committed))
+            active = select(func.count(Node.id)).where(Node.revoked_at.is_(None))
+            columns = (Run.id, Run.status, Run.planned_rounds, Run.privacy_plan)
+            unfinished = select(*columns).where(Run.status.not_in(FINAL_STATUSES))
+            finished = select(*columns).where(Run.status.in_(FINAL_STATUSES))
+            finished = finished.order_by(Run.id.desc()).limit(finished_runs)
+            recent = sorted([*s.execute(unfinished), *s.execute(finished)], key=lambda r: r.id)
+            ids = [r.id for r in recent]
+            per_run = select(Round.run_id, func.count()).where(committed, Round.run_id.in_(ids))
+            reported = (
+                select(Round.run_id, Participation.enterprise, Participation.node_id)
+                .add_columns(Participation.epsilon_record, Participation.epsilon_enterprise)
+                .join(Participation, Participation.round_id == Round.id)
+                .where(Round.run_id.in_(ids))
+                .order_by(Round.number)
+            )
+            epsilons = {}  # in round order: the last one reported stays
+            for run_id, enterprise, node_id, *levels in s.execute(reported):
+                for level, eps in zip(("record", "enterprise"), levels, strict=True):
+                    if eps is not None:
+                        epsilons[(run_id, enterprise or node_id, level)] = eps
+            return Aggregates(
+                runs_by_status=dict(s.execute(by_run_status).all()),
+                rounds_by_status=dict(s.execute(by_round_status).all()),
+                bytes_up=up or 0,
+                bytes_down=down or 0,
+                last_round_bytes=None if last is None else (last[0], last[1]),
+                round_seconds=[(end - start).total_seconds() for start, end in spans],
+                active_nodes=s.scalar(active),
+                recent_runs=recent,
+                committed_rounds=dict(s.execute(per_run.group_by(Round.run_id)).all()),
+                epsilons=epsilons,
+            )
+
+    def run_digests(self) -> dict[int, RunDigest]:
+        """Per run, what its summary needs and no more (the runs page, ListRuns): each round's
+        status and server loss, the most epsilon spent per level, and the enterprises' losses
+        only for runs whose result they decide (no server evaluation). A few aggregate queries
+        instead of every participation as an object."""
+        with self._session() as s:
+            light = select(
+                Round.run_id, Round.number, Round.status, Round.checkpoint_path
+            ).add_columns(Round.server_eval_loss)
+            digests: dict[int, RunDigest] = {}
+            by_number: dict[tuple[int, int], RoundDigest] = {}
+            for run_id, *fields in s.execute(light.order_by(Round.run_id, Round.number)):
+                digest = by_number[(run_id, fields[0])] = RoundDigest(*fields)
+                digests.setdefault(run_id, RunDigest()).rounds.append(digest)
+            spent = (
+                select(Round.run_id)
+                .add_columns(func.max(Participation.epsilon_record))
+                .add_columns(func.max(Participation.epsilon_enterprise))
+                .join(Participation, Participation.round_id == Round.id)
+                .group_by(Round.run_id)
+            )
+            for run_id, record, enterprise in s.execute(spent):
+                digests[run_id].epsilon_spent = {"record": record, "enterprise": enterprise}
+            by_enterprises = [
+                run_id
+                for run_id, base in s.execute(select(Run.id, Run.base_eval_loss))
+                if run_id in digests
+                and (
+                    base is None or all(r.server_eval_loss is None for r in digests[run_id].rounds)
+                )
+            ]
+            losses = (
+                select(Round.run_id, Round.number, Participation.enterprise)
+                .add_columns(Participation.eval_loss, Participation.heldout_loss_before)
+                .join(Participation, Participation.round_id == Round.id)
+                .where(Round.run_id.in_(by_enterprises))
+            )
+            for run_id, number, *fields in s.execute(losses):
+                if (run_id, number) in by_number:  # else committed since the first query
+                    by_number[(run_id, number)].participations.append(LossDigest(*fields))
+            return digests
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+@dataclass
+class LossDigest:
+    enterprise: str | None
+    eval_loss: float | None
+    heldout_loss_before: float | None
+
+
+@dataclass
+class RoundDigest:
+    """The fields of a Round that a run's summary reads (outcome.py takes either)."""
+
+    number: int
+    status: str
+    checkpoint_path: str | None
+    server_eval_loss: float | None
+    participations: list[LossDigest] = field(default_factory=list)
+
+
+@dataclass
+class RunDigest:
+    rounds: list[RoundDigest] = field(default_factory=list)
+    epsilon_spent: dict[str, float | None] = field(default_factory=dict)

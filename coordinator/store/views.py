@@ -7,7 +7,15 @@ import datetime as dt
 import json
 
 from fedmoe.coordinator.config import RunConfig
-from fedmoe.coordinator.store.db import Node, Participation, Round, Run, RunStore
+from fedmoe.coordinator.store.db import (
+    Node,
+    Participation,
+    Round,
+    RoundDigest,
+    Run,
+    RunDigest,
+    RunStore,
+)
 from fedmoe.coordinator.store.outcome import outcome
 from fedmoe.privacy.plan import plan_enterprise_level
 from fedmoe.proto import admin_pb2 as pb
@@ -59,8 +67,36 @@ def describe_privacy(plan: dict | None) -> str:
     return "privacy: " + "; ".join(parts) + f"; secure aggregation {secagg}"
 
 
-def run_message(run: Run, rounds: list[Round]) -> pb.Run:
+def _epsilon_spent(rounds: list[Round]) -> dict[str, float | None]:
+    spent = {}
+    for level in ("record", "enterprise"):
+        values = [
+            getattr(p, f"epsilon_{level}")
+            for r in rounds
+            for p in r.participations
+            if getattr(p, f"epsilon_{level}") is not None
+        ]
+        spent[level] = max(values, default=None)
+    return spent
+
+
+def run_message(
+    run: Run, rounds: list[Round] | list[RoundDigest], spent: dict | None = None
+) -> pb.Run:
+    """A run as the admin API serves it. `spent`: the most epsilon per level, when the caller
+    has it already (RunStore.run_digests); else read from the rounds' participations."""
     result = outcome(rounds, run.base_eval_loss)
+    spent = _epsilon_spent(rounds) if spent is None else spent
+    plan = run.privacy_plan or {}
+    epsilons = {
+        f"{level}_epsilon_{kind}": value
+        for level in ("record", "enterprise")
+        for kind, value in (
+            ("spent", spent.get(level)),
+            ("target", (plan.get(level) or {}).get("epsilon")),
+        )
+        if value is not None
+    }
     return pb.Run(
         id=run.id,
         status=run.status,
@@ -81,7 +117,34 @@ def run_message(run: Run, rounds: list[Round]) -> pb.Run:
         best_round=(result.best_round or 0) if result else 0,
         result_basis=result.basis if result else "",
         result_base_loss=result.base_loss if result else None,
+        **epsilons,
     )
+
+
+def runs_response(store: RunStore) -> pb.ListRunsResponse:
+    """Every run, oldest first: the admin API's ListRuns and the dashboard's /api/runs."""
+    digests = store.run_digests()
+    response = pb.ListRunsResponse()
+    for run in store.runs():
+        digest = digests.get(run.id, RunDigest())
+        response.runs.append(run_message(run, digest.rounds, digest.epsilon_spent))
+    return response
+
+
+def run_detail(store: RunStore, run_id: int) -> tuple[pb.Run, pb.ListRoundsResponse] | None:
+    """A run and its rounds from one read of the rounds (a run page), or None if no such run."""
+    run = store.run(run_id)
+    if run is None:
+        return None
+    rounds = store.rounds(run_id)
+    return run_message(run, rounds), pb.ListRoundsResponse(
+        rounds=[round_message(r) for r in rounds]
+    )
+
+
+def rounds_response(store: RunStore, run_id: int) -> pb.ListRoundsResponse:
+    """A run's rounds: the admin API's ListRounds and the dashboard's /api/runs/N/rounds."""
+    return pb.ListRoundsResponse(rounds=[round_message(r) for r in store.rounds(run_id)])
 
 
 def participation_message(p: Participation) -> pb.Participation:
@@ -128,7 +191,7 @@ def _audit_fields(audit: dict | None) -> dict:
 def privacy_ledger_message(store: RunStore, run_id: int | None) -> pb.PrivacyLedger:
     ledger = pb.PrivacyLedger()
     seen: set[int] = set()
-    for run, rnd, p in store.privacy_ledger(run_id):
+    for run, number, p in store.privacy_ledger(run_id):
         if run.id not in seen:
             seen.add(run.id)
             plan = run.privacy_plan or {}
@@ -153,7 +216,7 @@ def privacy_ledger_message(store: RunStore, run_id: int | None) -> pb.PrivacyLed
         ledger.entries.append(
             pb.LedgerEntry(
                 run_id=run.id,
-                round=rnd.number,
+                round=number,
                 enterprise=p.enterprise or p.node_id,
                 status=p.status,
                 note=p.error or "",

@@ -16,7 +16,7 @@ from html import escape
 # Okabe-Ito: tells lines apart for readers with colour-vision deficiencies too.
 PALETTE = ("#0072b2", "#e69f00", "#009e73", "#d55e00", "#cc79a7", "#56b4e9", "#f0e442", "#000000")
 WIDTH, HEIGHT = 640, 260
-LEFT, RIGHT, TOP, BOTTOM = 56, 150, 14, 34  # margins: axis labels left and below, legend right
+LEFT, RIGHT, TOP, BOTTOM = 56, 180, 14, 34  # margins: axis labels left and below, legend right
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class LineChart:
     rules: list[Rule] = field(default_factory=list)
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values covering [low, high] (1, 2 or 5 times a power of ten apart)."""
+def nice_ticks(low: float, high: float, count: int = 5, whole: bool = False) -> list[float]:
+    """Round tick values covering [low, high] (1, 2 or 5 times a power of ten apart; at least
+    1 apart if `whole`, for round numbers)."""
     if not (math.isfinite(low) and math.isfinite(high)):
         return [0.0]
     if high <= low:
@@ -52,6 +53,7 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     raw = (high - low) / max(count - 1, 1)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    step = max(step, 1.0) if whole else step
     first = math.floor(low / step) * step
     ticks, value = [], first
     while value <= high + step * 1e-9:
@@ -66,8 +68,8 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def line_chart(chart: LineChart, chart_id: str) -> str:
-    """An SVG line chart; an empty one says there is nothing to plot yet."""
+def line_chart(chart: LineChart, chart_id: str, empty: str = "nothing to plot yet") -> str:
+    """An SVG line chart; without a point, it says `empty`."""
     xs = [x for s in chart.series for x, y in s.points if y is not None]
     ys = [y for s in chart.series for _, y in s.points if y is not None] + [
         r.y for r in chart.rules
@@ -78,8 +80,9 @@ def line_chart(chart: LineChart, chart_id: str) -> str:
         f'aria-label="{label}" xmlns="http://www.w3.org/2000/svg">'
     )
     if not xs:
-        return f'{head}<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" class="empty">nothing to plot yet</text></svg>'
-    x_ticks = nice_ticks(min(xs), max(xs)) if max(xs) > min(xs) else [min(xs)]
+        return f'{head}<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" class="empty">{escape(empty)}</text></svg>'
+    whole = all(float(x).is_integer() for x in xs)
+    x_ticks = nice_ticks(min(xs), max(xs), whole=whole) if max(xs) > min(xs) else [min(xs)]
     y_ticks = nice_ticks(min(ys), max(ys))
     x0, x1 = (x_ticks[0], x_ticks[-1]) if len(x_ticks) > 1 else (xs[0] - 1, xs[0] + 1)
     y0, y1 = y_ticks[0], y_ticks[-1]
@@ -116,7 +119,8 @@ def line_chart(chart: LineChart, chart_id: str) -> str:
         )
         parts.append(_legend(legend_y, "#666", rule.name, dashed=True))
         legend_y += 16
-    for i, series in enumerate(chart.series):
+    drawn = [s for s in chart.series if any(y is not None for _, y in s.points)]
+    for i, series in enumerate(drawn):
         color = PALETTE[i % len(PALETTE)]
         dash = ' stroke-dasharray="6 3"' if series.dashed else ""
         runs, current = [], []
@@ -148,7 +152,7 @@ def line_chart(chart: LineChart, chart_id: str) -> str:
 def _legend(y: float, color: str, name: str, dashed: bool = False) -> str:
     x = WIDTH - RIGHT + 10
     dash = ' stroke-dasharray="4 2"' if dashed else ""
-    short = name if len(name) <= 20 else name[:19] + "…"
+    short = name if len(name) <= 26 else name[:25] + "…"
     return (
         f'<line x1="{x}" x2="{x + 18}" y1="{y}" y2="{y}" stroke="{color}" stroke-width="2"{dash}/>'
         f'<text x="{x + 24}" y="{y + 4}" font-size="11">{escape(short)}<title>{escape(name)}</title></text>'
@@ -168,8 +172,10 @@ def heatmap(title: str, rows: list[tuple[str, list[int]]], chart_id: str) -> str
     experts = max(len(values) for _, values in rows)
     cell = max(4.0, min(24.0, (WIDTH - 90) / max(experts, 1)))
     height = 30 + cell * len(rows)
-    parts = [
-        f'<svg class="chart" id="{chart_id}" viewBox="0 0 {90 + cell * experts + 10:.0f} {height:.0f}" '
+    width = 90 + cell * experts + 10
+    parts = [  # drawn at its own size: a few experts are not blown up to the page's width
+        f'<svg class="chart heatmap" id="{chart_id}" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}" '
         f'role="img" aria-label="{label}" xmlns="http://www.w3.org/2000/svg" font-size="11">'
     ]
     for r, (layer, values) in enumerate(rows):

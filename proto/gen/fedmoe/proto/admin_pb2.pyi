@@ -183,7 +183,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., round: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "status", "planned_rounds", "completed_rounds", "started_at", "ended_at", "error", "base_fingerprint", "engine", "enterprises", "resumes", "started_by", "privacy", "config_json", "base_eval_loss", "best_eval_loss", "best_round", "result_basis", "result_base_loss")
+    __slots__ = ("id", "status", "planned_rounds", "completed_rounds", "started_at", "ended_at", "error", "base_fingerprint", "engine", "enterprises", "resumes", "started_by", "privacy", "config_json", "base_eval_loss", "best_eval_loss", "best_round", "result_basis", "result_base_loss", "record_epsilon_spent", "enterprise_epsilon_spent", "record_epsilon_target", "enterprise_epsilon_target")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PLANNED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,10 @@ class Run(_message.Message):
     BEST_ROUND_FIELD_NUMBER: _ClassVar[int]
     RESULT_BASIS_FIELD_NUMBER: _ClassVar[int]
     RESULT_BASE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    RECORD_EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    ENTERPRISE_EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    RECORD_EPSILON_TARGET_FIELD_NUMBER: _ClassVar[int]
+    ENTERPRISE_EPSILON_TARGET_FIELD_NUMBER: _ClassVar[int]
     id: int
     status: str
     planned_rounds: int
@@ -222,7 +226,11 @@ class Run(_message.Message):
     best_round: int
     result_basis: str
     result_base_loss: float
-    def __init__(self, id: _Optional[int] = ..., status: _Optional[str] = ..., planned_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., started_at: _Optional[str] = ..., ended_at: _Optional[str] = ..., error: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., enterprises: _Optional[_Iterable[str]] = ..., resumes: _Optional[int] = ..., started_by: _Optional[str] = ..., privacy: _Optional[str] = ..., config_json: _Optional[str] = ..., base_eval_loss: _Optional[float] = ..., best_eval_loss: _Optional[float] = ..., best_round: _Optional[int] = ..., result_basis: _Optional[str] = ..., result_base_loss: _Optional[float] = ...) -> None: ...
+    record_epsilon_spent: float
+    enterprise_epsilon_spent: float
+    record_epsilon_target: float
+    enterprise_epsilon_target: float
+    def __init__(self, id: _Optional[int] = ..., status: _Optional[str] = ..., planned_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., started_at: _Optional[str] = ..., ended_at: _Optional[str] = ..., error: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., enterprises: _Optional[_Iterable[str]] = ..., resumes: _Optional[int] = ..., started_by: _Optional[str] = ..., privacy: _Optional[str] = ..., config_json: _Optional[str] = ..., base_eval_loss: _Optional[float] = ..., best_eval_loss: _Optional[float] = ..., best_round: _Optional[int] = ..., result_basis: _Optional[str] = ..., result_base_loss: _Optional[float] = ..., record_epsilon_spent: _Optional[float] = ..., enterprise_epsilon_spent: _Optional[float] = ..., record_epsilon_target: _Optional[float] = ..., enterprise_epsilon_target: _Optional[float] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("number", "status", "started_at", "ended_at", "participants", "failures", "train_loss", "eval_loss", "server_eval_loss", "update_norm", "bytes_up", "bytes_down", "updates_seen", "checkpoint_path", "checkpoint_sha256", "expert_load_json", "participations")
