@@ -48,7 +48,11 @@ def _imports(folder: str) -> dict[str, set[str]]:
         ("coordinator/round", ("fedmoe.coordinator.service", "fedmoe.coordinator.web")),
         (
             "coordinator/web",
-            ("fedmoe.coordinator.round", "fedmoe.coordinator.service", "fedmoe.coordinator.launcher"),
+            (
+                "fedmoe.coordinator.round",
+                "fedmoe.coordinator.service",
+                "fedmoe.coordinator.launcher",
+            ),
         ),
     ],
 )

@@ -135,11 +135,10 @@ class RunsSection(_Section):
 
 class DashboardSection(_Section):
     address: str | None = Field(
-        None, description="host:port of the web dashboard (HTTPS, admin-token sign-in); off if unset"
+        None,
+        description="host:port of the web dashboard (HTTPS, admin-token sign-in); off if unset",
     )
-    session_hours: float = Field(
-        12.0, gt=0.0, le=24.0 * 30, description="how long a sign-in lasts"
-    )
+    session_hours: float = Field(12.0, gt=0.0, le=24.0 * 30, description="how long a sign-in lasts")
 
     @field_validator("address")
     @classmethod
@@ -174,7 +173,9 @@ class CoordinatorConfig(_Section):
         addresses += [a for a in (self.dashboard.address, self.metrics.address) if a]
         ports = [a.rsplit(":", 1)[1] for a in addresses]
         if len(set(ports)) != len(ports):
-            raise ValueError(f"agents, admin, dashboard and metrics need distinct ports, got {addresses}")
+            raise ValueError(
+                f"agents, admin, dashboard and metrics need distinct ports, got {addresses}"
+            )
         return self
 
     @property
