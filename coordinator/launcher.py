@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from fedmoe.coordinator.config import ConfigError, RunConfig, parse_run_config
-from fedmoe.coordinator.round.flower_run import LOG_END
+from fedmoe.coordinator.round.flower_run import DATABASE_ENV, LOG_END
 from fedmoe.coordinator.service.runs import RunSupervisor
 from fedmoe.coordinator.service.superlink import FINISHED, SuperLink, follow_logs
 from fedmoe.coordinator.store.db import FINAL_STATUSES, RunStore
@@ -137,7 +137,8 @@ def launch(
             elif "[fedmoe]" in line:
                 print(line[line.find("[fedmoe]") :], end="", flush=True)
 
-    with stop_on_signals(), SuperLink(home, simulation=True) as superlink:
+    link = SuperLink(home, simulation=True, env={DATABASE_ENV: config.database.url})
+    with stop_on_signals(), link as superlink:
         supervisor = RunSupervisor(
             store, superlink, "simulation", config.database.url, max_resumes=2,
             federation_config=federation_config(config),

@@ -18,13 +18,14 @@ import pytest
 from fedmoe.coordinator import config as config_module
 from fedmoe.coordinator.config import (
     ConfigError,
+    DatabaseSection,
     RunConfig,
     TrackingSection,
     load_run_config,
     parse_run_config,
     resolve_for_deployment,
 )
-from fedmoe.coordinator.round.flower_run import FlowerRun
+from fedmoe.coordinator.round.flower_run import DATABASE_ENV, FlowerRun
 from fedmoe.coordinator.round.strategy import FederatedLoRA
 from fedmoe.coordinator.round.tracking import (
     RunFeed,
@@ -343,7 +344,21 @@ def test_a_tracker_whose_package_is_missing_is_refused_by_run_and_plan(
     assert [p.name for p in tmp_path.iterdir()] == ["run.toml"]  # nothing started
 
 
-def test_tracking_stays_with_the_coordinator_and_out_of_the_privacy_identity(tmp_path):
+def test_the_flower_run_config_nodes_receive_carries_no_database_url(monkeypatch):
+    """Every SuperNode receives the Flower run config: the run database's URL (a PostgreSQL one
+    may carry a password) reaches the ServerApp through its environment only."""
+    url = "postgresql+psycopg://fedmoe:s3cret-pw@db.internal:5432/runs"
+    config = load_run_config(None).model_copy(update={"database": DatabaseSection(url=url)})
+    flower = FlowerRun(1, config, url, "deployment").to_run_config()
+    assert "s3cret-pw" not in json.dumps(flower) and "db.internal" not in json.dumps(flower)
+    monkeypatch.delenv(DATABASE_ENV, raising=False)
+    with pytest.raises(ValueError, match=DATABASE_ENV):
+        FlowerRun.from_run_config(flower)
+    monkeypatch.setenv(DATABASE_ENV, url)
+    assert FlowerRun.from_run_config(flower).database_url == url
+
+
+def test_tracking_stays_with_the_coordinator_and_out_of_the_privacy_identity(tmp_path, monkeypatch):
     tracking = _tracking(tmp_path)
     config = load_run_config(
         None, {"tracking.mlflow_uri": tracking.mlflow_uri, "tracking.tensorboard_dir": "tb"}
@@ -355,8 +370,9 @@ def test_tracking_stays_with_the_coordinator_and_out_of_the_privacy_identity(tmp
     flower = FlowerRun(1, config, "sqlite://", "deployment").to_run_config()
     assert "tracking" not in json.loads(flower["run-config"])
     assert "mlruns" not in json.dumps(flower)
+    monkeypatch.setenv(DATABASE_ENV, "sqlite://")
     assert FlowerRun.from_run_config(flower).config == config.model_copy(
-        update=dict(tracking=TrackingSection())
+        update=dict(tracking=TrackingSection(), database=DatabaseSection())
     )
     # Each round's spec, and with it the nodes' ledger key, is the same with or without it.
     ctx = SimpleNamespace(run_uid="a" * 32, base_fingerprint="b" * 64, adapter_layout="c" * 16)

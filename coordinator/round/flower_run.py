@@ -1,11 +1,12 @@
-"""What one Flower run of ours carries in its run config: which fedmoe run it is, the validated
-run config itself, and where the run database is. The run config reaches the ServerApp through
+"""What one Flower run of ours carries in its run config: which fedmoe run it is and the validated
+run config itself (the run database's URL travels apart: DATABASE_ENV). The run config reaches the ServerApp through
 Flower, never through a file on one host; simulated enterprises (simulation engine only) read
 their data paths, budgets and identity keys from here too."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from fedmoe.contract.keys import write_key_pair
 from fedmoe.coordinator.config import RunConfig, parse_run_config
 
 ENGINES = ("simulation", "deployment")
+# Where the ServerApp finds the run database: in its environment, inherited from the SuperLink we
+# start, never in the Flower run config, which every SuperNode receives (a PostgreSQL URL may
+# carry a password).
+DATABASE_ENV = "FEDMOE_DATABASE_URL"
 # The ServerApp's last log line, so a log follower knows it has everything.
 LOG_END = "fedmoe: the ServerApp's log ends here"
 
@@ -46,8 +51,9 @@ class FlowerRun:
             node["federation_keys"] = pinned
         return {
             "fedmoe-run-id": self.run_id,
-            "run-config": self.config.model_dump_json(),
-            "database-url": self.database_url,
+            # Nodes receive this: the coordinator's [database] stays out (its URL is sent to
+            # the ServerApp's process only, through DATABASE_ENV).
+            "run-config": self.config.model_dump_json(exclude={"database"}),
             "engine": self.engine,
             "sim-enterprises": json.dumps(simulated),
         }
@@ -65,7 +71,13 @@ class FlowerRun:
         config = parse_run_config(
             json.loads(str(run_config["run-config"])), "the Flower run's run config"
         )
-        return cls(run_id, config, str(run_config["database-url"]), engine)
+        database_url = os.environ.get(DATABASE_ENV)
+        if not database_url:
+            raise ValueError(
+                f"the ServerApp's process has no {DATABASE_ENV}: start runs with `fedmoe run` or "
+                "`fedmoe admin start`, whose SuperLink passes it on"
+            )
+        return cls(run_id, config, database_url, engine)
 
 
 def _identity_key(ledger: str) -> Path:

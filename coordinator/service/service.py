@@ -30,6 +30,7 @@ from fedmoe.coordinator.config import (
     parse_run_config,
     resolve_for_deployment,
 )
+from fedmoe.coordinator.round.flower_run import DATABASE_ENV
 from fedmoe.coordinator.service.admin_api import AdminError, serve
 from fedmoe.coordinator.service.gateway import FleetGateway
 from fedmoe.coordinator.service.metrics import MetricsServer, coordinator_registry, serve_metrics
@@ -67,7 +68,11 @@ class CoordinatorService:
         self.store = RunStore(config.database.url)
         tls = TLSFiles(Path(config.tls.ca), Path(config.tls.certificate), Path(config.tls.key))
         self.superlink = SuperLink(
-            config.flower_home, tls=tls, node_auth=True, database=self.storage / "superlink.db"
+            config.flower_home,
+            tls=tls,
+            node_auth=True,
+            database=self.storage / "superlink.db",
+            env={DATABASE_ENV: config.database.url},  # to the ServerApp, never to a node
         )
         self.supervisor = RunSupervisor(
             self.store, self.superlink, "deployment", config.database.url, config.runs.max_resumes
