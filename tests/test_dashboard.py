@@ -212,3 +212,27 @@ def test_a_report_is_one_self_contained_file_with_the_run_pages_numbers(site, tm
     ]
     assert main(["report", "1", "--out", str(tmp_path), "--database", database]) == 2
     assert main(["report", "9", "--out", str(out), "--database", database]) == 2
+
+
+def test_the_run_page_sets_the_audits_lower_bound_beside_the_claim():
+    from fedmoe.coordinator.web.pages import run_page
+
+    run = pb.Run(id=3, status="completed", planned_rounds=1, privacy="privacy: record-level")
+    ledger = pb.PrivacyLedger(
+        runs=[
+            pb.RunPrivacy(
+                run_id=3,
+                record_epsilon=8.0,
+                audit_epsilon_lower_bound=0.42,
+                audit_confidence=0.95,
+                audit_canaries=1000,
+                audit_guesses=100,
+                audit_correct=60,
+            )
+        ]
+    )
+    page = run_page(run, pb.ListRoundsResponse(), ledger, user="ops")
+    assert "epsilon lower bound <b>0.420</b>" in page and "the claim <b>8.000</b>" in page
+    assert "does not refute the claim" in page
+    ledger.runs[0].audit_epsilon_lower_bound = 9.5
+    assert "REFUTES the claim" in run_page(run, pb.ListRoundsResponse(), ledger, user="ops")
