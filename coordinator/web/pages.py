@@ -59,7 +59,7 @@ def _seconds(r: pb.Round) -> float | None:
 
 
 # --- what a run's charts show ----------------------------------------------------------------
-def chart_tables(run: pb.Run, rounds: list[pb.Round], privacy: pb.RunPrivacy | None) -> dict:
+def chart_tables(run: pb.Run, rounds: list[pb.Round]) -> dict:
     """Every chart of the run page, as the table of numbers it draws."""
     enterprises = sorted({p.enterprise for r in rounds for p in r.participations if p.enterprise})
     by_round = {r.number: {p.enterprise: p for p in r.participations} for r in rounds}
@@ -87,7 +87,13 @@ def chart_tables(run: pb.Run, rounds: list[pb.Round], privacy: pb.RunPrivacy | N
         if any(_opt(p, f"epsilon_{lv}") is not None for r in rounds for p in r.participations)
     ]
     eps_rows = [
-        [r.number, e, lv, _opt(by_round[r.number][e], f"epsilon_{lv}"), _target(privacy, lv)]
+        [
+            r.number,
+            e,
+            lv,
+            _opt(by_round[r.number][e], f"epsilon_{lv}"),
+            _opt(run, f"{lv}_epsilon_target"),
+        ]
         for r in rounds
         for e in enterprises
         if e in by_round[r.number]
@@ -117,10 +123,6 @@ def chart_tables(run: pb.Run, rounds: list[pb.Round], privacy: pb.RunPrivacy | N
             [[layer, e, n] for layer, counts in load for e, n in enumerate(counts)],
         ),
     }
-
-
-def _target(privacy: pb.RunPrivacy | None, level: str) -> float | None:
-    return None if privacy is None else _opt(privacy, f"{level}_epsilon")
 
 
 def _expert_load(rounds: list[pb.Round]) -> list[tuple[str, list[int]]]:
@@ -313,7 +315,7 @@ def run_page(
     """One run: curves, epsilon, cost, failures, the audit, expert load. `standalone`: a
     self-contained report (downloads as data: links)."""
     privacy = next((p for p in ledger.runs if p.run_id == run.id), None)
-    tables = chart_tables(run, list(rounds.rounds), privacy)
+    tables = chart_tables(run, list(rounds.rounds))
     charts = _charts(run, tables)
 
     def link(name: str, fmt: str) -> str:

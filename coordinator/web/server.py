@@ -196,13 +196,12 @@ def make_handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
                 if tail == "/rounds":
                     return self._json(rounds)
                 return self._json(run) if tail is None else self._not_found(api)
-            ledger = privacy_ledger_message(store, run_id)
             if tail is None:
+                ledger = privacy_ledger_message(store, run_id)  # the audit beside the claim
                 return self._html(pages.run_page(run, rounds, ledger, user))
             if chart is None:
                 return self._not_found(api)
-            privacy = next(iter(ledger.runs), None)
-            tables = pages.chart_tables(run, list(rounds.rounds), privacy)
+            tables = pages.chart_tables(run, list(rounds.rounds))
             if chart not in tables:
                 return self._not_found(api, f"no chart {chart[:20]}")
             table = tables[chart]
