@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mode", choices=["dp", "plain", "dense"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:

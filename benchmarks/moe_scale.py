@@ -2,6 +2,7 @@
 without DP, on DeepSeek-V2-Lite-shaped MoE blocks (random weights).
 
     python benchmarks/moe_scale.py [--layers 1] [--batch 4] [--seq-len 128] [--steps 3]
+                                   [--device cpu|cuda] [--dtype float32|bfloat16] [--toy]
 
 Each block has V2-Lite's sizes: hidden 2048, 64 routed experts of width 1408, top-6 (greedy
 softmax router), 2 shared experts. Inputs are random hidden states [B, T, 2048] that need a
@@ -20,6 +21,14 @@ the blocks' output. Modes, one fresh process each (peak memory is the process's 
 Time is the median step; memory is the peak resident size during the steps minus the size before
 them, per token. The last table gives a full-size V2-Lite adapter's bytes per client per round,
 counted on the meta device (no weights).
+
+On `--device cuda` the blocks are built on the GPU, time is taken between
+`torch.cuda.synchronize()` calls and memory is the allocator's peak above what was allocated
+before the steps (`torch.cuda.max_memory_allocated`): resident size says nothing of GPU memory.
+There the DP step's clipping and noise are those of training by default (Opacus's optimizer with
+our noise, client/dp_trainer.py, `--dp-step optimizer`) rather than the reference function
+`private_gradient`. `--toy` shrinks the blocks (hidden 64, 8 experts of width 32, top-2) for smoke
+tests of these paths (benchmarks/gpu_check.py --dry-run).
 """
 
 from __future__ import annotations
@@ -51,6 +60,18 @@ V2_LITE_MOE = {
         "topk_group",
     )
 } | {"topk_method": "greedy"}
+# Smoke-test sizes: every code path of the real block, in milliseconds.
+TOY_MOE = {
+    "hidden_size": 64,
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "topk_method": "greedy",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = [
     "transformers",
     "dense",
@@ -75,7 +96,14 @@ class Residual(nn.Module):
         return h
 
 
-def build_blocks(layers: int, lora: bool, quantize: str | None = None):
+def build_blocks(
+    layers: int,
+    lora: bool,
+    quantize: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    shapes: dict = V2_LITE_MOE,
+):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     from fedmoe.model.lora import attach_lora, decoder_layers
@@ -83,7 +111,7 @@ def build_blocks(layers: int, lora: bool, quantize: str | None = None):
     from fedmoe.model.settings import LoraSettings
 
     config = DeepseekV2Config(
-        **V2_LITE_MOE,
+        **shapes,
         num_hidden_layers=layers,
         first_k_dense_replace=0,
         vocab_size=256,
@@ -97,8 +125,9 @@ def build_blocks(layers: int, lora: bool, quantize: str | None = None):
         intermediate_size=1408,
     )
     torch.manual_seed(0)
-    with torch.no_grad():
-        model = DeepseekV2ForCausalLM(config)
+    # Built where it runs: a V2-Lite layer's experts take seconds to initialise on a CPU.
+    with torch.no_grad(), torch.device(device):
+        model = DeepseekV2ForCausalLM(config).to(dtype)
         for layer in model.model.layers:
             torch.nn.init.normal_(layer.mlp.gate.weight, 0, 0.02)  # V2's router starts at zero
         if quantize:
@@ -112,21 +141,63 @@ def build_blocks(layers: int, lora: bool, quantize: str | None = None):
     return model, Residual([layer.mlp for layer in decoder_layers(model)])
 
 
-def measure(mode: str, layers: int, batch: int, seq_len: int, steps: int) -> dict:
+def measure(
+    mode: str,
+    layers: int,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    toy: bool = False,
+    dp_step: str | None = None,
+) -> dict:
     from fedmoe.model.lora import adapter_parameters, expert_lora_modules
-    from fedmoe.privacy.dp_sgd import private_gradient
+    from fedmoe.privacy.dp_sgd import SecureNoiseDPOptimizer, private_gradient
     from fedmoe.privacy.per_example import per_example_gradients_of
 
     torch.set_num_threads(2)
+    on_gpu = torch.device(device).type == "cuda"
+    dp_step = dp_step or ("optimizer" if on_gpu else "reference")
+    shapes = TOY_MOE if toy else V2_LITE_MOE
     scheme = next((s for s in ("int8", "nf4") if s in mode), None)
-    model, blocks = build_blocks(layers, lora=mode != "transformers", quantize=scheme)
+    model, blocks = build_blocks(
+        layers, mode != "transformers", scheme, device, DTYPES[dtype], shapes
+    )
     for module in expert_lora_modules(model).values():
         module.dense = mode.startswith("dense")
-    hidden = V2_LITE_MOE["hidden_size"]
+    hidden = shapes["hidden_size"]
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, seq_len, hidden, generator=g).requires_grad_()
-    target = torch.randn(batch, seq_len, hidden, generator=g)
+    x = torch.randn(batch, seq_len, hidden, generator=g).to(device, DTYPES[dtype])
+    x.requires_grad_()
+    target = torch.randn(batch, seq_len, hidden, generator=g).to(device, DTYPES[dtype])
     params = adapter_parameters(blocks)
+    optimizer = None
+    if mode.endswith("DP") and dp_step == "optimizer":
+        # Training's DP-SGD step (clip, sum, our noise, / batch) around a step that moves nothing.
+        optimizer = SecureNoiseDPOptimizer(
+            torch.optim.SGD(params.values(), lr=0.0),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=batch,
+        )
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def privatize(per_example: dict[str, torch.Tensor]) -> None:
+        if optimizer is not None:
+            for name, p in params.items():
+                p.grad_sample = per_example[name]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return
+        grads = private_gradient(
+            per_example, clip=1.0, noise_multiplier=1.0, expected_batch_size=batch
+        )
+        for name, p in params.items():
+            p.grad = grads[name]
 
     def losses(h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         return (blocks(h) * tgt).mean(dim=(-2, -1))  # [B]: example b's loss uses only b's rows
@@ -142,35 +213,42 @@ def measure(mode: str, layers: int, batch: int, seq_len: int, steps: int) -> dic
 
     # Building the model peaked higher (quantized: the float32 experts before); on Linux,
     # count the peak from here.
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sync()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
     for _ in range(steps + 1):
         model.zero_grad()
         x.grad = None
+        sync()
         start = time.perf_counter()
         if mode.endswith("DP"):
-            per_example = (
+            privatize(
                 dense_per_example()
                 if mode.startswith("dense")
                 else per_example_gradients_of(blocks, batch, seq_len, lambda: losses(x, target))
             )
-            grads = private_gradient(
-                per_example, clip=1.0, noise_multiplier=1.0, expected_batch_size=batch
-            )
-            for name, p in params.items():
-                p.grad = grads[name]
         else:
             losses(x, target).sum().backward()
+        sync()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "step_s": statistics.median(times[1:]),  # the first step warms up allocators and caches
-        "mem_mb": (peak - rss_before) / 1024,
+        "mem_mb": (peak - before) / 2**20,
         "weights_mb": sum(t.numel() * t.element_size() for t in blocks.state_dict().values())
         / 2**20,
         "implementation": model.config._experts_implementation,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "dtype": dtype,
     }
 
 
@@ -209,17 +287,31 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=MODES)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--toy", action="store_true", help="tiny blocks, for smoke tests")
+    parser.add_argument(
+        "--dp-step",
+        choices=["reference", "optimizer"],
+        help="DP modes: private_gradient (default on cpu) or training's DP optimizer",
+    )
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(measure(args.mode, args.layers, args.batch, args.seq_len, args.steps)))
+        result = measure(
+            args.mode, args.layers, args.batch, args.seq_len, args.steps,
+            args.device, args.dtype, args.toy, args.dp_step,
+        )  # fmt: skip
+        print(json.dumps(result))
         return
     tokens = args.batch * args.seq_len
     results = {}
     for mode in args.modes:
         cmd = [sys.executable, __file__, "--mode", mode]
-        for flag in ("layers", "batch", "seq_len", "steps"):
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        for flag in ("layers", "batch", "seq_len", "steps", "device", "dtype", "dp_step"):
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        cmd += ["--toy"] if args.toy else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{mode}: failed\n{out.stderr[-3000:]}", flush=True)
@@ -228,9 +320,11 @@ def main() -> None:
         r = results[mode]
         print(f"{mode}: {r['step_s']:.2f} s, {r['mem_mb']:.0f} MB", flush=True)
 
+    where = next(iter(results.values()), {}).get("device", args.device)
+    where = f"{where}, 2 CPU threads" if where == "cpu" else where
     print(
-        f"\n{args.layers} V2-Lite MoE block(s), batch {args.batch} x {args.seq_len} tokens, "
-        "fp32, 2 CPU threads, forward + backward"
+        f"\n{args.layers} {'toy' if args.toy else 'V2-Lite'} MoE block(s), batch {args.batch} x "
+        f"{args.seq_len} tokens, {args.dtype}, {where}, forward + backward"
     )
     print(
         "| mode | step s | ms per token | vs transformers | MB per token | vs sparse | weights MB |"

@@ -1,17 +1,19 @@
-"""Utility under privacy: one real Flower run (`fedmoe run`, simulation engine) per cell, the
-held-out loss of what each run hands out, and the share of the non-private gain it keeps.
+"""Utility under privacy, like with like: one real Flower run (`fedmoe run`, simulation engine) per
+cell, the held-out loss of what each run hands out, and the share of the non-private gain it keeps.
 
-    python benchmarks/privacy_utility.py [--levels record enterprise] [--epsilons ...]
+    python benchmarks/privacy_utility.py [--levels record enterprise] [--record-epsilons ...]
 
 - Record level (DP-SGD) on the large demo federation (3 enterprises x 28,500 training records),
-  at epsilon 0.5, 1, 4, 8, with the private recipe of configs/private-demo.toml.
+  with the private recipe of configs/private-demo.toml.
 - Enterprise level (Gaussian and Laplace noise on each update, secure aggregation with noise
-  shares) on the many-enterprise federation (36 non-IID enterprises), at epsilon 1, 4, 8, with
-  the recipe of configs/private-many.toml.
+  shares) on the many-enterprise federation (36 non-IID enterprises), with the recipe of
+  configs/private-many.toml.
 
-Every cell has the same rounds and local steps as its non-private reference: the default run
-config (`make run`'s recipe) on the same federation. A second reference runs the private recipe's
-settings without noise. Held-out loss is the mean per-record loss of each enterprise's held-out
+Every cell has the same rounds and local steps. Two references per level, and "gain kept" against
+each: the same recipe with every noise sample zero (same Poisson sampling, same clipping, same
+secure aggregation; benchmarks/noiseless/), and the best non-private run of the level's candidates
+(the default run config, and the recipe's and the default's adapters at the recipe's expected
+batch), the strict one. Held-out loss is the mean per-record loss of each enterprise's held-out
 split under the run's result (its best round by the coordinator's public evaluation, or the base
 model when no round beat it), averaged over the enterprises. Plans the planner refuses (noise
 that swamps the update) run with `privacy.accept_noisy_plan = true` and are marked.
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
@@ -53,23 +56,49 @@ def read_recipe(level: str) -> dict:
     return tomllib.loads(RECIPES[level].read_text())
 
 
-def cell_config(level: str, privacy: dict | None, recipe: bool, out: Path) -> dict:
-    """The run config of one cell: the recipe's (or the default's) settings on the level's
-    federation, with `privacy` as its privacy section."""
+NOISELESS = Path(__file__).resolve().parent / "noiseless"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One Flower run: the level's recipe (or the default run config) with these changes."""
+
+    label: str
+    recipe: bool
+    privacy: dict | None = None
+    noiseless: bool = False
+    train: dict = field(default_factory=dict)
+    lora: dict | None = None
+
+
+def cell_config(level: str, cell: Cell, out: Path) -> dict:
+    """The run config of one cell on the level's federation, rounds and local steps."""
     config = read_recipe(level)
-    if not recipe:  # the default run config, on the same federation and rounds
+    if not cell.recipe:  # the default run config, on the same federation and rounds
         federation = {k: config["federation"][k] for k in ("rounds", "enterprises")}
         config = {"federation": federation, "train": {}}
     config["train"] = {
         **config.get("train", {}),
         "local_steps": read_recipe(level)["train"]["local_steps"],
+        **cell.train,
     }
-    config["privacy"] = privacy or {}
+    if cell.lora is not None:
+        config["lora"] = cell.lora
+    config["privacy"] = cell.privacy or {}
     for e in config["federation"]["enterprises"]:
         e.pop("budget", None)
     config["database"] = {"url": f"sqlite:///{out / 'runs.db'}"}
     config["output"] = {"dir": str(out)}
     return config
+
+
+def expected_batch(level: str) -> int:
+    """The record-level recipe's expected Poisson batch: sample rate x one enterprise's records."""
+    recipe = read_recipe(level)
+    rate = recipe["privacy"]["record"]["sample_rate"]
+    data = resolve_generated(recipe["federation"]["enterprises"][0]["data"])
+    with open(find_split(data, "train")) as records:
+        return round(rate * sum(1 for _ in records))
 
 
 def heldout_losses(enterprises: dict[str, Path], adapter: Path | None) -> dict[str, float]:
@@ -103,11 +132,11 @@ def result_of_run(database: str) -> Path | None:
     return adapter_of_run(store, run.id)[0]
 
 
-def run_cell(level: str, privacy: dict | None, recipe: bool) -> tuple[float, float, bool]:
+def run_cell(level: str, cell: Cell) -> tuple[float, float, bool]:
     """(held-out loss, seconds, whether the planner refused the plan) of one Flower run."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        config = cell_config(level, privacy, recipe, out)
+        config = cell_config(level, cell, out)
         path = out / "run.toml"
         path.write_text(tomli_w.dumps(config))
         refused = False
@@ -119,47 +148,96 @@ def run_cell(level: str, privacy: dict | None, recipe: bool) -> tuple[float, flo
             refused = True
             config["privacy"]["accept_noisy_plan"] = True
             path.write_text(tomli_w.dumps(config))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        marks = out / "noiseless-marks"
+        if cell.noiseless:  # every process of the run zeroes its noise samplers, and says so
+            marks.mkdir()
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(NOISELESS), env.get("PYTHONPATH")])
+            )
+            env["FEDMOE_NOISELESS_MARKS"] = str(marks)
         started = time.perf_counter()
         result = subprocess.run(
             [sys.executable, "-m", "fedmoe.cli", "run", "--config", str(path)],
             capture_output=True,
             text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=env,
         )
         seconds = time.perf_counter() - started
         if result.returncode != 0:
-            raise RuntimeError(f"{level} {privacy}: {result.stdout[-2000:]}{result.stderr[-2000:]}")
-        adapter = result_of_run(config["database"]["url"])
-        return mean_heldout_loss(level, adapter), seconds, refused
+            raise RuntimeError(f"{cell}: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+        if cell.noiseless and not any(marks.iterdir()):
+            raise RuntimeError(f"{cell.label}: no node drew zeroed noise: the patch missed them")
+        loss = mean_heldout_loss(level, result_of_run(config["database"]["url"]))
+        print(
+            f"# {level}: {cell.label} {cell.privacy or ''}: {loss:.4f} in {seconds:.0f} s",
+            flush=True,
+        )
+        return loss, seconds, refused
+
+
+def reference_cells(level: str) -> list[Cell]:
+    """The level's non-private runs: the default run config and the candidates for the best
+    non-private recipe in the same steps; and the recipe with its noise zeroed, per mechanism."""
+    recipe = read_recipe(level)
+    settings = recipe["privacy"][level]
+    cells = [Cell("none (default run config)", recipe=False)]
+    if level == "record":
+        batch = {"batch_size": expected_batch(level)}
+        cells += [
+            Cell(f"none (default adapter, batch {batch['batch_size']})", False, train=batch),
+            Cell(f"none (the recipe's adapter, batch {batch['batch_size']})", True, train=batch),
+            Cell("record, noise 0 (same sampling and clipping)", True, {level: settings}, True),
+        ]
+    else:
+        cells += [Cell("none (the recipe's adapter and training)", recipe=True)]
+        for mechanism in ["gaussian", "laplace"]:
+            noiseless = {level: {**settings, "mechanism": mechanism}}
+            cells.append(Cell(f"enterprise ({mechanism}), noise 0", True, noiseless, True))
+    return cells
+
+
+def mechanism_of(level: str, cell: Cell) -> str | None:
+    """The mechanism whose noiseless run a cell compares with (non-private cells: Gaussian's)."""
+    if level == "record":
+        return None
+    return (cell.privacy or {}).get(level, {}).get("mechanism", "gaussian")
 
 
 def level_rows(level: str, epsilons: list[float]) -> list[str]:
-    """The table rows of one level: base, the two non-private references, every DP cell."""
+    """The table rows of one level: base, the non-private references, every DP cell."""
     federation = FEDERATION[level]
     base = mean_heldout_loss(level, None)
-    reference, reference_s, _ = run_cell(level, None, recipe=False)
-    rows = [f"| {federation} | base model, no fine-tune | - | {base:.4f} | 0% | - | |"]
+    rows = [f"| {federation} | base model, no fine-tune | - | {base:.4f} | 0% | 0% | - | |"]
+    print(rows[-1], flush=True)
+    references = [(cell, run_cell(level, cell)) for cell in reference_cells(level)]
+    best = min(loss for _, (loss, _, _) in references)
+    noise_zero = {
+        mechanism_of(level, cell): loss for cell, (loss, _, _) in references if cell.noiseless
+    }
 
-    def row(label: str, eps: str, loss: float, seconds: float, note: str = "") -> None:
-        kept = (base - loss) / (base - reference)
+    def row(cell: Cell, eps: str, result: tuple[float, float, bool]) -> None:
+        loss, seconds, refused = result
+        same = (base - loss) / (base - noise_zero[mechanism_of(level, cell)])
+        strict = (base - loss) / (base - best)
+        note = "planner refuses it (run with accept_noisy_plan)" if refused else ""
+        note = "the best non-private run" if loss == best and eps == "inf" else note
         rows.append(
-            f"| {federation} | {label} | {eps} | {loss:.4f} | {kept:.0%} | {seconds:.0f} | {note} |"
+            f"| {federation} | {cell.label} | {eps} | {loss:.4f} | {same:.0%} | {strict:.0%} "
+            f"| {seconds:.0f} | {note} |"
         )
         print(rows[-1], flush=True)
 
-    row("none (default run config)", "inf", reference, reference_s, "the reference")
-    loss, seconds, _ = run_cell(level, None, recipe=True)
-    row("none (the recipe's adapter and training, no DP)", "inf", loss, seconds)
+    for cell, result in references:
+        row(cell, "inf", result)
     recipe_privacy = read_recipe(level)["privacy"][level]
     for mechanism in ["gaussian", "laplace"] if level == "enterprise" else [None]:
         for eps in epsilons:
             settings = {**recipe_privacy, "epsilon": float(eps)}
             if mechanism:
                 settings["mechanism"] = mechanism
-            loss, seconds, refused = run_cell(level, {level: settings}, recipe=True)
-            label = level + (f" ({mechanism})" if mechanism else "")
-            note = "planner refuses it (run with accept_noisy_plan)" if refused else ""
-            row(label, f"{eps:g}", loss, seconds, note)
+            cell = Cell(level + (f" ({mechanism})" if mechanism else ""), True, {level: settings})
+            row(cell, f"{eps:g}", run_cell(level, cell))
     return rows
 
 
@@ -168,15 +246,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--levels", nargs="+", default=["record", "enterprise"])
-    parser.add_argument("--record-epsilons", nargs="+", type=float, default=[0.5, 1, 4, 8])
+    parser.add_argument("--record-epsilons", nargs="+", type=float, default=[1, 4, 8])
     parser.add_argument("--enterprise-epsilons", nargs="+", type=float, default=[1, 4, 8])
     args = parser.parse_args()
     rows = []
     for level in args.levels:
         epsilons = args.record_epsilons if level == "record" else args.enterprise_epsilons
         rows += level_rows(level, epsilons)
-    print("\n| federation | DP | epsilon | held-out loss | gain kept | run s | note |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print(
+        "\n| federation | DP | epsilon | held-out loss | gain kept vs same recipe, noise 0 "
+        "| gain kept vs best non-private | run s | note |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     print("\n".join(rows))
 
 

@@ -462,6 +462,7 @@ class EnterpriseNode:
             metrics["heldout_loss_before"] = evaluate_loss(
                 ws.model, ws.heldout_records, spec.train.eval_batch_size, ws.device
             )
+            metrics["heldout_examples"] = int(ws.heldout_records.shape[0])
         rows = self._training_rows(spec, ws)
         if plan.record is not None:
             record = spec.privacy.record

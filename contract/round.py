@@ -71,7 +71,11 @@ class RoundSpec(BaseModel):
     privacy: PrivacySettings
     base_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     adapter_layout: str = Field(pattern=r"^[0-9a-f]{16}$")
-    measure_baseline: bool = False
+    measure_baseline: bool = Field(
+        False,
+        description="score the adapter received on the held-out split before training (public "
+        "runs in the clear): round 1's is the base model's, later ones evaluate the last round",
+    )
     noise_shares: int = Field(
         1, ge=1, le=1_000_000, description="clients whose noise shares sum to the full noise"
     )

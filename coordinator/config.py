@@ -185,6 +185,14 @@ class FederationSection(_Section):
     cpus_per_client: int = Field(
         1, ge=1, le=512, description="whole CPUs Flower's simulation engine reserves per client"
     )
+    # Ray hides the GPUs from a simulated client that reserves none: it would train on the CPU.
+    gpus_per_client: float = Field(
+        0.0,
+        ge=0.0,
+        le=64.0,
+        description="GPUs (or a share of one, e.g. 0.25) Flower's simulation engine reserves per "
+        "client; 0: the clients train on the CPU",
+    )
     # Below a second no message makes the round trip: the round would fail every time.
     connect_timeout_s: float = Field(
         600.0, ge=1.0, le=86_400.0, description="how long a round waits for enterprises to connect"

@@ -32,8 +32,19 @@ POLL_S = 1.0
 
 
 def federation_config(config: RunConfig) -> str:
-    n = len(config.federation.enterprises)
-    return f"num-supernodes={n} client-resources-num-cpus={config.federation.cpus_per_client}"
+    fed = config.federation
+    resources = (
+        f"num-supernodes={len(fed.enterprises)} client-resources-num-cpus={fed.cpus_per_client}"
+    )
+    if fed.gpus_per_client:
+        resources += f" client-resources-num-gpus={fed.gpus_per_client:g}"
+    return resources
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def check_writable(directory: Path) -> None:
@@ -121,6 +132,12 @@ def launch(
         f"{plural(rounds, 'round')} (logs in {home})",
         flush=True,
     )
+    if not config.federation.gpus_per_client and _cuda_available():
+        print(
+            "[fedmoe] WARNING: this machine has a GPU, but the clients train on the CPU: "
+            "set federation.gpus_per_client (e.g. 0.25 to share one GPU among four clients)",
+            flush=True,
+        )
     printed_rounds: set[int] = set()
     log_ended = threading.Event()
 

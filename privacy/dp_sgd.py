@@ -11,7 +11,6 @@ hold the two equal.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -20,10 +19,10 @@ from fedmoe.privacy.mechanisms import UniformSource, gaussian_noise, secure_unif
 
 
 def per_example_norms(per_example: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B] joint L2 norm of each example's gradient over all tensors, summed in float64 a slice at
-    a time (a float64 copy of every gradient would double the step's memory)."""
+    """[B] joint L2 norm of each example's gradient over all tensors: squares summed into a
+    float64 accumulator (no float64 copy of any gradient, which would double the step's memory)."""
     squares = [
-        sum(part.double().pow(2).sum(dim=1) for part in g.reshape(g.shape[0], -1).split(1 << 16, 1))
+        g.reshape(g.shape[0], -1).square().sum(dim=1, dtype=torch.float64)
         for g in per_example.values()
     ]
     return torch.stack(squares).sum(dim=0).sqrt()
@@ -45,14 +44,21 @@ def private_gradient(
         raise ValueError(f"expected batch size must be > 0, got {expected_batch_size}")
     norms = per_example_norms(per_example)
     factors = (clip / (norms + 1e-12)).clamp(max=1.0)
-    out = {}
-    for name, g in per_example.items():
-        summed = torch.einsum("b,b...->...", factors.to(g.dtype), g)
-        if noise_multiplier > 0:
-            noise = gaussian_noise(summed.numel(), noise_multiplier * clip, uniform)
-            summed = summed + torch.from_numpy(noise).to(summed.dtype).view(summed.shape)
-        out[name] = summed / expected_batch_size
-    return out
+    summed = [torch.einsum("b,b...->...", factors.to(g.dtype), g) for g in per_example.values()]
+    if noise_multiplier > 0:
+        noises = noise_like(summed, noise_multiplier * clip, uniform)
+        summed = [s + noise for s, noise in zip(summed, noises, strict=True)]
+    return {name: s / expected_batch_size for name, s in zip(per_example, summed, strict=True)}
+
+
+def noise_like(
+    tensors: list[torch.Tensor], std: float, uniform: UniformSource
+) -> list[torch.Tensor]:
+    """N(0, std^2) noise shaped like each tensor (on its device, in its dtype), drawn as ONE vector:
+    a draw per tensor would pay the CSPRNG's set-up once per adapter tensor (dozens a step)."""
+    noise = torch.from_numpy(gaussian_noise(sum(t.numel() for t in tensors), std, uniform))
+    parts = noise.split([t.numel() for t in tensors])
+    return [part.to(t).view_as(t) for part, t in zip(parts, tensors, strict=True)]
 
 
 class SecureNoiseDPOptimizer(DPOptimizer):
@@ -68,12 +74,12 @@ class SecureNoiseDPOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = (
-                gaussian_noise(p.summed_grad.numel(), std, self.uniform)
-                if std > 0
-                else np.zeros(p.summed_grad.numel())
-            )
-            p.grad = (
-                p.summed_grad + torch.from_numpy(noise).to(p.summed_grad).view_as(p.summed_grad)
-            ).view_as(p)
+        summed = [p.summed_grad for p in self.params]
+        noises = (
+            noise_like(summed, std, self.uniform)
+            if std > 0
+            else [torch.zeros_like(s) for s in summed]
+        )
+        for p, noise in zip(self.params, noises, strict=True):
+            p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)

@@ -41,14 +41,12 @@ def seeded_uniform(seed: int) -> UniformSource:
 
 
 def gaussian_noise(n: int, std: float, uniform: UniformSource = secure_uniform) -> np.ndarray:
-    """n samples of N(0, std^2), Box-Muller over the uniform source (in torch: its vectorized
-    float64 log, cos and sin are 2.5x numpy's on a DP-SGD step's 350K values)."""
-    m = (n + 1) // 2
-    u1, u2 = torch.from_numpy(uniform(m)), torch.from_numpy(uniform(m))
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    angle = 2 * math.pi * u2
-    z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
-    return std * z.numpy()
+    """n samples of N(0, std^2): the normal quantile function at uniforms from the source (torch's
+    float64 `ndtri`, Cephes' rational approximations, accurate to about 1e-16). One vectorized
+    pass: several times faster than Box-Muller's log, sqrt, cos and sin on a DP-SGD step's 350K
+    values. The source's 53-bit uniforms, symmetric about 1/2, give a symmetric sample whose tails
+    reach 8.2 std."""
+    return std * torch.special.ndtri(torch.from_numpy(uniform(n))).numpy()
 
 
 def laplace_noise(n: int, scale: float, uniform: UniformSource = secure_uniform) -> np.ndarray:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -86,25 +85,32 @@ def _per_example_grouped_gradient(
 ) -> torch.Tensor:
     """[B, E, out, in]: for each example b and expert e, the sum over b's rows routed to e of
     grad_out_i x rows_i^T. Per expert, b's rows are scattered into a [B, width, ...] block
-    (width: the most rows one example sent to e) and contracted by one batched matmul."""
+    (width: the most rows one example sent to e) and contracted by one batched matmul. Every
+    row's place in its block, and every block's width, are found for all experts at once: what
+    is left per expert is the scatter and the matmul (on a small model the per-expert work is
+    most of what exact per-example gradients add to a step)."""
     num_experts = len(groups.counts)
+    expert = torch.repeat_interleave(
+        torch.arange(num_experts, device=rows.device),
+        torch.tensor(groups.counts, device=rows.device),
+    )
+    # Rows of an expert are in token order, so each (expert, example) pair's rows are contiguous.
+    segment = expert * batch + example
+    sizes = torch.bincount(segment, minlength=num_experts * batch)
+    position = torch.arange(len(segment), device=rows.device) - (sizes.cumsum(0) - sizes)[segment]
+    widths = sizes.view(num_experts, batch).amax(dim=1).tolist()
     result = rows.new_zeros(batch, num_experts, grad_out.shape[1], rows.shape[1])
-    offsets = [0, *itertools.accumulate(groups.counts)]
-    for e in range(num_experts):
-        start, end = offsets[e], offsets[e + 1]
-        if start == end:
-            continue
-        ex = example[start:end]  # ascending: rows of an expert are in token order
-        per_example = torch.bincount(ex, minlength=batch)
-        position = torch.arange(end - start, device=ex.device) - (
-            per_example.cumsum(0) - per_example
-        ).index_select(0, ex)
-        width = int(per_example.max())
-        g = grad_out.new_zeros(batch, width, grad_out.shape[1])
-        x = rows.new_zeros(batch, width, rows.shape[1])
-        g[ex, position] = grad_out[start:end]
-        x[ex, position] = rows[start:end]
-        result[:, e] = torch.bmm(g.transpose(1, 2), x)
+    start = 0
+    for e, (count, width) in enumerate(zip(groups.counts, widths, strict=True)):
+        end = start + count
+        if count:
+            block = example[start:end], position[start:end]
+            g = grad_out.new_zeros(batch, width, grad_out.shape[1])
+            x = rows.new_zeros(batch, width, rows.shape[1])
+            g[block] = grad_out[start:end]
+            x[block] = rows[start:end]
+            result[:, e] = torch.bmm(g.transpose(1, 2), x)
+        start = end
     return result
 
 

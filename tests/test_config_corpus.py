@@ -258,6 +258,7 @@ NUMBERS = [
     ("federation", "max_failed_rounds", int, "-1", "100001"),
     ("federation", "threads_per_client", int, "0", "513"),
     ("federation", "cpus_per_client", int, "0", "513"),
+    ("federation", "gpus_per_client", float, "-0.5", "65"),
     ("federation", "connect_timeout_s", float, "0.0", "86400.5"),
     ("federation", "round_timeout_s", float, "1e-308", "604800.5"),
     ("federation", "server_lr", float, "0.0", "10.5"),

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 from privacy_refs import PLD_REFS, PRV_REFS, RDP_REFS
 
 from fedmoe.privacy.accounting import gaussian_epsilon, laplace_epsilon, noise_multiplier_for
@@ -60,6 +61,10 @@ def test_laplace_noise_has_scale_sensitivity_over_epsilon():
 def test_gaussian_noise_std_and_secure_source():
     x = gaussian_noise(400_001, 3.0, seeded_uniform(1))
     assert x.shape == (400_001,) and np.std(x) == pytest.approx(3.0, rel=0.01)
+    # The whole distribution, not two moments: a sampler with the right std and the wrong shape
+    # (heavier or lighter tails) would void the accountant's Gaussian assumption.
+    assert scipy.stats.kstest(x / 3.0, "norm").pvalue > 1e-3
+    assert np.mean(np.abs(x) > 3 * 3.0) == pytest.approx(2 * scipy.stats.norm.sf(3), rel=0.05)
     u = secure_uniform(100_000)
     assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
     assert not np.array_equal(gaussian_noise(10, 1.0), gaussian_noise(10, 1.0))

@@ -178,10 +178,52 @@ def test_round_config_carries_everything_a_client_checks(setup):
         and cfg["adapter_layout"] == LAYOUT
         and cfg["measure_baseline"] is True
     )
-    assert (
-        cfg["run_uid"] == RUN_UID
-        and strategy.round_spec(2).to_config()["measure_baseline"] is False
-    )
+    # A public run in the clear: every round's nodes score the adapter they receive.
+    assert cfg["run_uid"] == RUN_UID and strategy.round_spec(2).to_config()["measure_baseline"]
+
+
+def test_a_rounds_federated_evaluation_arrives_with_the_next_rounds_training(tmp_path):
+    """Public runs in the clear: no evaluate message until the last round; round r's held-out
+    losses are what round r+1's nodes report of the adapter they receive, written to round r."""
+    strategy, store, run_id, _, _ = _make(tmp_path, {}, **{"federation.rounds": 2})
+    manager = _manager([1, 2])
+    update = [np.zeros(2, np.float32), np.zeros((1, 2), np.float32)]
+
+    def train(number, **metrics):
+        strategy.pending = _PendingRound(number=number, started_at=dt.datetime.now(dt.UTC))
+        fits = [
+            (SimpleNamespace(node_id=i), _fit(update, 10, name=n, **metrics.get(n, {})))
+            for i, n in ((1, "a"), (2, "b"))
+        ]
+        params, _ = strategy.aggregate_fit(number, fits, [])
+        strategy.evaluate(number, params)
+        return params
+
+    params = train(1, a={"heldout_loss_before": 9.0, "heldout_examples": 10})
+    assert strategy.configure_evaluate(1, params, manager) == []
+    (r1,) = store.rounds(run_id)  # committed without waiting for an evaluate message
+    assert r1.eval_loss is None and r1.participations[0].heldout_loss_before == 9.0
+    both = {
+        "a": {"heldout_loss_before": 2.0, "heldout_examples": 10},
+        "b": {"heldout_loss_before": 5.0, "heldout_examples": 30},
+    }
+    params = train(2, **both)
+    (r1,) = store.rounds(run_id)  # the last round waits for its own evaluate message
+    assert r1.eval_loss == pytest.approx((2.0 * 10 + 5.0 * 30) / 40)
+    assert {p.enterprise: p.eval_loss for p in r1.participations} == {"a": 2.0, "b": 5.0}
+    assert len(strategy.configure_evaluate(2, params, manager)) == 2
+    evaluated = [(SimpleNamespace(node_id=1), EvaluateRes(Status(Code.OK, ""), 1.5, 10, {}))]
+    strategy.aggregate_evaluate(2, evaluated, [])
+    assert store.rounds(run_id)[1].eval_loss == 1.5
+    # Written once: a replayed report does not overwrite it.
+    assert not store.record_evaluation(run_id, 1, 0.0, {})
+
+
+def test_evaluation_rides_on_training_only_in_the_clear(tmp_path):
+    secure, *_ = _make(tmp_path, {}, **{"federation.secure_aggregation.enabled": True})
+    private, *_ = _make(tmp_path / "p", {}, **PRIVATE)
+    assert not secure.with_training and not secure.round_spec(2).measure_baseline
+    assert not private.with_training and not private.round_spec(2).measure_baseline
 
 
 def test_expert_load_sums_per_layer():

@@ -35,7 +35,13 @@ from fedmoe.coordinator.config import RunConfig, parse_run_config
 from fedmoe.coordinator.round.flower_run import LOG_END, FlowerRun
 from fedmoe.coordinator.round.grid import FleetGrid
 from fedmoe.coordinator.round.secure_sum import SecureSumWorkflow
-from fedmoe.coordinator.round.strategy import AskNodes, BudgetExhausted, FederatedLoRA, RoundContext
+from fedmoe.coordinator.round.strategy import (
+    AskNodes,
+    BudgetExhausted,
+    FederatedLoRA,
+    RoundContext,
+    evaluates_with_training,
+)
 from fedmoe.coordinator.round.tracking import RunFeed, open_trackers
 from fedmoe.coordinator.store.db import FINAL_STATUSES, Round, RoundRecord, RunStore
 from fedmoe.coordinator.store.outcome import NO_EVALUATION, outcome
@@ -218,9 +224,16 @@ def format_round(record: RoundRecord, config: RunConfig, base_loss: float | None
 
     ok = sum(p.status == "ok" for p in record.participations)
     seconds = (record.ended_at - record.started_at).total_seconds()
+    eval_loss = fmt(record.eval_loss)
+    if (
+        record.eval_loss is None
+        and evaluates_with_training(config)
+        and record.number < config.federation.rounds
+    ):
+        eval_loss = "with the next round"
     line = (
         f"[fedmoe] round {record.number}/{config.federation.rounds} | clients {ok}/{len(config.federation.enterprises)} "
-        f"| train loss {fmt(record.train_loss)} | eval loss {fmt(record.eval_loss)} | server eval {fmt(record.server_eval_loss)}"
+        f"| train loss {fmt(record.train_loss)} | eval loss {eval_loss} | server eval {fmt(record.server_eval_loss)}"
     )
     if None not in (base_loss, record.server_eval_loss) and record.server_eval_loss > base_loss:
         line += f" (WORSE than the base model's {base_loss:.4f})"
@@ -319,7 +332,17 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
             print(format_round(record, config, store.run(run_id).base_eval_loss), flush=True)
             feed.rounds()
 
-        strategy = FederatedLoRA(config, ctx, store, run_id, on_round=on_round)
+        def on_evaluation(number: int, loss: float) -> None:
+            print(
+                f"[fedmoe] round {number} eval loss {loss:.4f} (the enterprises' held-out, sent "
+                "with the next round's training)",
+                flush=True,
+            )
+            feed.evaluation(number)
+
+        strategy = FederatedLoRA(
+            config, ctx, store, run_id, on_round=on_round, on_evaluation=on_evaluation
+        )
         server_config = ServerConfig(
             num_rounds=remaining, round_timeout=config.federation.round_timeout_s
         )

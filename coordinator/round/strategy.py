@@ -8,7 +8,12 @@ A legacy `Strategy` because Flower's SecAgg+ workflow only drives legacy strateg
    average; the strategy checks them, averages (weighted by examples, or equally under DP),
    applies the average, checkpoints the adapter;
 3. the whole round (participants, epsilon spent, losses, bytes, expert load) is written to the run
-   database in one transaction.
+   database in one transaction;
+4. federated evaluation: the enterprises' held-out loss of the round's adapter. In a public run
+   in the clear it rides on the next round's training replies (each node scores the adapter it
+   receives before training on it) and is written to the round when they arrive, so that a round
+   costs one message round trip, not two; only the last round is asked by an evaluate message.
+   Under secure aggregation every round is asked by its own message; under DP none is.
 Every enterprise that accepted a round is charged its spend, whether or not its update arrived:
 it may have been released.
 
@@ -67,6 +72,14 @@ class BudgetExhausted(RuntimeError):
 
 # A node's errors that mean "this node may not take part", not "this node failed".
 REFUSALS = ("BudgetExceeded", "ReplayRefused", "RoundRefused")
+
+
+def evaluates_with_training(config: RunConfig) -> bool:
+    """Whether round r's federated evaluation arrives with round r+1's training replies: in public
+    runs in the clear (a node's reply under SecAgg+ is masked; under DP held-out losses are not
+    asked at all)."""
+    return not config.privacy.enabled and not config.federation.secure_aggregation.enabled
+
 
 # node id -> its answer to the budget handshake, or why it gave none
 AskNodes = Callable[[list[int], dict], dict[int, "dict | str"]]
@@ -133,6 +146,7 @@ class FederatedLoRA(FedAvg):
         store: RunStore,
         run_id: int,
         on_round: Callable[[RoundRecord], None] = lambda r: None,
+        on_evaluation: Callable[[int, float], None] = lambda number, loss: None,
     ):
         super().__init__(
             fraction_fit=config.federation.fraction_fit,
@@ -149,6 +163,13 @@ class FederatedLoRA(FedAvg):
         self.store = store
         self.run_id = run_id
         self.on_round = on_round
+        self.on_evaluation = on_evaluation
+        self.with_training = evaluates_with_training(config)
+        # The committed round whose adapter the nodes receive next (they score it before
+        # training); unknown after a resume that fell back past a lost checkpoint.
+        self.adapter_round: int | None = (
+            round_context.first_round - 1 if round_context.resume_note is None else None
+        )
         self.global_adapter = [a.copy() for a in round_context.initial_adapter]
         self.pending: _PendingRound | None = None
         self.lost: list[str] = []  # enterprises that failed or were rejected in a committed round
@@ -178,7 +199,7 @@ class FederatedLoRA(FedAvg):
             privacy=self.config.privacy,
             base_fingerprint=self.ctx.base_fingerprint,
             adapter_layout=self.ctx.adapter_layout,
-            measure_baseline=number == 1,
+            measure_baseline=number == 1 or self.with_training,
             secagg_range=secagg.value_range_for(self.config.privacy, fed.rounds)
             if secagg.enabled
             else None,
@@ -394,6 +415,7 @@ class FederatedLoRA(FedAvg):
                 if "expert_load" in m:
                     loads.append(json.loads(str(m["expert_load"])))
             pending.participations[node] = record
+        self._record_previous_evaluation(results)
         attributed = self.ctx.node_errors()
         # SecAgg+ can list one failure twice.
         errors = list(dict.fromkeys(_failure_text(f) for f in failures))
@@ -444,6 +466,7 @@ class FederatedLoRA(FedAvg):
         )
         pending.expert_load = sum_expert_load(loads) if loads else None
         pending.checkpoint = self.ctx.save_checkpoint(pending.number, self.global_adapter)
+        self.adapter_round = pending.number
         return ndarrays_to_parameters(self.global_adapter), {
             "train_loss": pending.train_loss or float("nan")
         }
@@ -483,8 +506,8 @@ class FederatedLoRA(FedAvg):
         )
         if server_round > 0:
             pending.server_eval_loss = loss
-            if self.fraction_evaluate == 0.0 and not self._audits(pending.number):
-                self.flush()  # no federated evaluation follows under DP
+            if not self._evaluates_by_message(pending.number):
+                self.flush()  # no evaluate message follows
         return None if loss is None else (loss, {})
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -494,11 +517,38 @@ class FederatedLoRA(FedAvg):
         if self.pending is None:
             return []
         audit = self._audits(self.pending.number)
-        if self.fraction_evaluate == 0.0 and not audit:
+        if not self._evaluates_by_message(self.pending.number):
             return []
         connected = {p.node_id for p in client_manager.all().values()}
         ins = EvaluateIns(parameters, self.round_spec(self.pending.number, audit=audit).to_config())
         return [(proxy, ins) for proxy in self.pending.trained if proxy.node_id in connected]
+
+    def _evaluates_by_message(self, number: int) -> bool:
+        """Whether round `number` ends with an evaluate message (see the module docstring)."""
+        if self._audits(number):
+            return True
+        if self.fraction_evaluate == 0.0:
+            return False
+        return not self.with_training or number == self.config.federation.rounds
+
+    def _record_previous_evaluation(self, results) -> None:
+        """The held-out losses that this round's training replies carry, of the adapter the
+        nodes received: the federated evaluation of the round that made it."""
+        number = self.adapter_round
+        if not self.with_training or number is None or number < 1:
+            return
+        losses = {
+            str(proxy.node_id): (loss, _count(res.metrics.get("heldout_examples")))
+            for proxy, res in results
+            if (loss := _loss(res.metrics.get("heldout_loss_before"))) is not None
+        }
+        weight = sum(count for _, count in losses.values())
+        if not weight:
+            return
+        eval_loss = sum(loss * count for loss, count in losses.values()) / weight
+        per_node = {node: loss for node, (loss, _) in losses.items()}
+        if self.store.record_evaluation(self.run_id, number, eval_loss, per_node):
+            self.on_evaluation(number, eval_loss)
 
     def _audits(self, number: int) -> bool:
         """Whether round `number` ends with the one-run audit (the run's last round)."""
@@ -585,6 +635,13 @@ class FederatedLoRA(FedAvg):
 
 def _float(value) -> float | None:
     return None if value is None else float(value)
+
+
+def _loss(value) -> float | None:
+    """A loss a node reported, or None when absent or not a finite non-negative number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
 
 
 def _failure_text(failure) -> str:

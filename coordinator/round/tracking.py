@@ -256,6 +256,23 @@ class RunFeed:
             self.trackers.log_round(row.number, round_metrics(row, self.failed))
             self.logged = row.number
 
+    def evaluation(self, number: int) -> None:
+        """A logged round's federated evaluation, which arrived with the next round: its loss and
+        each enterprise's held-out loss."""
+        if not self.trackers or number > self.logged:
+            return
+        rows = self._read(lambda: self.store.rounds(self.run_id, after=number - 1)) or []
+        for row in rows[:1]:
+            metrics = round_metrics(row, self.failed)
+            self.trackers.log_round(
+                number,
+                {
+                    k: v
+                    for k, v in metrics.items()
+                    if k == "federated_eval_loss" or k.startswith("heldout_loss/")
+                },
+            )
+
     def result(self, summary: str) -> None:
         """A completed run: its last rounds, and its result's adapter (as `fedmoe export` takes it;
         none when the base model is the result)."""

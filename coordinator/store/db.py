@@ -385,6 +385,26 @@ class RunStore:
             row.participations = [Participation(**p.__dict__) for p in record.participations]
             s.add(row)
 
+    def record_evaluation(
+        self, run_id: int, number: int, eval_loss: float, losses: dict[str, float]
+    ) -> bool:
+        """A committed round's federated evaluation, arriving after its commit (with the next
+        round's training replies): the round's loss, and each node's (by node id) where the node
+        took part in it. Written once: False if the round is missing or already evaluated."""
+        with self._session.begin() as s:
+            row = s.scalars(
+                select(Round).where(
+                    Round.run_id == run_id, Round.number == number, Round.status == "completed"
+                )
+            ).first()
+            if row is None or row.eval_loss is not None:
+                return False
+            row.eval_loss = eval_loss
+            for participation in row.participations:
+                if participation.status == "ok" and participation.node_id in losses:
+                    participation.eval_loss = losses[participation.node_id]
+            return True
+
     def rounds(self, run_id: int, after: int = 0) -> list[Round]:
         with self._session() as s:
             query = select(Round).where(Round.run_id == run_id, Round.number > after)
