@@ -1,6 +1,6 @@
 """DP-SGD step vs a non-DP step on the same model: median time and peak memory, with ratios.
 
-    python benchmarks/dp_step.py [--batch 16] [--seq-len 64] [--steps 10] [--rounds 3]
+    python benchmarks/dp_step.py [--batch 16] [--seq-len 64] [--steps 10] [--rounds 5]
 
 Each mode runs in fresh processes so that peak resident memory (ru_maxrss) is its own; the step's
 memory is the peak minus the resident size after loading the model and data. The two modes take
