@@ -212,18 +212,20 @@ def test_a_node_whose_own_delta_does_not_fit_its_data_says_so_the_same_way_every
     assert len(reasons) == 1 and "budget.delta" in reasons.pop()
 
 
-def test_fit_replies_under_record_level_dp_leave_at_a_fixed_time(tmp_path, federation):
-    # Finding 7: four times the records gave 3.2x the fit latency.
-    world = World(tmp_path, federation, fit_reply_s=3.0, budget=NodeBudget())
+def test_fit_replies_under_record_level_dp_leave_at_a_fixed_time(tmp_path, federation, capsys):
+    # Finding 7: four times the records gave 3.2x the fit latency. The hold leaves room for a
+    # loaded CI machine: the promise holds only while training fits inside it.
+    world = World(tmp_path, federation, fit_reply_s=5.0, budget=NodeBudget())
     took = []
-    for server_round, rate in ((1, 0.01), (2, 0.1)):  # about 4 and 40 records a step
+    for server_round, rate in ((1, 0.005), (2, 0.05)):  # about 2 and 20 records a step
         privacy = {"record": {"epsilon": 8.0, "sample_rate": rate}}
         started = time.monotonic()
         config = world.config(server_round, privacy, rounds=3, run_uid=f"{server_round:032x}")
         world.parties[1].fit(1, world.adapter, config)
         took.append(time.monotonic() - started)
     assert world.errors() == []
-    assert all(3.0 <= t < 3.5 for t in took), took
+    assert "longer than fit_reply_s" not in capsys.readouterr().out
+    assert all(5.0 <= t < 6.0 for t in took) and abs(took[0] - took[1]) < 0.75, took
 
 
 def test_a_public_run_under_secagg_sends_only_the_masked_vector(tmp_path, federation):
