@@ -98,9 +98,18 @@ def cmd_agent(args) -> int:
             for line in restore_ledger(ledger, key, witness):
                 console.print(line, highlight=False)
             return 0
-        if args.new_ledger and not ledger.exists():
+        making = args.agent_command == "new-ledger" or args.new_ledger
+        if making and not ledger.exists():
             create_ledger(ledger, key, config.name, witness)
             console.print(f"made a new, empty ledger {ledger} for this node", highlight=False)
+        elif args.agent_command == "new-ledger":
+            kept = open_ledger(ledger, key, witness)  # an existing one is checked, never replaced
+            console.print(
+                f"this node's ledger {ledger} exists already ({kept.charges()} charges); kept",
+                highlight=False,
+            )
+        if args.agent_command == "new-ledger":
+            return 0
         open_ledger(ledger, key, witness)  # refused here, before any process starts
     except LedgerRefused as err:
         raise ConfigError(f"ledger: {err}") from None
@@ -139,6 +148,11 @@ def add_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.set_defaults(func=cmd_init)
     p = agent_sub.add_parser("health", help="exit 0 if the agent configured by --config is up")
+    p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="agent.toml")
+    p = agent_sub.add_parser(
+        "new-ledger",
+        help="make the ledger of a node that never trained, and exit (refused once it has spent)",
+    )
     p.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="agent.toml")
     p = agent_sub.add_parser(
         "restore-ledger",

@@ -13,7 +13,8 @@ older copy or by another node's, it would silently reset the lifetime budget. So
   restored, recreated or swapped on its own disagrees with it, and replacing the key too makes
   a new node that the federation's admin must register (and that every peer must pin).
 - The agent refuses to start on a missing ledger, one of another node, one that is not the ledger
-  the witness names, or one with fewer entries than the witness counted; each refusal names the
+  the witness names, one with fewer entries than the witness counted, a damaged one, or a
+  ledger whose witness is missing (nothing could tell a rollback); each refusal names the
   file and the command that fixes it. A crash between a charge and the witness's update leaves
   the ledger AHEAD of the witness, which is accepted (the witness catches up).
 - A restore from backup is an explicit command (`fedmoe agent --config agent.toml
@@ -33,6 +34,8 @@ from pathlib import Path
 
 from fedmoe.client.ledger import LEVELS, PrivacyLedger
 from fedmoe.contract.secagg_session import Identity
+
+RESTORE = "`fedmoe agent --config agent.toml restore-ledger`"
 
 
 class LedgerRefused(RuntimeError):
@@ -80,14 +83,19 @@ def _node_fingerprint(key: Path) -> str:
 
 
 def _open(path: Path) -> PrivacyLedger:
+    """The ledger, checked whole (SQLite's quick_check reads every page), so that damage deep in
+    the file stops the agent here rather than in a round."""
     try:
+        with closing(sqlite3.connect(path)) as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(" ".join(" ".join(problems).split())[:200])
         ledger = PrivacyLedger(path)
         ledger.charges()
         return ledger
     except sqlite3.DatabaseError as err:
         raise LedgerRefused(
-            f"the ledger {path} is damaged ({err}); restore it from a backup, then "
-            "`fedmoe agent --config agent.toml restore-ledger`"
+            f"the ledger {path} is damaged ({err}); restore it from a backup, then {RESTORE}"
         ) from None
 
 
@@ -126,32 +134,43 @@ def open_ledger(path: Path, key: Path, witness_file: Path) -> PrivacyLedger:
     witness = read_witness(witness_file)
     if identity is None:  # a ledger from before identities: adopted once, by an unwitnessed node
         if witness is not None:
-            raise LedgerRefused(f"the ledger {path} carries no identity, but {witness_file} "
-                                "names one: restore the node's own ledger")  # fmt: skip
+            raise LedgerRefused(
+                f"the ledger {path} carries no identity, but {witness_file} names ledger "
+                f"{witness.ledger_id[:8]}: restore the node's own ledger from its backup, "
+                f"then {RESTORE}"
+            )
         identity = ledger.stamp(mine, "")
         write_witness(witness_file, ledger)
     if identity.fingerprint != mine:
         raise LedgerRefused(
             f"the ledger {path} belongs to another node (key {identity.fingerprint}, enterprise "
             f"{identity.enterprise!r}), not to this node's key {mine}; point agent.toml's "
-            "`ledger` at this node's own ledger"
+            "`ledger` at this node's own ledger, or put its backup there, then "
+            f"{RESTORE}"
         )
     if witness is None:
-        write_witness(witness_file, ledger)
-    elif witness.ledger_id != identity.ledger_id:
+        # The witness is what tells a rolled-back copy from the real ledger: without it, this
+        # ledger is taken as the node's record only by an operator's explicit restore.
+        raise LedgerRefused(
+            f"this node's witness {witness_file} is missing, so the ledger {path} "
+            f"({ledger.charges()} charges) cannot be checked against a rollback. Put the "
+            f"witness back from the key folder's backup, or accept this ledger as the node's "
+            f"record with {RESTORE}"
+        )
+    if witness.ledger_id != identity.ledger_id:
         raise LedgerRefused(
             f"the ledger {path} ({identity.ledger_id[:8]}) is not the one this node recorded "
-            f"({witness.ledger_id[:8]}, {witness_file}); restore that one"
+            f"({witness.ledger_id[:8]}, {witness_file}): restore that one from its backup; "
+            f"{RESTORE} accepts this one and carries the spend it lacks into it"
         )
-    elif ledger.charges() < witness.charges:
+    if ledger.charges() < witness.charges:
         raise LedgerRefused(
             f"the ledger {path} holds {ledger.charges()} charges, fewer than the "
             f"{witness.charges} this node recorded ({witness_file}): it was rolled back. "
-            "If it is a backup you restored on purpose, `fedmoe agent --config agent.toml "
-            "restore-ledger` carries the missing spend into it"
+            f"If it is a backup you restored on purpose, {RESTORE} carries the missing spend "
+            "into it"
         )
-    else:
-        write_witness(witness_file, ledger)  # ahead after a crash: the witness catches up
+    write_witness(witness_file, ledger)  # ahead after a crash: the witness catches up
     ledger.on_charge = lambda _: write_witness(witness_file, ledger)
     return ledger
 
@@ -174,7 +193,14 @@ def restore_ledger(path: Path, key: Path, witness_file: Path) -> list[str]:
     if identity is None:
         identity = ledger.stamp(mine, "")
     said = []
-    if witness is not None:
+    if witness is None:
+        said.append(
+            f"no witness at {witness_file}: this ledger ({ledger.charges()} charges, lifetime "
+            f"epsilon {ledger.lifetime('record'):.4g} record-level, "
+            f"{ledger.lifetime('enterprise'):.4g} enterprise-level) is taken as the node's "
+            "record as it stands; nothing could check it against a rollback"
+        )
+    else:
         for level in LEVELS:
             witnessed, delta = witness.lifetime.get(level, [0.0, 0.0])
             missing = witnessed - ledger.lifetime(level)

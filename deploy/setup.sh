@@ -96,7 +96,14 @@ fi
 
 cat <<EOF
 next:
-  docker compose up -d --build
+  docker compose build
+  # each agent's privacy ledger, made once (starting an agent never makes one):
+EOF
+for name in "${AGENTS[@]}"; do
+  echo "  docker compose run --rm --no-deps agent-$name fedmoe agent --config /etc/fedmoe/agent.toml new-ledger"
+done
+cat <<EOF
+  docker compose up -d
   # register each agent's public key (agents stay unhealthy until their key is registered):
 EOF
 for name in "${AGENTS[@]}"; do

@@ -277,7 +277,8 @@ def test_commands_and_healthchecks():
         COORDINATOR_CONFIG,
     ]
     for service in AGENTS:
-        assert command(service) == ["fedmoe", "agent", "--config", AGENT_CONFIG, "--new-ledger"]
+        # Starting an agent never makes its ledger: a lost volume is refused, not reset.
+        assert command(service) == ["fedmoe", "agent", "--config", AGENT_CONFIG]
         assert healthcheck(service) == [
             "CMD",
             "fedmoe",

@@ -107,6 +107,30 @@ def test_a_ledger_ahead_of_its_witness_after_a_crash_is_accepted(tmp_path):
     assert '"charges": 4' in witness.read_text()
 
 
+def test_a_ledger_whose_witness_is_missing_is_refused_until_an_operator_restores_it(tmp_path):
+    path, key, witness = _node(tmp_path)
+    _spend(open_ledger(create_ledger(path, key, "acme", witness).path, key, witness), "run-1", 2)
+    witness.unlink()  # a rolled-back copy with its witness gone would otherwise pass
+    with pytest.raises(LedgerRefused, match=r"witness .* is missing.*4 charges.*restore-ledger"):
+        open_ledger(path, key, witness)
+    said = restore_ledger(path, key, witness)
+    assert any("no witness" in line and "4 charges" in line for line in said), said
+    assert open_ledger(path, key, witness).lifetime("record") == 2.0
+
+
+def test_damage_deep_in_the_ledger_is_found_when_it_opens(tmp_path):
+    path, key, witness = _node(tmp_path)
+    ledger = open_ledger(create_ledger(path, key, "acme", witness).path, key, witness)
+    for run in range(6):
+        _spend(ledger, f"run-{run}", 10, per_round=0.1)
+    data = bytearray(path.read_bytes())
+    assert len(data) > 3 * 4096
+    data[-4096 + 8 : -4096 + 64] = b"\xab" * 56  # a page the first query never reads
+    path.write_bytes(bytes(data))
+    with pytest.raises(LedgerRefused, match=r"is damaged .* restore-ledger"):
+        open_ledger(path, key, witness)
+
+
 def _agent(tmp_path: Path) -> tuple[Path, Path]:
     key = _key(tmp_path / "keys")
     (tmp_path / "ca.pem").write_text("checked after the ledger\n")
@@ -125,7 +149,10 @@ def _agent_cli(config: Path, *args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("fault", ["deleted", "another-nodes", "rolled-back", "damaged"])
+FAULTS = ["deleted", "another-nodes", "rolled-back", "damaged", "witness-missing"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
 def test_fedmoe_agent_refuses_a_faulty_ledger_with_exit_2_and_its_fix(tmp_path, fault):
     config, key = _agent(tmp_path)
     ledger_path = tmp_path / "state" / "ledger.sqlite"
@@ -140,6 +167,7 @@ def test_fedmoe_agent_refuses_a_faulty_ledger_with_exit_2_and_its_fix(tmp_path, 
         "another-nodes": "belongs to another node",
         "rolled-back": "rolled back",
         "damaged": "is damaged",
+        "witness-missing": "is missing, so the ledger",
     }[fault]
     if fault == "deleted":
         ledger_path.unlink()
@@ -149,10 +177,29 @@ def test_fedmoe_agent_refuses_a_faulty_ledger_with_exit_2_and_its_fix(tmp_path, 
         shutil.copy(other, ledger_path)
     elif fault == "rolled-back":
         shutil.copy(backup, ledger_path)
-    else:
+    elif fault == "damaged":
         ledger_path.write_bytes(b"\x00" * 100)
-    done = _agent_cli(config, "--new-ledger")  # an operator's --new-ledger does not reset it
+    else:
+        shutil.copy(backup, ledger_path)  # rolled back, and the witness that would tell is gone
+        witness.unlink()
+    before = ledger_path.read_bytes() if ledger_path.exists() else None
+    # An operator's new ledger does not reset it, whether it starts the agent or not.
+    done = _agent_cli(config, "--new-ledger" if FAULTS.index(fault) % 2 else "new-ledger")
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode == 2 and "Traceback" not in output, output[-3000:]
     assert "ledger:" in output and expected in output and str(ledger_path) in output
+    assert "restore-ledger" in output, output  # the command that fixes it
     assert not (tmp_path / "state" / "flower").exists()  # nothing started
+    # The budget is never reset: the file is as it was (no new, empty ledger in its place).
+    assert (ledger_path.read_bytes() if ledger_path.exists() else None) == before
+
+
+def test_new_ledger_makes_the_ledger_once_and_exits(tmp_path):
+    config, key = _agent(tmp_path)
+    done = _agent_cli(config, "new-ledger")
+    assert done.returncode == 0 and "made a new, empty ledger" in done.stdout, done.stderr
+    ledger = PrivacyLedger(tmp_path / "state" / "ledger.sqlite")
+    assert ledger.identity().enterprise == "acme" and default_witness(key).is_file()
+    assert not (tmp_path / "state" / "flower").exists()  # it made the ledger, nothing else
+    again = _agent_cli(config, "new-ledger")  # idempotent: this node's ledger is kept
+    assert again.returncode == 0 and "exists already" in again.stdout, again.stderr
