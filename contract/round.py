@@ -43,7 +43,7 @@ class LocalTrainSettings(BaseModel):
     lr: float = Field(3e-3, ge=1e-8, le=1.0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(
-        1.0, gt=0.0, le=1e6, description="gradient-norm clip for stability (not a privacy bound)"
+        1.0, ge=1e-6, le=1e6, description="gradient-norm clip for stability (not a privacy bound)"
     )
     eval_batch_size: int = Field(16, ge=1, le=4096)
     seed: int = Field(0, ge=0, lt=2**63)

@@ -140,7 +140,7 @@ class SecureAggregation(_Section):
     )
     value_range: float | None = Field(
         None,
-        gt=0.0,
+        ge=1e-6,
         le=1e6,
         description="largest |value| of an update; default: clip + noise tails under enterprise-level DP, else 8",
     )
@@ -206,7 +206,7 @@ class FederationSection(_Section):
     secure_aggregation: SecureAggregation = SecureAggregation()
     server_lr: float = Field(
         1.0,
-        gt=0.0,
+        ge=1e-4,
         le=10.0,
         description="the coordinator applies server_lr x the average update: below 1 it trades "
         "speed for less of the enterprise-level noise in every step",

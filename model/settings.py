@@ -21,7 +21,7 @@ class LoraSettings(BaseModel):
 
     r: int = Field(16, ge=1, le=1024, description="LoRA rank")
     alpha: float = Field(
-        32.0, gt=0, le=1e6, description="LoRA alpha; the update is scaled by alpha/r"
+        32.0, ge=1e-3, le=1e6, description="LoRA alpha; the update is scaled by alpha/r"
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     targets: tuple[TargetGroup, ...] = Field(

@@ -41,7 +41,7 @@ class RecordLevel(_Settings):
         lt=1.0,
         description="target delta; must also be < 1 / records of every enterprise",
     )
-    clip: float = Field(1.0, gt=0.0, le=1e6, description="per-example gradient L2 bound")
+    clip: float = Field(1.0, ge=1e-6, le=1e6, description="per-example gradient L2 bound")
     sample_rate: float = Field(
         0.02,
         gt=0.0,
@@ -92,7 +92,7 @@ class EnterpriseLevel(_Settings):
     )
     clip: float = Field(
         1.0,
-        gt=0.0,
+        ge=1e-6,
         le=1e6,
         description="bound on each update's norm: L2 for gaussian, L1 for laplace",
     )

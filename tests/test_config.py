@@ -98,11 +98,11 @@ def test_overrides_are_validated_too(tmp_path):
         ),
         (
             {"privacy.record.epsilon": 1, "privacy.record.clip": 0},
-            r"privacy\.record\.clip: Input should be greater than 0",
+            r"privacy\.record\.clip: Input should be greater than or equal to 0\.000001",
         ),
         (
             {"privacy.enterprise.epsilon": 1, "privacy.enterprise.clip": -2},
-            r"privacy\.enterprise\.clip: Input should be greater than 0",
+            r"privacy\.enterprise\.clip: Input should be greater than or equal to 0\.000001",
         ),
         (
             {"privacy.enterprise.epsilon": 1, "privacy.enterprise.mechanism": "exponential"},

@@ -231,3 +231,23 @@ def test_a_resume_falls_back_to_the_last_intact_checkpoint_and_says_so(tmp_path)
     base = get_adapter_vector(fresh).copy()
     assert resume_from_intact(fresh, records).startswith("no intact checkpoint")
     np.testing.assert_array_equal(get_adapter_vector(fresh), base)
+
+
+def test_a_runs_folder_is_its_own_and_never_another_runs(tmp_path):
+    from fedmoe.coordinator.round.server_app import RUN_MARK, claim_run_dir, folder_owner_problem
+    from fedmoe.support.files import ConfigError
+
+    folder = tmp_path / "run-0001"
+    claim_run_dir(folder, "a" * 32, resumed=False)
+    assert (folder / RUN_MARK).read_text().strip() == "a" * 32
+    claim_run_dir(folder, "a" * 32, resumed=True)  # its own, again
+    # Run 1 of another run database: refused before any node is asked, and before each round.
+    with pytest.raises(ConfigError, match=r"output.dir: .* belongs to another run \(uid aaaaaaaa"):
+        claim_run_dir(folder, "b" * 32, resumed=False)
+    assert "belongs to another run" in folder_owner_problem(folder, "b" * 32)
+    legacy = tmp_path / "run-0002"
+    (legacy / "round-001").mkdir(parents=True)  # files without a mark: a new run refuses them
+    with pytest.raises(ConfigError, match="holds another run's files"):
+        claim_run_dir(legacy, "c" * 32, resumed=False)
+    claim_run_dir(legacy, "c" * 32, resumed=True)  # a run resumed from before the mark adopts it
+    assert folder_owner_problem(legacy, "c" * 32) is None

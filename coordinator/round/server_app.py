@@ -60,7 +60,7 @@ from fedmoe.model.lora import (
 )
 from fedmoe.model.loss import evaluate_loss
 from fedmoe.privacy import secagg_prg
-from fedmoe.support.files import unwritable
+from fedmoe.support.files import ConfigError, unwritable
 from fedmoe.support.words import plural
 
 log = logging.getLogger("fedmoe")
@@ -76,6 +76,37 @@ def directory_sha256(directory: Path) -> str:
 
 def run_dir(config: RunConfig, run_id: int) -> Path:
     return Path(config.output.dir) / f"run-{run_id:04d}"
+
+
+# A run's folder names the run that owns it: run numbers restart with a new run database, and a
+# run must never write its checkpoints among another's.
+RUN_MARK = ".fedmoe-run"
+
+
+def folder_owner_problem(directory: Path, run_uid: str) -> str | None:
+    """Why `directory` is not run `run_uid`'s own, or None."""
+    mark = directory / RUN_MARK
+    if mark.is_file():
+        owner = mark.read_text().strip()
+        if owner == run_uid:
+            return None
+        return (
+            f"{directory} belongs to another run (uid {owner[:8]}), from another run database; "
+            "set output.dir to this database's folder, or move that one away"
+        )
+    if directory.is_dir() and any(directory.iterdir()):
+        return f"{directory} holds another run's files; set output.dir elsewhere, or move them"
+    return None
+
+
+def claim_run_dir(directory: Path, run_uid: str, resumed: bool) -> None:
+    """Mark `directory` as this run's, before any node is asked; a resumed run from before the
+    mark adopts its own folder."""
+    if not (resumed and not (directory / RUN_MARK).exists()):
+        if (problem := folder_owner_problem(directory, run_uid)) is not None:
+            raise ConfigError(f"output.dir: {problem}")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / RUN_MARK).write_text(run_uid + "\n")
 
 
 def write_atomically(directory: Path, write) -> None:
@@ -141,6 +172,8 @@ def build_round_context(
             r for r in store.rounds(run_id) if r.status == "completed" and r.checkpoint_path
         ]
         resume_note = resume_from_intact(model, committed)
+    if unwritable(checkpoint_root) is None:  # when it is not, the round check says so
+        claim_run_dir(checkpoint_root, run_uid, resumed=first_round > 1)
 
     def save_checkpoint(number: int, adapter: list[np.ndarray]) -> tuple[str, str]:
         set_adapter_vector(model, adapter[0])
@@ -152,7 +185,9 @@ def build_round_context(
 
     def storage_problem() -> str | None:
         """Why a checkpoint could not be written now: the folder, and room for two of them."""
-        return unwritable(checkpoint_root, 2 * adapter_bytes + (16 << 20))
+        return unwritable(checkpoint_root, 2 * adapter_bytes + (16 << 20)) or (
+            folder_owner_problem(checkpoint_root, run_uid)
+        )
 
     server_eval = None
     if config.evaluation.server_data:
@@ -290,6 +325,7 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
     # The row's config: the Flower run's leaves the coordinator's trackers out (it reaches nodes).
     tracking = parse_run_config(run.config, f"run {run_id}").tracking
     feed = RunFeed(open_trackers(tracking, run_id, run.uid), store, run)
+    resume_note = None  # kept in the run's record however the run ends
     try:
         store.mark_running(run_id)
         allowed = None
@@ -308,8 +344,9 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         store.set_fingerprint(run_id, ctx.base_fingerprint)
         remaining = config.federation.rounds - (ctx.first_round - 1)
         resumed = f", resumed after round {ctx.first_round - 1}" if ctx.first_round > 1 else ""
-        if ctx.resume_note:
-            print(f"[fedmoe] WARNING: run {run_id} {ctx.resume_note}", flush=True)
+        resume_note = ctx.resume_note
+        if resume_note:
+            print(f"[fedmoe] WARNING: run {run_id} {resume_note}", flush=True)
         print(
             f"[fedmoe] run {run_id}: {plural(n, 'enterprise')}, "
             f"{plural(config.federation.rounds, 'round')}, "
@@ -362,12 +399,12 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
         try:
             DefaultWorkflow(fit_workflow=fit_workflow)(fleet, legacy)
         except BudgetExhausted as spent:
-            store.finish_run(run_id, "budget_spent", str(spent))
+            store.finish_run(run_id, "budget_spent", _with_note(str(spent), resume_note))
             print(f"[fedmoe] run {run_id} stopped: privacy budgets are spent ({spent})", flush=True)
             return run_id
         strategy.flush()
     except Exception as err:
-        _record_failure(store, run_id, err)
+        _record_failure(store, run_id, err, resume_note)
         print(f"[fedmoe] run {run_id} failed: {err}", flush=True)
         raise
     except BaseException:
@@ -411,10 +448,16 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
     return run_id
 
 
-def _record_failure(store: RunStore, run_id: int, err: BaseException) -> None:
+def _with_note(error: str, note: str | None) -> str:
+    return (f"{error}; {note}" if note else error)[:4000]
+
+
+def _record_failure(
+    store: RunStore, run_id: int, err: BaseException, note: str | None = None
+) -> None:
     """Write `failed`; if the database itself is what failed, the supervisor records it later."""
     try:
-        store.finish_run(run_id, "failed", f"{type(err).__name__}: {err}"[:4000])
+        store.finish_run(run_id, "failed", _with_note(f"{type(err).__name__}: {err}", note))
     except Exception as db_err:  # noqa: BLE001 - the original error is what gets raised
         print(f"[fedmoe] could not record the failure of run {run_id}: {db_err}", flush=True)
 
