@@ -24,7 +24,7 @@ from fedmoe.coordinator.service.superlink import FINISHED, SuperLink, follow_log
 from fedmoe.coordinator.store.db import FINAL_STATUSES, RunStore
 from fedmoe.coordinator.store.outcome import outcome
 from fedmoe.coordinator.store.views import privacy_plan_summary
-from fedmoe.support.files import unwritable
+from fedmoe.support.files import MIN_FREE_BYTES, unwritable
 from fedmoe.support.processes import Stopped, stop_on_signals
 from fedmoe.support.words import plural
 
@@ -49,7 +49,7 @@ def _cuda_available() -> bool:
 
 def check_writable(directory: Path) -> None:
     """Fail before anything starts if checkpoints could not be written."""
-    if (problem := unwritable(directory)) is not None:
+    if (problem := unwritable(directory, MIN_FREE_BYTES)) is not None:
         raise ConfigError(f"output.dir: {problem}")
 
 

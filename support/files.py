@@ -142,6 +142,11 @@ def resolve_path(path: str | Path, base: Path) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
+# Free space a run's storage must have when the run is created; each round then checks room for
+# two of its own checkpoints before any node is asked.
+MIN_FREE_BYTES = 64 << 20
+
+
 def unwritable(directory: Path, room: int = 0) -> str | None:
     """Why files cannot be written into `directory` now (made if missing), with `room` bytes
     free, or None."""

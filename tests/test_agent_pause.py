@@ -1,7 +1,7 @@
 """An agent outlives a pause: SIGSTOP its whole process tree (the agent, its SuperNode, the
 watchdogs: what a VM pause, a swap storm or a debugger does) while it trains, for longer than the
 coordinator's node expiry and the SuperNode's task expiry, then SIGCONT it. It must carry on,
-say so, rejoin, and be in the next run's round; SIGTERM must still stop it cleanly.
+say so, rejoin, and be in the run's next round; SIGTERM must still stop it cleanly.
 
 Before the fix, Flower's HTTP retry policy answered the expired task's 401 with SIGINT to the
 agent's own process, and the agent exited ("stopping (SIGINT)")."""
@@ -26,7 +26,7 @@ from fedmoe.support.watchdog import descendants
 # Longer than the coordinator's node expiry (20 s) and the SuperNode's expiry of a running task
 # (60 s after its last heartbeat: Flower's default, which the SuperNode keeps).
 PAUSE_S = max(NODE_EXPIRY_S, TASK_EXPIRY_S) + 5
-QUICK = ("train.local_steps=4", "lora.r=4", "lora.alpha=8.0")
+SMALL_ADAPTER = ("lora.r=4", "lora.alpha=8.0")
 
 
 def _wait(predicate, timeout: float, what: str, on_fail=lambda: "") -> None:
@@ -59,8 +59,17 @@ def test_a_paused_agent_rejoins_by_itself_and_sigterm_still_stops_it(tmp_path):
         agent = loop.agents["clinical"]
         supernode_log = tmp_path / "agents" / "clinical" / "state" / "supernode.log"
 
-        # A round whose training is still running when the pause begins.
-        loop.start_run(overrides=("federation.rounds=1", "train.local_steps=60", *QUICK[1:]))
+        # A round whose training is still running when the pause begins; the run's next round
+        # waits for both enterprises (min_fit_clients), so it must have the paused one back.
+        run = loop.start_run(
+            overrides=(
+                "federation.rounds=2",
+                "federation.min_fit_clients=2",
+                "federation.max_failed_rounds=1",
+                "train.local_steps=60",
+                *SMALL_ADAPTER,
+            )
+        )
 
         def received_train() -> bool:
             text = supernode_log.read_text(errors="replace")
@@ -90,12 +99,13 @@ def test_a_paused_agent_rejoins_by_itself_and_sigterm_still_stops_it(tmp_path):
         assert "this agent was suspended for" in log, log[-3000:]
         loop.wait_online(names, timeout=60)
 
-        # The next run's round has it (once it has finished training for the lost message).
-        run = loop.start_run(overrides=("federation.rounds=1", *QUICK))
-        final = loop.wait_for(run.id, ("completed", "failed"), timeout=300)
+        # The same run's next round has it (once it has finished training for the lost message).
+        final = loop.wait_for(run.id, ("completed", "failed"), timeout=400)
         assert final.status == "completed", final.error
-        (record,) = RunStore(loop.database_url, migrate=False).rounds(run.id)
-        assert {p.enterprise: p.status for p in record.participations} == {
+        lost, rejoined = RunStore(loop.database_url, migrate=False).rounds(run.id)
+        assert {p.enterprise: p.status for p in lost.participations}["clinical"] == "failed"
+        assert rejoined.status == "completed"
+        assert {p.enterprise: p.status for p in rejoined.participations} == {
             "finance": "ok",
             "clinical": "ok",
         }

@@ -41,7 +41,7 @@ from fedmoe.coordinator.store.db import FINAL_STATUSES, RunStore
 from fedmoe.coordinator.store.views import node_message, privacy_plan_summary
 from fedmoe.coordinator.web.server import Dashboard, DashboardServer
 from fedmoe.proto import admin_pb2 as pb
-from fedmoe.support.files import ConfigError, parse_toml, unwritable
+from fedmoe.support.files import MIN_FREE_BYTES, ConfigError, parse_toml, unwritable
 from fedmoe.support.processes import Stopped, stop_on_signals
 from fedmoe.support.words import plural, run_list
 
@@ -104,7 +104,7 @@ class CoordinatorService:
             config, registered, self.config.database.url, str(self.config.runs_dir)
         )
         names = [e.name for e in config.federation.enterprises]
-        if (problem := unwritable(Path(self.config.runs_dir))) is not None:
+        if (problem := unwritable(Path(self.config.runs_dir), MIN_FREE_BYTES)) is not None:
             # Checked again before every round: no node is charged for a round that cannot commit.
             raise AdminError(self.grpc.StatusCode.FAILED_PRECONDITION, f"storage.dir: {problem}")
         with self.lock:
