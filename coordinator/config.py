@@ -846,7 +846,7 @@ def check_privacy(config: RunConfig) -> list[Forecast]:
             if forecast not in forecasts:
                 forecasts.append(forecast)
             if forecast.hopeless and not privacy.accept_noisy_plan:
-                fixes = record_fixes(forecast, plan.record, params, records)
+                fixes = record_fixes(forecast, plan.record, params, records, e.data is None)
                 problems.append(_swamped(f"privacy.record ({who})", forecast, fixes))
         for level in ("record", "enterprise"):
             run_delta = plan.epsilon_after(level, 1)[1]

@@ -76,14 +76,24 @@ def enterprise_forecast(
     return Forecast("enterprise", noise / signal, noise, signal)
 
 
-def record_fixes(forecast: Forecast, plan: RecordPlan, params: int, records: int) -> list[str]:
-    """Changes that would each bring a record-level forecast under the limit."""
+def record_fixes(
+    forecast: Forecast, plan: RecordPlan, params: int, records: int, declared: bool = False
+) -> list[str]:
+    """Changes that would each bring a record-level forecast under the limit; `declared`: the
+    records are a deployment's public bound (privacy.record.min_records)."""
     factor = forecast.noise_to_signal / MAX_NOISE_TO_SIGNAL
+    # The noise falls with the expected batch q*N, which the forecast takes as at least 1.
+    needed = math.ceil(max(plan.expected_batch_size, 1.0) * factor / plan.sample_rate)
+    more = (
+        f"privacy.record.min_records >= {needed:,} (now {records:,}), if every enterprise holds "
+        "that many"
+        if declared
+        else f"more records per enterprise: >= {needed:,} (now {records:,})"
+    )
     return [
         f"train fewer adapter parameters: <= {int(params / factor**2):,} (now {params:,}; "
         "lora.r, lora.targets, lora.top_layers_fraction)",
-        f"more records per enterprise: >= {math.ceil(records * factor):,} (now {records:,}), "
-        "for a larger expected batch",
+        f"{more}, for a larger expected batch",
         "a larger privacy.record.sample_rate (a larger batch; the noise grows more slowly)",
         "a larger privacy.record.epsilon",
     ]

@@ -281,3 +281,32 @@ def test_the_agent_sees_a_supernode_that_gave_up_reconnecting(tmp_path):
     with log.open("a") as f:
         f.write(GAVE_UP[7:] + " after 10.01 seconds and 7 tries.\n")
     assert gave_up(read_to)[0]
+
+
+def test_a_simulation_config_sent_to_a_deployment_gets_every_problem_and_the_way_out(tmp_path):
+    """`admin start --config configs/private-demo.toml` used to be refused one section at a time."""
+    from types import SimpleNamespace
+
+    from fedmoe.coordinator.service.service import CoordinatorService
+
+    nodes = [SimpleNamespace(enterprise=name) for name in ("finance", "clinical", "manufacturing")]
+    service = SimpleNamespace(
+        store=SimpleNamespace(nodes=lambda: nodes),
+        config=SimpleNamespace(
+            database=SimpleNamespace(url=f"sqlite:///{tmp_path / 'db.sqlite'}"),
+            runs_dir=str(tmp_path / "runs"),
+        ),
+    )
+    text = (Path(__file__).parents[1] / "configs" / "private-demo.toml").read_text()
+    with pytest.raises(ConfigError) as refused:
+        CoordinatorService.start_run(service, text, [], "ops")
+    message = str(refused.value)
+    for problem in (
+        "database: set by the coordinator",
+        "output: set by the coordinator",
+        "federation.enterprises.0.data: set on the enterprise's agent",
+        "federation.enterprises.0.budget: set on the enterprise's agent",
+        "see deploy/run.toml",
+    ):
+        assert problem in message, message
+    assert not (tmp_path / "db.sqlite").exists()  # nothing recorded

@@ -211,6 +211,19 @@ def test_a_fix_an_enterprise_level_refusal_suggests_is_a_fix(epsilon, enterprise
         _deployed(more, plan)
 
 
+@pytest.mark.parametrize(("min_records", "sample_rate"), [(20, 0.02), (400, 0.005), (400, 0.02)])
+def test_more_records_a_record_level_refusal_suggests_is_a_fix(min_records, sample_rate):
+    # Below one record a step, the forecast's batch is 1: records * factor was no fix there.
+    plan = {"privacy.record.epsilon": 8.0, "privacy.record.delta": 1e-7, "lora.r": 4}
+    plan |= {"privacy.record.sample_rate": sample_rate, "privacy.record.min_records": min_records}
+    with pytest.raises(ConfigError) as refused:
+        _deployed(3, plan)
+    message = str(refused.value)
+    assert "privacy.record (every enterprise at min_records" in message, message
+    needed = int(message.split("privacy.record.min_records >= ")[1].split(" ")[0].replace(",", ""))
+    _deployed(3, plan | {"privacy.record.min_records": needed})
+
+
 def test_a_deployed_record_level_run_is_forecast_on_its_declared_record_bound():
     record = {"privacy.record.epsilon": 8.0}
     with pytest.raises(ConfigError, match="privacy.record.min_records: a deployed run's utility"):

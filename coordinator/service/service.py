@@ -47,6 +47,10 @@ from fedmoe.support.words import plural, run_list
 
 HEALTH_FILE = "health.json"
 COORDINATOR_SECTIONS = ("database", "output")  # a deployment run's: the coordinator's own
+SIMULATION_CONFIG_HINT = (
+    "  (a config for `fedmoe run`, the simulation? A deployment run names no data, budgets, "
+    "ledgers, database or output: the agents and the coordinator hold those; see deploy/run.toml)"
+)
 EXPORT_FORMATS = ("peft", "merged", "checkpoint")
 EXPORTS_DIR = "exports"  # under storage: exports being streamed, cleared when the service starts
 PROMPT_MAX_CHARS = 8192
@@ -89,20 +93,29 @@ class CoordinatorService:
     # --- admin actions ------------------------------------------------------------------------
     def start_run(self, config_toml: str, overrides: list[str], caller: str) -> int:
         data = parse_toml(config_toml, "config_toml")
-        for section in COORDINATOR_SECTIONS:
-            if section in data:
-                raise ConfigError(
-                    f"{section}: set by the coordinator (coordinator.toml), not by a run; remove [{section}]"
-                )
         apply_overrides(data, parse_overrides(overrides))
-        for section in COORDINATOR_SECTIONS:
-            if section in data:
-                raise ConfigError(f"{section}: set by the coordinator, not by a run")
-        config = parse_run_config(data, "config_toml")
+        # Every problem at once: a simulation's config (fedmoe run) has several of them.
+        problems = [
+            f"  {section}: set by the coordinator (coordinator.toml), not by a run; "
+            f"remove [{section}]"
+            for section in COORDINATOR_SECTIONS
+            if data.pop(section, None) is not None
+        ]
         registered = [n.enterprise for n in self.store.nodes()]
-        config = resolve_for_deployment(
-            config, registered, self.config.database.url, str(self.config.runs_dir)
-        )
+        try:
+            config = resolve_for_deployment(
+                parse_run_config(data, "config_toml"),
+                registered,
+                self.config.database.url,
+                str(self.config.runs_dir),
+            )
+        except ConfigError as err:
+            lines = str(err).splitlines()
+            problems += lines[1:] if lines[0].startswith("invalid run config") else [f"  {err}"]
+        if problems:
+            if any("not by a run" in p or "enterprise's agent" in p for p in problems):
+                problems.append(SIMULATION_CONFIG_HINT)
+            raise ConfigError("invalid run config:\n" + "\n".join(problems))
         names = [e.name for e in config.federation.enterprises]
         if (problem := unwritable(Path(self.config.runs_dir), MIN_FREE_BYTES)) is not None:
             # Checked again before every round: no node is charged for a round that cannot commit.
