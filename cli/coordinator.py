@@ -120,6 +120,7 @@ def cmd_report(args) -> int:
     nothing fetched (for people without access to the coordinator)."""
     from fedmoe.coordinator.store.views import privacy_ledger_message, rounds_response, run_message
     from fedmoe.coordinator.web.pages import run_page
+    from fedmoe.support.words import plural
 
     out = args.out
     if out.suffix.lower() not in (".html", ".htm"):
@@ -140,7 +141,9 @@ def cmd_report(args) -> int:
     partial = out.with_name(f".{out.name}.partial")
     partial.write_text(page)
     partial.replace(out)
-    print(f"wrote {out} ({len(page) // 1024} KiB): run {run.id}, {run.completed_rounds} rounds")
+    print(
+        f"wrote {out} ({len(page) // 1024} KiB): run {run.id}, {plural(run.completed_rounds, 'round')}"
+    )
     return 0
 
 
@@ -323,7 +326,7 @@ def add_commands(sub) -> None:
         p.add_argument(
             "--run",
             type=positive_int,
-            help="use this run's result (its best round by server evaluation) unless --round",
+            help="use this run's result (its best round, by the evaluation the run's result rests on) unless --round",
         )
         p.add_argument("--round", type=positive_int, help="round of --run")
         p.add_argument("--adapter", help="adapter directory (instead of --run)")

@@ -63,6 +63,7 @@ from fedmoe.support.files import (
     read_toml_file,
     resolve_path,
 )
+from fedmoe.support.words import plural
 
 ENTERPRISE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
@@ -246,12 +247,12 @@ class FederationSection(_Section):
             )
         if self.enterprises and self.min_fit_clients > len(self.enterprises):
             raise ValueError(
-                f"min_fit_clients: {self.min_fit_clients} exceeds the {len(self.enterprises)} enterprises"
+                f"min_fit_clients: {self.min_fit_clients} exceeds the {plural(len(self.enterprises), 'enterprise')}"
             )
         sampled = math.ceil(len(self.enterprises) * self.fraction_fit)
         if self.enterprises and sampled < self.min_fit_clients:
             raise ValueError(
-                f"fraction_fit: {self.fraction_fit:g} of {len(self.enterprises)} enterprises "
+                f"fraction_fit: {self.fraction_fit:g} of {plural(len(self.enterprises), 'enterprise')} "
                 f"samples {sampled} a round, fewer than min_fit_clients = {self.min_fit_clients}; "
                 f"raise fraction_fit to >= {self.min_fit_clients / len(self.enterprises):.3g} "
                 "or lower min_fit_clients"

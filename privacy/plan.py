@@ -29,6 +29,7 @@ from fedmoe.privacy.mechanisms import (
     secure_uniform,
 )
 from fedmoe.privacy.settings import SENSITIVITY, EnterpriseLevel, PrivacySettings, RecordLevel
+from fedmoe.support.words import plural
 
 # Beyond these many DP-SGD steps an accountant's evaluation takes minutes (calibration runs ~15).
 MAX_ACCOUNTED_STEPS = {"prv": 20_000, "pld": 1_000_000}
@@ -125,7 +126,7 @@ def plan_record_level(
                 (mid, too_many) if epsilon(cap, mid) <= settings.epsilon else (max_rounds, mid)
             )
         raise InfeasiblePlan(
-            f"privacy.record.epsilon={settings.epsilon:g} over {rounds} rounds x {steps_per_round} steps at "
+            f"privacy.record.epsilon={settings.epsilon:g} over {plural(rounds, 'round')} x {plural(steps_per_round, 'step')} at "
             f"privacy.record.sample_rate={q:g} needs a noise multiplier above max_noise_multiplier={cap:g}. "
             f"This plan works with privacy.record.epsilon >= {math.ceil(best * 100) / 100:g}"
             + (f", or with federation.rounds <= {max_rounds}" if max_rounds else "")
@@ -149,7 +150,7 @@ def plan_enterprise_level(settings: EnterpriseLevel, rounds: int) -> EnterpriseP
         if noise > cap:
             most = math.floor(settings.epsilon * cap / sensitivity)
             raise InfeasiblePlan(
-                f"privacy.enterprise.epsilon={settings.epsilon:g} over {rounds} rounds needs Laplace scale {noise:.3g} x clip, "
+                f"privacy.enterprise.epsilon={settings.epsilon:g} over {plural(rounds, 'round')} needs Laplace scale {noise:.3g} x clip, "
                 f"above max_noise_multiplier={cap:g}. This plan works with privacy.enterprise.epsilon >= "
                 f"{sensitivity * rounds / cap:.3g}"
                 + (f", or with federation.rounds <= {most}" if most >= 1 else "")
@@ -160,7 +161,7 @@ def plan_enterprise_level(settings: EnterpriseLevel, rounds: int) -> EnterpriseP
     if noise > cap:
         floor = gaussian_epsilon_analytic(cap / sensitivity, settings.delta, math.sqrt(rounds))
         raise InfeasiblePlan(
-            f"privacy.enterprise.epsilon={settings.epsilon:g} over {rounds} rounds needs noise multiplier {noise:.3g}, "
+            f"privacy.enterprise.epsilon={settings.epsilon:g} over {plural(rounds, 'round')} needs noise multiplier {noise:.3g}, "
             f"above max_noise_multiplier={cap:g}. This plan works with privacy.enterprise.epsilon >= "
             f"{math.ceil(floor * 100) / 100:g}"
             + (

@@ -1,9 +1,10 @@
 """Flower's latency constants that cost every round, and the one place we shorten them.
 
-Flower 1.42 (like 1.41) hard-codes waits that are harmless for long rounds but, several times per message,
-are most of a short one. Each shortening below is a constant, not a code path: Flower still does
-all the work. tests/test_flower_tuning.py checks that the pinned Flower still has each of them, so
-an upgrade that moves one fails a test instead of silently slowing rounds down.
+Flower 1.42 (like 1.41) hard-codes waits that are harmless for long rounds but, several times per
+message, are most of a short one. Each shortening below is a constant, not a code path: Flower
+still does all the work. tests/test_house.py
+(test_flower_still_has_every_latency_constant_we_shorten) checks that the pinned Flower still has
+each of them, so an upgrade that moves one fails a test instead of silently slowing rounds down.
 
 - An idle SuperNode asks for work every 3 s and checks for its ClientApp's reply every 0.5 s
   (`time.sleep` in flwr.supernode.start_client_internal): at most `poll_s` here.

@@ -17,9 +17,10 @@ def resolve_adapter(
     store: RunStore, run_id: int, round_number: int | None = None
 ) -> tuple[Round | None, str, str]:
     """(the committed round whose checkpoint is meant, base model path, note) for a run's given
-    round, or for its result: the round that did best on the public server evaluation, or the
-    last completed round when the run had no server evaluation. The round is None when no round
-    beat the base model: the base model is the run's result, and the note says so."""
+    round, or for its result (store/outcome.py): the round that did best on the run's server
+    evaluation, else on the enterprises' own held-out loss, else the last completed round. The
+    round is None when no round beat the base model: the base model is the run's result, and the
+    note says so."""
     run = store.run(run_id)
     if run is None:
         raise LookupError(f"run {run_id} not found; `fedmoe runs` lists the runs")
