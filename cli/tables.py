@@ -42,7 +42,9 @@ table shows `-` or `off`; Flower node ids are strings (uint64).
     epsilon_record, epsilon_enterprise, note
 
 `fedmoe admin nodes list`: {"nodes": [node, ...]}
-  node: enterprise, status, online, fingerprint, flower_node_id, public_key, registered_at,
+  node: enterprise, status, online, state ("ready": its agent passed its own checks of data,
+    ledger and key, and is connected; "not connected": the agent's own log says why, to its
+    operator only; "revoked"), fingerprint, flower_node_id, public_key, registered_at,
     revoked_at, registered_by
 
 `fedmoe agent ledger FILE`: see cli/agent.py.
@@ -412,12 +414,21 @@ def privacy_tables(rows: dict, per_round: bool) -> list[Table]:
 
 
 # --- nodes --------------------------------------------------------------------------------------
+def node_state(status: str, online: bool) -> str:
+    """An agent connects only once its own checks pass (data, ledger, key): connected is ready.
+    Why one is not stays on the node, with its operator."""
+    if status == "revoked":
+        return "revoked"
+    return "ready" if online else "not connected"
+
+
 def node_rows(nodes: list[pb.Node]) -> list[dict]:
     return [
         {
             "enterprise": n.enterprise,
             "status": n.status,
             "online": n.online,
+            "state": node_state(n.status, n.online),
             "fingerprint": n.fingerprint,
             "flower_node_id": n.flower_node_id,
             "public_key": n.public_key,
@@ -430,7 +441,7 @@ def node_rows(nodes: list[pb.Node]) -> list[dict]:
 
 
 def nodes_table(rows: list[dict]) -> Table:
-    columns = ("enterprise", "status", "online", "key fingerprint", "flower node")
+    columns = ("enterprise", "status", "state", "key fingerprint", "flower node")
     return _table(
         "enterprise nodes",
         (*columns, "registered", "revoked"),
@@ -438,7 +449,7 @@ def nodes_table(rows: list[dict]) -> Table:
             (
                 n["enterprise"],
                 n["status"],
-                "yes" if n["online"] else "no",
+                n["state"],
                 n["fingerprint"],
                 n["flower_node_id"],
                 _short_time(n["registered_at"]),
@@ -477,5 +488,11 @@ def print_privacy(args, rows: dict) -> None:
 def print_nodes(args, rows: list[dict]) -> None:
     if args.json:
         print_json({"nodes": rows})
-    else:
-        console.print(nodes_table(rows))
+        return
+    console.print(nodes_table(rows))
+    if any(n["state"] == "not connected" for n in rows):
+        console.print(
+            "not connected: an agent that is down or refused to start (its data, ledger or key) "
+            "tells only its own operator why, in its log",
+            highlight=False,
+        )

@@ -558,3 +558,23 @@ def test_admin_export_and_generate_against_a_running_coordinator(tmp_path, monke
     log = loop.log("coordinator")
     assert f"run {run_id} round 2 exported (peft" in log and "no run is in flight" in log
     assert "Loading weights" not in log and "FutureWarning" not in log
+
+
+def test_nodes_list_says_which_agents_are_ready_and_shows_node_ids_in_full(capsys):
+    from types import SimpleNamespace
+
+    from fedmoe.cli.tables import node_rows, print_nodes
+    from fedmoe.proto import admin_pb2 as pb
+
+    long_id = "15787297569019954470"
+    nodes = [
+        pb.Node(enterprise="finance", status="active", online=True, flower_node_id=long_id),
+        pb.Node(enterprise="clinical", status="active", online=False),
+        pb.Node(enterprise="spare", status="revoked", online=False),
+    ]
+    rows = node_rows(nodes)
+    assert [r["state"] for r in rows] == ["ready", "not connected", "revoked"]
+    print_nodes(SimpleNamespace(json=False), rows)
+    out = capsys.readouterr().out
+    assert long_id in out and "ready" in out
+    assert "tells only its own operator why" in out
