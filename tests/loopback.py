@@ -204,3 +204,20 @@ class Loopback:
                     f"run {run_id} has not committed round {number} after {timeout}s"
                 )
             time.sleep(0.3)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line or environment names `text` (a test's folder): what a test
+    started, children included, wherever they were reparented."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline or text in environ:
+            found.append(int(proc.name))
+    return found

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -1422,3 +1423,38 @@ def test_fedmoe_run_refuses_a_malformed_config_with_exit_code_2(item, cli_result
     flat = " ".join(output.split())  # the console wraps long lines
     assert "error:" in flat and field in flat, output[-3000:]
     assert after == before, f"{name} left {sorted(set(after) - set(before))} behind"
+
+
+# --- the same data, on an agent: what `fedmoe agent` checks before it starts ---------------------
+AGENT_DATA_CASES = [
+    c
+    for c in CASES
+    if c.id.startswith("data-")
+    and isinstance(c.text, str)
+    and c.text.startswith(ENTERPRISE)
+    and re.fullmatch(r"data = '@A@/[^']*'\n", c.text[len(ENTERPRISE) :])
+]
+
+
+@pytest.mark.parametrize("case", AGENT_DATA_CASES, ids=[c.id for c in AGENT_DATA_CASES])
+def test_an_agent_refuses_the_same_bad_data_naming_its_file(case, assets, tmp_path):
+    from fedmoe.client.agent_config import load_agent_config
+    from fedmoe.contract.keys import write_key_pair
+
+    folder = re.fullmatch(r"data = '(@A@/[^']*)'\n", case.text[len(ENTERPRISE) :]).group(1)
+    (tmp_path / "keys").mkdir()
+    write_key_pair(tmp_path / "keys" / "node.key", tmp_path / "keys" / "node.pub")
+    (tmp_path / "ca.pem").write_text("checked after the data\n")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'name = "acme"\ncoordinator = "127.0.0.1:9"\nca_certificate = "ca.pem"\n'
+        f'private_key = "keys/node.key"\ndata = "{_with_assets(folder, assets)}"\n'
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_agent_config(config)
+    message = str(refused.value)
+    assert "data:" in message and "Traceback" not in message
+    for part in case.expect[1:]:  # the run config's field name aside, the same words
+        if part != "enterprise acme":
+            assert _with_assets(part, assets) in message, f"{part!r} not in:\n{message[:2000]}"
+    assert not (tmp_path / "state").exists()  # nothing started, no ledger made

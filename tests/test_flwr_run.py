@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from checkout import copy_checkout
+from loopback import processes_mentioning
 
 BIN = Path(sys.executable).parent
 NO_NETWORK = "http://127.0.0.1:9"  # the discard port: every proxied connection is refused
@@ -29,21 +30,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (proc / "environ").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline or text in environ:
-            found.append(int(proc.name))
-    return found
 
 
 def _listening(port: int) -> bool:
@@ -74,7 +60,7 @@ def checkout(tmp_path):
     }
     app = copy_checkout(tmp_path / "fedmoe")
     yield app, home, port, env
-    for pid in _processes_mentioning(str(tmp_path)):  # only what a regression left behind
+    for pid in processes_mentioning(str(tmp_path)):  # only what a regression left behind
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -98,7 +84,7 @@ def _flwr_run(app: Path, env: dict, *args: str) -> tuple[subprocess.CompletedPro
 def _assert_nothing_started_or_installed(tmp_path: Path, home: Path, port: int) -> None:
     time.sleep(0.5)  # a detached SuperLink would be up by now, or still starting
     assert not _listening(port), "a local SuperLink is listening"
-    assert _processes_mentioning(str(tmp_path)) == [], "a Flower process was left running"
+    assert processes_mentioning(str(tmp_path)) == [], "a Flower process was left running"
     made = sorted(str(p.relative_to(home)) for p in home.rglob("*")) if home.exists() else []
     assert set(made) <= {"config.toml"}, f"Flower wrote {made} under its home"
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from loopback import processes_mentioning
 
 pytestmark = pytest.mark.e2e
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -60,6 +61,11 @@ def test_the_readme_loopback_recipe_runs_verbatim_and_stops_everything(tmp_path)
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.5)
         left = [p for p in pids if _alive(p)]
+        # Their children too: SuperLink, SuperNodes, ServerApp and ClientApp processes.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(map(_alive, processes_mentioning(str(tmp_path)))):
+            time.sleep(0.5)
+        left += [p for p in processes_mentioning(str(tmp_path)) if _alive(p) and p not in left]
         for pid in left:
             os.kill(pid, signal.SIGKILL)
     output = done.stdout + done.stderr
