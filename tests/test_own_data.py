@@ -138,6 +138,22 @@ def test_fedmoe_agent_start_on_bad_data_exits_2_and_leaves_nothing_running(tmp_p
     assert not (tmp_path / "state").exists()  # no SuperNode, no ledger, no log: nothing started
 
 
+def test_plan_says_what_the_result_of_a_run_on_own_data_rests_on(tmp_path, capsys, monkeypatch):
+    from fedmoe.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("acme", "globex"):
+        write_jsonl([{"text": t} for t in _texts(40)], tmp_path / f"{name}.jsonl")
+    config = _run_toml(tmp_path, {"acme": "acme.jsonl", "globex": "globex.jsonl"})
+    assert main(["plan", "--config", str(config)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the run's result: the best round by the enterprises' own held-out loss" in out
+    assert "public_eval" not in out  # the demo's evaluation set is not for this data
+    private = ["--set", "privacy.enterprise.epsilon=8", "--set", "privacy.accept_noisy_plan=true"]
+    assert main(["plan", "--config", str(config), *private]) == 0
+    assert "the run's result: the last committed round" in " ".join(capsys.readouterr().out.split())
+
+
 def test_the_demo_evaluation_is_only_the_demo_federations(tmp_path):
     assert load_run_config(None).evaluation.server_data.endswith("public_eval.jsonl")
     write_jsonl([{"text": t} for t in _texts(40)], tmp_path / "a.jsonl")
