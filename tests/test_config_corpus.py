@@ -689,7 +689,7 @@ CASES += [
     ),
     case(
         "min_fit_clients-above-enterprises",
-        "federation.min_fit_clients: 2 exceeds the 1 enterprises",
+        "federation.min_fit_clients: 2 exceeds the 1 enterprise",
         "[federation]\nmin_fit_clients = 2\n" + ENTERPRISE + "data = '@A@/good'\n",
     ),
     case(
