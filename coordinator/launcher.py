@@ -23,6 +23,7 @@ from fedmoe.coordinator.service.runs import RunSupervisor
 from fedmoe.coordinator.service.superlink import FINISHED, SuperLink, follow_logs
 from fedmoe.coordinator.store.db import FINAL_STATUSES, RunStore
 from fedmoe.coordinator.store.outcome import outcome
+from fedmoe.coordinator.store.run_folders import check_output_dir
 from fedmoe.coordinator.store.views import privacy_plan_summary
 from fedmoe.support.files import MIN_FREE_BYTES, unwritable
 from fedmoe.support.processes import Stopped, stop_on_signals
@@ -114,6 +115,7 @@ def launch(
         config, run_id = parse_run_config(run.config, f"run {resume}"), resume
     else:
         check_writable(Path(config.output.dir))
+        check_output_dir(config.output.dir, {r.id: r.uid for r in store.runs()})
         names = [e.name for e in config.federation.enterprises]
         run_id = store.create_run(
             config.to_toml_dict(),

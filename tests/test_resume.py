@@ -234,7 +234,12 @@ def test_a_resume_falls_back_to_the_last_intact_checkpoint_and_says_so(tmp_path)
 
 
 def test_a_runs_folder_is_its_own_and_never_another_runs(tmp_path):
-    from fedmoe.coordinator.round.server_app import RUN_MARK, claim_run_dir, folder_owner_problem
+    from fedmoe.coordinator.store.run_folders import (
+        RUN_MARK,
+        check_output_dir,
+        claim_run_dir,
+        folder_owner_problem,
+    )
     from fedmoe.support.files import ConfigError
 
     folder = tmp_path / "run-0001"
@@ -251,3 +256,9 @@ def test_a_runs_folder_is_its_own_and_never_another_runs(tmp_path):
         claim_run_dir(legacy, "c" * 32, resumed=False)
     claim_run_dir(legacy, "c" * 32, resumed=True)  # a run resumed from before the mark adopts it
     assert folder_owner_problem(legacy, "c" * 32) is None
+    # Before a run is created: the output folder holds only this database's runs.
+    check_output_dir(tmp_path, {1: "a" * 32, 2: "c" * 32})
+    (tmp_path / "run-0003" / "round-001").mkdir(parents=True)  # from before the mark
+    check_output_dir(tmp_path, {1: "a" * 32, 2: "c" * 32, 3: "d" * 32})  # known by its number
+    with pytest.raises(ConfigError, match=r"another run database \(run-0001, run-0002, run-0003\)"):
+        check_output_dir(tmp_path, {})  # a new database beside the old folders

@@ -45,6 +45,7 @@ from fedmoe.coordinator.round.strategy import (
 from fedmoe.coordinator.round.tracking import RunFeed, open_trackers
 from fedmoe.coordinator.store.db import FINAL_STATUSES, Round, RoundRecord, RunStore
 from fedmoe.coordinator.store.outcome import NO_EVALUATION, outcome
+from fedmoe.coordinator.store.run_folders import claim_run_dir, folder_owner_problem, run_dir
 from fedmoe.coordinator.store.views import describe_privacy
 from fedmoe.model.base import fingerprint, load_base, load_tokenizer
 from fedmoe.model.data import load_records
@@ -60,7 +61,7 @@ from fedmoe.model.lora import (
 )
 from fedmoe.model.loss import evaluate_loss
 from fedmoe.privacy import secagg_prg
-from fedmoe.support.files import ConfigError, unwritable
+from fedmoe.support.files import unwritable
 from fedmoe.support.words import plural
 
 log = logging.getLogger("fedmoe")
@@ -72,41 +73,6 @@ def directory_sha256(directory: Path) -> str:
         h.update(path.relative_to(directory).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()
-
-
-def run_dir(config: RunConfig, run_id: int) -> Path:
-    return Path(config.output.dir) / f"run-{run_id:04d}"
-
-
-# A run's folder names the run that owns it: run numbers restart with a new run database, and a
-# run must never write its checkpoints among another's.
-RUN_MARK = ".fedmoe-run"
-
-
-def folder_owner_problem(directory: Path, run_uid: str) -> str | None:
-    """Why `directory` is not run `run_uid`'s own, or None."""
-    mark = directory / RUN_MARK
-    if mark.is_file():
-        owner = mark.read_text().strip()
-        if owner == run_uid:
-            return None
-        return (
-            f"{directory} belongs to another run (uid {owner[:8]}), from another run database; "
-            "set output.dir to this database's folder, or move that one away"
-        )
-    if directory.is_dir() and any(directory.iterdir()):
-        return f"{directory} holds another run's files; set output.dir elsewhere, or move them"
-    return None
-
-
-def claim_run_dir(directory: Path, run_uid: str, resumed: bool) -> None:
-    """Mark `directory` as this run's, before any node is asked; a resumed run from before the
-    mark adopts its own folder."""
-    if not (resumed and not (directory / RUN_MARK).exists()):
-        if (problem := folder_owner_problem(directory, run_uid)) is not None:
-            raise ConfigError(f"output.dir: {problem}")
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / RUN_MARK).write_text(run_uid + "\n")
 
 
 def write_atomically(directory: Path, write) -> None:
@@ -164,7 +130,7 @@ def build_round_context(
     base = load_base(config.model.path, config.model.loading)
     base_fp = fingerprint(base)
     model = attach_lora(base, config.lora)
-    checkpoint_root = run_dir(config, run_id)
+    checkpoint_root = run_dir(config.output.dir, run_id)
     first_round, resume_note = 1, None
     if (last := store.last_round(run_id)) is not None:
         first_round = last.number + 1
@@ -434,7 +400,7 @@ def run_federation(grid: Grid, context: Context, launch: FlowerRun) -> int:
             note = f"{worse_note}; {note}" if note else worse_note
         store.finish_run(run_id, "completed", note)
         print(
-            f"[fedmoe] run {run_id} completed; adapter checkpoints in {run_dir(config, run_id)}",
+            f"[fedmoe] run {run_id} completed; adapter checkpoints in {run_dir(config.output.dir, run_id)}",
             flush=True,
         )
         print(f"[fedmoe] run {run_id} {result.describe() if result else NO_EVALUATION}", flush=True)

@@ -38,6 +38,7 @@ from fedmoe.coordinator.service.runs import RunSupervisor
 from fedmoe.coordinator.service.service_config import CoordinatorConfig
 from fedmoe.coordinator.service.superlink import FINISHED, SuperLink, TLSFiles, follow_logs
 from fedmoe.coordinator.store.db import FINAL_STATUSES, RunStore
+from fedmoe.coordinator.store.run_folders import check_output_dir
 from fedmoe.coordinator.store.views import node_message, privacy_plan_summary
 from fedmoe.coordinator.web.server import Dashboard, DashboardServer
 from fedmoe.proto import admin_pb2 as pb
@@ -117,6 +118,7 @@ class CoordinatorService:
                 problems.append(SIMULATION_CONFIG_HINT)
             raise ConfigError("invalid run config:\n" + "\n".join(problems))
         names = [e.name for e in config.federation.enterprises]
+        check_output_dir(self.config.runs_dir, {r.id: r.uid for r in self.store.runs()})
         if (problem := unwritable(Path(self.config.runs_dir), MIN_FREE_BYTES)) is not None:
             # Checked again before every round: no node is charged for a round that cannot commit.
             raise AdminError(self.grpc.StatusCode.FAILED_PRECONDITION, f"storage.dir: {problem}")
