@@ -326,7 +326,7 @@ def add_commands(sub) -> None:
         p.add_argument(
             "--run",
             type=positive_int,
-            help="use this run's result (its best round, by the evaluation the run's result rests on) unless --round",
+            help="use this run's result (its best round, as the run chose it) unless --round",
         )
         p.add_argument("--round", type=positive_int, help="round of --run")
         p.add_argument("--adapter", help="adapter directory (instead of --run)")
