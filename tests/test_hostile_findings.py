@@ -225,7 +225,7 @@ def test_fit_replies_under_record_level_dp_leave_at_a_fixed_time(tmp_path, feder
         took.append(time.monotonic() - started)
     assert world.errors() == []
     assert "longer than fit_reply_s" not in capsys.readouterr().out
-    assert all(5.0 <= t < 6.0 for t in took) and abs(took[0] - took[1]) < 0.75, took
+    assert all(5.0 <= t < 7.0 for t in took) and abs(took[0] - took[1]) < 1.0, took
 
 
 def test_a_public_run_under_secagg_sends_only_the_masked_vector(tmp_path, federation):
