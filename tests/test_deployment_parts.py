@@ -310,3 +310,25 @@ def test_a_simulation_config_sent_to_a_deployment_gets_every_problem_and_the_way
     ):
         assert problem in message, message
     assert not (tmp_path / "db.sqlite").exists()  # nothing recorded
+
+
+def test_coordinator_health_fails_while_its_storage_cannot_take_a_checkpoint(tmp_path, certs):
+    import json
+    import time
+
+    from fedmoe.coordinator.service.service import HEALTH_FILE, coordinator_health
+
+    config = load_coordinator_config(_coordinator_toml(tmp_path, certs))
+    storage = Path(config.storage.dir)
+    storage.mkdir(parents=True)
+    (storage / HEALTH_FILE).write_text(
+        json.dumps({"at": time.time(), "superlink": True, "gateway": True})
+    )
+    assert coordinator_health(config) == (
+        True,
+        "ok: SuperLink and agents' gateway up, storage writable",
+    )
+    config.runs_dir.rmdir()  # the check made it
+    config.runs_dir.write_text("a file where the runs' folder should be\n")
+    ok, message = coordinator_health(config)
+    assert not ok and message.startswith("storage.dir: cannot write to") and "runs" in message

@@ -499,4 +499,7 @@ def coordinator_health(config: CoordinatorConfig, max_age_s: float = 30.0) -> tu
         return False, f"the coordinator's health file is {age:.0f}s old: it is not running"
     if not (health.get("superlink") and health.get("gateway")):
         return False, f"not ready: {health}"
-    return True, "ok: SuperLink and agents' gateway up"
+    if (problem := unwritable(config.runs_dir, MIN_FREE_BYTES)) is not None:
+        # Up, but every new run would be refused and every round fail before its handshake.
+        return False, f"storage.dir: {problem}; runs cannot commit checkpoints"
+    return True, "ok: SuperLink and agents' gateway up, storage writable"
