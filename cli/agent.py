@@ -98,19 +98,21 @@ def cmd_agent(args) -> int:
             for line in restore_ledger(ledger, key, witness):
                 console.print(line, highlight=False)
             return 0
-        making = args.agent_command == "new-ledger" or args.new_ledger
-        if making and not ledger.exists():
+        only_make = args.agent_command == "new-ledger"
+        made = (only_make or args.new_ledger) and not ledger.exists()
+        if made:
             create_ledger(ledger, key, config.name, witness)
             console.print(f"made a new, empty ledger {ledger} for this node", highlight=False)
-        elif args.agent_command == "new-ledger":
-            kept = open_ledger(ledger, key, witness)  # an existing one is checked, never replaced
-            console.print(
-                f"this node's ledger {ledger} exists already ({kept.charges()} charges); kept",
-                highlight=False,
-            )
-        if args.agent_command == "new-ledger":
+        # An existing ledger is checked, never replaced; refused here, before any process starts.
+        checked = open_ledger(ledger, key, witness)
+        if only_make:
+            if not made:
+                console.print(
+                    f"this node's ledger {ledger} exists already ({checked.charges()} charges); "
+                    "kept",
+                    highlight=False,
+                )
             return 0
-        open_ledger(ledger, key, witness)  # refused here, before any process starts
     except LedgerRefused as err:
         raise ConfigError(f"ledger: {err}") from None
     return Agent(config).run()

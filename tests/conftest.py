@@ -187,3 +187,19 @@ def round_config(
 def module_postgres_url():
     """A fresh PostgreSQL database shared by one test module (same skip/fail rule as `postgres_url`)."""
     yield from _fresh_postgres_database()
+
+
+def agent_toml(folder: Path, data: str | Path) -> Path:
+    """A minimal agent.toml in `folder` for enterprise acme, with a node key beside it; its CA
+    file is a stand-in, read only after the data and ledger checks these tests are about."""
+    from fedmoe.contract.keys import write_key_pair
+
+    (folder / "keys").mkdir(parents=True, exist_ok=True)
+    write_key_pair(folder / "keys" / "node.key", folder / "keys" / "node.pub")
+    (folder / "ca.pem").write_text("checked after the data and the ledger\n")
+    path = folder / "agent.toml"
+    path.write_text(
+        'name = "acme"\ncoordinator = "127.0.0.1:9"\nca_certificate = "ca.pem"\n'
+        f'private_key = "keys/node.key"\ndata = "{data}"\n'
+    )
+    return path

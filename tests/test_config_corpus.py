@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import agent_toml
 
 from fedmoe.contract.round import LocalTrainSettings
 from fedmoe.coordinator.config import (
@@ -1439,19 +1440,10 @@ AGENT_DATA_CASES = [
 @pytest.mark.parametrize("case", AGENT_DATA_CASES, ids=[c.id for c in AGENT_DATA_CASES])
 def test_an_agent_refuses_the_same_bad_data_naming_its_file(case, assets, tmp_path):
     from fedmoe.client.agent_config import load_agent_config
-    from fedmoe.contract.keys import write_key_pair
 
     folder = re.fullmatch(r"data = '(@A@/[^']*)'\n", case.text[len(ENTERPRISE) :]).group(1)
-    (tmp_path / "keys").mkdir()
-    write_key_pair(tmp_path / "keys" / "node.key", tmp_path / "keys" / "node.pub")
-    (tmp_path / "ca.pem").write_text("checked after the data\n")
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        'name = "acme"\ncoordinator = "127.0.0.1:9"\nca_certificate = "ca.pem"\n'
-        f'private_key = "keys/node.key"\ndata = "{_with_assets(folder, assets)}"\n'
-    )
     with pytest.raises(ConfigError) as refused:
-        load_agent_config(config)
+        load_agent_config(agent_toml(tmp_path, _with_assets(folder, assets)))
     message = str(refused.value)
     assert "data:" in message and "Traceback" not in message
     for part in case.expect[1:]:  # the run config's field name aside, the same words

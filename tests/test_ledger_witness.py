@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import agent_toml
 
 from fedmoe.client.ledger import PrivacyLedger
 from fedmoe.client.ledger_witness import (
@@ -132,14 +133,7 @@ def test_damage_deep_in_the_ledger_is_found_when_it_opens(tmp_path):
 
 
 def _agent(tmp_path: Path) -> tuple[Path, Path]:
-    key = _key(tmp_path / "keys")
-    (tmp_path / "ca.pem").write_text("checked after the ledger\n")
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        'name = "acme"\ncoordinator = "127.0.0.1:9"\nca_certificate = "ca.pem"\n'
-        f'private_key = "keys/node.key"\ndata = "{DEMO_DATA_DIR / "finance"}"\n'
-    )
-    return config, key
+    return agent_toml(tmp_path, DEMO_DATA_DIR / "finance"), tmp_path / "keys" / "node.key"
 
 
 def _agent_cli(config: Path, *args: str) -> subprocess.CompletedProcess:

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import agent_toml
 
 from fedmoe.client.agent_config import load_agent_config
-from fedmoe.contract.keys import write_key_pair
 from fedmoe.coordinator.config import ConfigError, load_run_config
 from fedmoe.coordinator.store.db import RunStore
 from fedmoe.coordinator.store.outcome import ENTERPRISES, outcome
@@ -104,23 +104,11 @@ def test_fedmoe_run_and_plan_refuse_bad_data_with_exit_2_and_no_run_row(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*BAD_DATA, "run.toml"])
 
 
-def _agent_toml(tmp_path: Path, data: str) -> Path:
-    (tmp_path / "keys").mkdir()
-    write_key_pair(tmp_path / "keys" / "node.key", tmp_path / "keys" / "node.pub")
-    (tmp_path / "ca.pem").write_text("not checked before the data\n")
-    path = tmp_path / "agent.toml"
-    path.write_text(
-        'name = "acme"\ncoordinator = "127.0.0.1:9"\nca_certificate = "ca.pem"\n'
-        f'private_key = "keys/node.key"\ndata = "{data}"\n'
-    )
-    return path
-
-
 @pytest.mark.parametrize("name", sorted(BAD_DATA))
 def test_an_agent_refuses_to_start_on_bad_data_and_says_why_to_its_operator(tmp_path, name):
     content, says = BAD_DATA[name]
     (tmp_path / name).write_bytes(content)
-    config = _agent_toml(tmp_path, name)
+    config = agent_toml(tmp_path, tmp_path / name)
     with pytest.raises(ConfigError) as err:
         load_agent_config(config)
     assert f"data: {tmp_path / name}" in str(err.value) and says in str(err.value)
@@ -130,7 +118,7 @@ def test_an_agent_refuses_to_start_on_bad_data_and_says_why_to_its_operator(tmp_
 def test_fedmoe_agent_start_on_bad_data_exits_2_and_leaves_nothing_running(tmp_path, name):
     content, says = BAD_DATA[name]
     (tmp_path / name).write_bytes(content)
-    config = _agent_toml(tmp_path, name)
+    config = agent_toml(tmp_path, tmp_path / name)
     done = _cli(["agent", "--config", str(config)], tmp_path)
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode == 2 and "Traceback" not in output, output[-3000:]

@@ -41,9 +41,9 @@ def folder_owner_problem(directory: Path, run_uid: str) -> str | None:
 def claim_run_dir(directory: Path, run_uid: str, resumed: bool) -> None:
     """Mark `directory` as this run's, before any node is asked; a resumed run from before the
     mark adopts its own folder."""
-    if not (resumed and not (directory / RUN_MARK).exists()):
-        if (problem := folder_owner_problem(directory, run_uid)) is not None:
-            raise ConfigError(f"output.dir: {problem}")
+    adopting = resumed and not (directory / RUN_MARK).exists()
+    if not adopting and (problem := folder_owner_problem(directory, run_uid)) is not None:
+        raise ConfigError(f"output.dir: {problem}")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / RUN_MARK).write_text(run_uid + "\n")
 
